@@ -1,0 +1,645 @@
+"""Llama 3 in one readable file: the decoder, KV-cache generation, and loaders for real checkpoints.
+
+The architecture (Meta, "The Llama 3 Herd of Models", arXiv:2407.21783) is a pre-norm decoder:
+
+    h = x + Attention(RMSNorm(x))          grouped-query attention with rotary positions (RoPE)
+    y = h + SwiGLU(RMSNorm(h))             down_proj(silu(gate_proj(h)) * up_proj(h))
+
+with llama3-scaled RoPE frequencies and, for the 1B/3B models, the output head tied to the input
+embedding. Module names follow Hugging Face transformers (`layers.0.self_attn.q_proj`, ...) so that
+target names written for Hugging Face PEFT carry over unchanged.
+
+PEFT methods plug in two ways, and only two (see minipeft/peft.py):
+  * Linear wrappers swapped in by module name (LoRA, DoRA, (IA)^3, ...), and
+  * three named slots in `Attention` that are None (a no-op) unless a method fills them:
+      `qk_adapter(q, k) -> (q, k)`      on the projected queries/keys, before RoPE ((IA)^3++)
+      `kv_prefix(batch) -> (k, v)`      extra keys/values every query may attend to (prefix tuning)
+      `extra_branch(q, attn) -> y`      a second attention output added before o_proj (LLaMA-Adapter)
+    plus one model-level slot `input_prefix() -> (P, dim)`: soft-prompt embeddings placed before every
+    sequence (prompt tuning).
+
+Loaders: `Llama.from_pretrained(dir)` reads Hugging Face (`config.json` + `*.safetensors`) and Meta
+(`params.json` + `consolidated.00.pth`) layouts; `save_pretrained(dir)` writes the HF layout.
+
+References read for facts: karpathy/nanoGPT model.py, pytorch-labs/gpt-fast model.py, Meta's
+llama-models reference (model.py, args.py), transformers' modeling_llama.py and its llama3 RoPE init.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .safetensors_io import atomic_write, load_file, save_file
+
+IGNORE_INDEX = -100  # targets with this value are left out of the loss (prompt tokens, padding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 128256
+    dim: int = 2048              # model width (hidden_size)
+    n_layers: int = 16
+    n_heads: int = 32            # query heads
+    n_kv_heads: int = 8          # key/value heads; n_heads // n_kv_heads queries share each (GQA)
+    ffn_dim: int = 8192          # SwiGLU hidden width (intermediate_size)
+    head_dim: int = 0            # 0 -> dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # llama3 frequency scaling; None disables it. Keys as in HF's config.json "rope_scaling".
+    rope_scaling: dict | None = field(default_factory=lambda: dict(
+        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+    max_seq_len: int = 131072    # longest position the RoPE tables are built for (lazily, on demand)
+    tie_embeddings: bool = True  # lm_head shares embed_tokens' weight (1B and 3B do)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> LlamaConfig:
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> LlamaConfig:
+        """From a Hugging Face `config.json` dict."""
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise ValueError(f"config.json: rope_scaling type {scaling.get('rope_type')!r} is not supported (only 'llama3')")
+        return cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                   n_heads=cfg["num_attention_heads"],
+                   n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                   ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
+                   norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
+                   rope_scaling=None if scaling is None else {k: scaling[k] for k in LLAMA3_SCALING_KEYS},
+                   max_seq_len=cfg.get("max_position_embeddings", 8192),
+                   tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+    @classmethod
+    def from_meta(cls, params: dict) -> LlamaConfig:
+        """From Meta's `params.json`, computing the FFN width as Meta's reference does."""
+        dim = params["dim"]
+        hidden = int(2 * (4 * dim) / 3)
+        if params.get("ffn_dim_multiplier") is not None:
+            hidden = int(params["ffn_dim_multiplier"] * hidden)
+        multiple_of = params.get("multiple_of", 256)
+        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)  # round up
+        # Meta's reference hard-codes factor 8 in apply_scaling; the 3.2 models were trained with 32.
+        # params.json does not say which, so take the factor Meta's own 3.2 releases use by size.
+        scaling = None
+        if params.get("use_scaled_rope"):
+            scaling = dict(factor=params.get("rope_scaling_factor", 32.0 if dim <= 3072 else 8.0),
+                           low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+        return cls(vocab_size=params["vocab_size"], dim=dim, n_layers=params["n_layers"],
+                   n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+                   ffn_dim=hidden, norm_eps=params.get("norm_eps", 1e-5),
+                   rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
+                   max_seq_len=params.get("max_seq_len", 131072))
+
+    def to_hf(self) -> dict:
+        cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=self.vocab_size,
+                   hidden_size=self.dim, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+                   num_key_value_heads=self.n_kv_heads, intermediate_size=self.ffn_dim, head_dim=self.head_dim,
+                   rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta, max_position_embeddings=self.max_seq_len,
+                   tie_word_embeddings=self.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                   bos_token_id=128000, eos_token_id=128001)
+        cfg["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling, rope_type="llama3")
+        return cfg
+
+    def fingerprint(self) -> dict:
+        """The fields that decide whether weights (and adapters) fit this model."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "max_seq_len"}
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_LLAMA3_SCALING_32 = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+PRESETS: dict[str, dict] = {
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, tie_embeddings=False,
+                         rope_scaling=dict(_LLAMA3_SCALING_32, factor=8.0)),
+    # CPU sizes for tests and the toy default; byte-level vocabulary (see Tokenizer.byte_level)
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=512,
+                 rope_theta=10000.0, rope_scaling=None),
+    "toy": dict(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=1024,
+                rope_theta=10000.0, rope_scaling=None),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (bf16 loses the small mean square)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), i < d/2, with llama3 scaling applied (arXiv:2407.21783).
+
+    Llama 3 stretches context by dividing LOW frequencies (wavelength > original_len / low_freq_factor)
+    by `factor`, keeping HIGH ones (wavelength < original_len / high_freq_factor), and interpolating
+    smoothly in between. The factor is read from the config (32 for 3.2-1B/3B, 8 for 3.1-8B).
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    factor, low, high, orig = (s[k] for k in LLAMA3_SCALING_KEYS)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - low) / (high - low)  # 0 at the low-frequency edge, 1 at the high one
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > orig / low, inv_freq / factor, smoothed)
+    out = torch.where(wavelen < orig / high, inv_freq, out)
+    return out.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by angle pos * freq_i: HF's "half-split" layout. x: (B, T, H, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one layer for generation (gpt-fast style)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+        # PEFT slots: None means "not used" (see the module docstring)
+        self.qk_adapter: nn.Module | None = None
+        self.kv_prefix: nn.Module | None = None
+        self.extra_branch: nn.Module | None = None
+
+    def forward(self, x, cos, sin, mask=None, cache_start=None, prefix_kv=None):
+        """x (B, T, dim); mask (B, 1, T, S) bool or None for plain causal. Returns (y, (k, v))."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, n_heads, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_adapter is not None:
+            q, k = self.qk_adapter(q, k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))               # (B, heads, T, hd)
+        new_kv = (k, v)
+        if self.kv_cache is not None and cache_start is not None:
+            k, v = self.kv_cache.update(cache_start, k, v)               # (B, n_kv, S, hd)
+        prefixes = [prefix_kv] if prefix_kv is not None else []
+        if self.kv_prefix is not None:
+            prefixes.append(self.kv_prefix(B))
+        if prefixes:  # extra keys/values at the front, visible to every query
+            mask = causal_mask(T, k.shape[2], x.device) if mask is None else mask
+            k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _ in prefixes] + [k], dim=2)
+            v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv in prefixes] + [v], dim=2)
+            mask = F.pad(mask, (k.shape[2] - mask.shape[-1], 0), value=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if self.extra_branch is not None:
+            y = y + self.extra_branch(q, self)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
+        return self.o_proj(y), new_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020, arXiv:2002.05202): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache_start=None, prefix_kv=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start, prefix_kv)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """(1, 1, T, S) bool: the T queries are the LAST T of the S keys."""
+    q_idx = torch.arange(S - T, S, device=device)
+    return (torch.arange(S, device=device)[None, :] <= q_idx[:, None])[None, None]
+
+
+def segment_mask(q_seg: torch.Tensor, k_seg: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, S) bool: causal, and a query sees only keys of its own segment (packing, padding)."""
+    T, S = q_seg.shape[1], k_seg.shape[1]
+    same = q_seg[:, :, None] == k_seg[:, None, :]  # (B, T, S)
+    return same[:, None] & causal_mask(T, S, q_seg.device)
+
+
+def segment_positions(seg: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at the first token of each contiguous run of equal segment ids."""
+    idx = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # ONE shared Parameter
+        self.input_prefix: nn.Module | None = None  # prompt-tuning slot, see module docstring
+        self.grad_checkpoint = False  # recompute each block in backward to save activation memory
+        self.cache_segments: torch.Tensor | None = None
+        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, computed on first use
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.device.type != "meta":
+            nn.init.normal_(m.weight, std=0.02)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, T, 1, head_dim) for integer positions (B, T); negative positions are allowed."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_frequencies(self.config).to(positions.device)
+        inv_freq = self._inv_freq
+        angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+        return angles.cos(), angles.sin()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache_start: int | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy when targets are given.
+
+        targets (B, T): the token to predict at each position (no shift inside), IGNORE_INDEX to skip.
+        segment_ids (B, T): tokens attend only to earlier tokens with the same id (padding, packing);
+            positions then restart at 0 in each segment unless `positions` is given.
+        cache_start: with a KV cache set up (setup_kv_cache), where in the cache idx begins.
+        """
+        B, T = idx.shape
+        mask = None
+        if segment_ids is not None and cache_start is not None:
+            self.cache_segments[:, cache_start:cache_start + T] = segment_ids
+            mask = segment_mask(segment_ids, self.cache_segments[:, :cache_start + T])
+        elif segment_ids is not None:
+            mask = segment_mask(segment_ids, segment_ids)
+        elif cache_start:
+            mask = causal_mask(T, cache_start + T, idx.device)
+        if positions is None:
+            positions = (segment_positions(segment_ids) if segment_ids is not None
+                         else torch.arange(T, device=idx.device).expand(B, T) + (cache_start or 0))
+        cos, sin = self.rope(positions)
+        prefix_kvs = self.run_input_prefix() if self.input_prefix is not None else [None] * len(self.layers)
+        x = self.embed_tokens(idx)  # (B, T, dim)
+        for layer, prefix_kv in zip(self.layers, prefix_kvs):
+            if self.grad_checkpoint and self.training:
+                x, _ = checkpoint(layer, x, cos, sin, mask, cache_start, prefix_kv, use_reentrant=False)
+            else:
+                x, _ = layer(x, cos, sin, mask, cache_start, prefix_kv)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def run_input_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run the soft prompt (P, dim) alone through the decoder; each layer's keys/values become that
+        layer's prefix. Because attention is causal, this equals prepending the P embeddings to every
+        sequence; they sit at positions -P..-1 so the real tokens keep positions 0, 1, ..."""
+        x = self.input_prefix()[None]  # (1, P, dim)
+        P = x.shape[1]
+        cos, sin = self.rope(torch.arange(-P, 0, device=x.device)[None])
+        kvs = []
+        for layer in self.layers:
+            x, kv = layer(x, cos, sin)
+            kvs.append(kv)
+        return kvs
+
+    # ---------------------------------------------------------------- generation
+
+    def setup_kv_cache(self, batch: int, max_len: int) -> None:
+        p = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim,
+                                               p.dtype, p.device)
+        self.cache_segments = torch.zeros(batch, max_len, dtype=torch.long, device=p.device)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        self.cache_segments = None
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_ids: set[int] | tuple = (), generator: torch.Generator | None = None,
+                 ) -> list[list[int]]:
+        """Continue each prompt (token lists of any lengths) with the KV cache; return only the new tokens.
+
+        Prompts are left-padded into one batch; the padding is its own segment (id 0), so it is never
+        attended to and real tokens keep positions 0, 1, ... . temperature 0 is greedy; otherwise
+        nucleus sampling over the smallest set of tokens with probability >= top_p. A row stops at its
+        first stop token (not included in the output) or after max_new_tokens.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        B, T0, dev = len(prompts), max(map(len, prompts)), self.embed_tokens.weight.device
+        idx = torch.zeros(B, T0, dtype=torch.long, device=dev)
+        seg = torch.zeros(B, T0, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            idx[b, T0 - len(p):] = torch.tensor(p, device=dev)
+            seg[b, T0 - len(p):] = 1
+        pos = (seg.cumsum(1) - 1).clamp(min=0)
+        self.setup_kv_cache(B, T0 + max_new_tokens)
+        try:
+            stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            new = []
+            logits = self(idx, segment_ids=seg, positions=pos, cache_start=0)[:, -1]
+            for step in range(max_new_tokens):
+                nxt = sample(logits, temperature, top_p, generator)  # (B,)
+                new.append(nxt)
+                done |= torch.isin(nxt, stops)
+                if step == max_new_tokens - 1 or done.all():  # one host sync per token
+                    break
+                pos = pos[:, -1:] + 1
+                logits = self(nxt[:, None], segment_ids=seg[:, -1:], positions=pos, cache_start=T0 + step)[:, -1]
+        finally:
+            self.clear_kv_cache()
+        out = []
+        for row in torch.stack(new, dim=1).tolist():  # cut each row at its first stop token
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+            out.append(row[:cut])
+        return out
+
+    # ---------------------------------------------------------------- loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> Llama:
+        """Load a Hugging Face (config.json + *.safetensors) or Meta (params.json + consolidated.00.pth) checkpoint."""
+        path = Path(path)
+        if (path / "config.json").exists():
+            cfg = LlamaConfig.from_hf(_read_json(path / "config.json"))
+            state, origin = _load_hf_state(path)
+        elif (path / "params.json").exists():
+            cfg = LlamaConfig.from_meta(_read_json(path / "params.json"))
+            source = path / "consolidated.00.pth"
+            if not source.exists():
+                raise FileNotFoundError(f"{path}: params.json found but {source.name} is missing")
+            raw = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+            # params.json does not say whether the head is tied: the weights do
+            out, emb = raw.get("output.weight"), raw.get("tok_embeddings.weight")
+            tied = out is None or (emb is not None and out.shape == emb.shape and torch.equal(out, emb))
+            cfg = replace(cfg, tie_embeddings=tied)
+            state = meta_to_hf(raw, cfg, source)
+            origin = dict.fromkeys(state, source)
+        else:
+            raise FileNotFoundError(f"{path}: unknown checkpoint layout: expected config.json + *.safetensors "
+                                    "(Hugging Face) or params.json + consolidated.00.pth (Meta)")
+        with torch.device("meta"):
+            model = cls(cfg)
+        check_state(model, state, origin, path)
+        state = {k: v.to(device=device or "cpu", dtype=dtype or v.dtype) for k, v in state.items()}
+        if cfg.tie_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
+        """Write config.json + model.safetensors (or shards + index) in the Hugging Face layout."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v for k, v in self.state_dict().items()
+                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in state.items()}
+        dtype = next(iter(state.values())).dtype
+        hf = dict(self.config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."))
+        shards, size = [[]], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+                shards, size = shards + [[]], 0
+            shards[-1].append(k)
+            size += nbytes
+        if len(shards) == 1:
+            save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: state[k] for k in names}, path / fname, metadata={"format": "pt"})
+                weight_map.update({k: fname for k in names})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            _write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(path / "config.json", hf)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) next tokens: greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is already full
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)  # multinomial renormalises
+    return order.gather(-1, choice).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint formats
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _load_hf_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Tensors of a HF checkpoint (single file or shards), names without the "model." prefix,
+    and the file each came from (for error messages)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: missing 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: config.json found but no model.safetensors or model.safetensors.index.json")
+    state, origin = {}, {}
+    for fname in files:
+        if not (path / fname).exists():
+            raise FileNotFoundError(f"{index}: shard {fname} is listed but missing")
+        for k, v in load_file(path / fname).items():
+            state[k.removeprefix("model.")], origin[k.removeprefix("model.")] = v, path / fname
+    return state, origin
+
+
+def check_state(model: Llama, state: dict[str, torch.Tensor], origin: dict[str, Path], path: Path) -> None:
+    """Missing / unexpected keys and shape mismatches, named with the file they came from."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy; it is the same tensor
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        files = sorted({str(origin[k]) for k in unexpected}) or [str(path)]
+        raise KeyError(f"{', '.join(files)}: checkpoint does not match the config: missing keys {missing[:5]}"
+                       f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                       f"{' ...' if len(unexpected) > 5 else ''}")
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise ValueError(f"{origin[k]}: tensor '{k}' has shape {tuple(state[k].shape)}, "
+                             f"the config expects {tuple(shape)}")
+
+
+# Meta name -> HF name; {i} is the layer index (a small format-string table, as in gpt-fast)
+META_TO_HF = {
+    "tok_embeddings.weight": "embed_tokens.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{i}.attention.wq.weight": "layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.feed_forward.w1.weight": "layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.attention_norm.weight": "layers.{i}.input_layernorm.weight",
+    "layers.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
+}
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from Meta's interleaved rotary pairs (0,1),(2,3).. to HF's
+    half-split pairs (i, i + hd/2). Per head: row 2j -> j, row 2j+1 -> hd/2 + j."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.view(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of interleaved_to_half (used to write Meta-layout checkpoints)."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.view(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def meta_to_hf(raw: dict[str, torch.Tensor], cfg: LlamaConfig, source: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, t in raw.items():
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+        pattern = f"layers.{{i}}.{m.group(2)}" if m else key
+        if pattern not in META_TO_HF:
+            if key.endswith("rope.freqs"):  # older Meta checkpoints store the frequencies; we compute them
+                continue
+            raise KeyError(f"{source}: unexpected key '{key}' in a Meta checkpoint")
+        name = META_TO_HF[pattern].format(i=m.group(1) if m else "")
+        if name.endswith("q_proj.weight"):
+            t = interleaved_to_half(t, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            t = interleaved_to_half(t, cfg.n_kv_heads)
+        state[name] = t
+    return state
+
+
+def save_meta(model: Llama, path: str | Path) -> None:
+    """Write params.json + consolidated.00.pth in Meta's layout (interleaved q/k rows)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg, hf_to_meta = model.config, {v: k for k, v in META_TO_HF.items()}
+    raw = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        key = hf_to_meta[f"layers.{{i}}.{m.group(2)}" if m else name].format(i=m.group(1) if m else "")
+        if name.endswith("q_proj.weight"):
+            t = half_to_interleaved(t, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            t = half_to_interleaved(t, cfg.n_kv_heads)
+        raw[key] = t.clone()
+    with atomic_write(path / "consolidated.00.pth") as f:
+        torch.save(raw, f)
+    # choose multiple_of / ffn_dim_multiplier so that from_meta's rounding gives back ffn_dim exactly
+    base = int(2 * (4 * cfg.dim) / 3)
+    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                  vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                  use_scaled_rope=cfg.rope_scaling is not None, multiple_of=cfg.ffn_dim,
+                  ffn_dim_multiplier=cfg.ffn_dim / base if base > cfg.ffn_dim else None)
+    if cfg.rope_scaling is not None:
+        params["rope_scaling_factor"] = cfg.rope_scaling["factor"]
+    _write_json(path / "params.json", params)

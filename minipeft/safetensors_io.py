@@ -1,0 +1,142 @@
+"""A small reader and writer for the safetensors format, written here so minipeft needs no extra package.
+
+The format (https://github.com/huggingface/safetensors, "Format" section) is:
+
+    [8 bytes: little-endian u64 N][N bytes: JSON header][raw tensor bytes]
+
+The header maps each tensor name to {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]},
+offsets counted from the first byte after the header; an optional "__metadata__" holds strings.
+
+Reading memory-maps the file copy-on-write, so tensors are views of the page cache: nothing is
+copied into RAM until a tensor is converted (another dtype or device) or written to. That is what
+keeps loading a 1B model in bf16 close to 1x its weight bytes of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit too
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """Return (header dict without __metadata__, byte offset where tensor data starts)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(8)
+        if len(first) < 8:
+            raise ValueError(f"{path}: not a safetensors file (only {len(first)} bytes, need an 8-byte header length)")
+        (n,) = struct.unpack("<Q", first)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ValueError(f"{path}: corrupt safetensors header: header length {n} bytes "
+                             f"but the file has {size} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header: invalid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + n, size - 8 - n
+    for name, info in header.items():
+        _check_entry(path, name, info, data_len)
+    return header, data_start
+
+
+def _check_entry(path: Path, name: str, info: dict, data_len: int) -> None:
+    try:
+        dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: corrupt safetensors header entry for tensor '{name}': {info!r}") from None
+    numel = 1
+    for s in shape:
+        numel *= s
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    if end - begin != expected or not 0 <= begin <= end <= data_len:
+        raise ValueError(f"{path}: tensor '{name}' has data_offsets [{begin}, {end}] for shape {shape} "
+                         f"{info['dtype']} ({expected} bytes); the data section has {data_len} bytes "
+                         "(truncated or corrupt file?)")
+
+
+def load_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Memory-map a .safetensors file and return {name: tensor} views into it (no copy)."""
+    path = Path(path)
+    header, data_start = read_header(path)
+    if not header:
+        return {}
+    with open(path, "rb") as f:
+        # ACCESS_COPY: private copy-on-write pages, so tensors are writable without touching the file
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = DTYPES[info["dtype"]]
+        if end == begin:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+        out[name] = flat.view(dtype).reshape(info["shape"])
+    return out
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to `path` in safetensors format, atomically (temp file + rename)."""
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, cpu = 0, {}
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"save_file: tensor '{name}' has unsupported dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        cpu[name], offset = t, offset + nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in sorted(cpu):
+            if cpu[name].numel():
+                f.write(cpu[name].reshape(-1).view(torch.uint8).numpy().data)
+
+
+class atomic_write:
+    """`with atomic_write(path) as f:` writes to a temp file beside `path`, renamed over it on success.
+
+    A crash or exception mid-write leaves the previous file untouched (os.replace is atomic on POSIX).
+    """
+
+    def __init__(self, path: str | Path, mode: str = "wb"):
+        self.path, self.mode = Path(path), mode
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.f = os.fdopen(fd, self.mode)
+        return self.f
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.f.flush()
+            os.fsync(self.f.fileno())  # data on disk before the rename makes it visible
+        self.f.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+        return False
