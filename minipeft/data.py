@@ -1,0 +1,355 @@
+"""GSM8K data: loading, answer extraction, prompt formats, batching, packing, and a synthetic toy.
+
+GSM8K: Cobbe et al., "Training Verifiers to Solve Math Word Problems", arXiv:2110.14168;
+files from github.com/openai/grade-school-math (MIT licence). Each JSON line holds a `question` and
+an `answer` whose reasoning carries calculator annotations `<<48/2=24>>` and ends with `#### 72`.
+
+The training target is the whole answer, reasoning included, and the loss counts answer tokens only:
+
+    input_ids = tokens[:-1]      targets = tokens[1:], with -100 on every prompt token
+
+so `model(input_ids, targets)` needs no shift of its own. Packing concatenates such already-shifted
+examples, so no target ever crosses from one example into the next (the last input of an example
+predicts its own EOS/<|eot_id|>, never the next example's BOS).
+
+The synthetic problems (1-2 steps, numbers below ~100) stand in for GSM8K in the toy default, so the
+tests and the CPU demo need no download.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import random
+import re
+import tempfile
+import zlib
+from decimal import Decimal
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+IGNORE = -100                      # the target value cross_entropy skips
+SPLITS = ("train", "test")
+PLAIN_PROMPT = "Question: {question}\nAnswer:"
+Example = tuple[list[int], list[int]]              # (input_ids, targets), same length
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # idx, targets, segment_ids: (B, T) int64
+
+# ----------------------------------------------------------------------------- loading
+
+def load_gsm8k(path: str | Path) -> list[dict]:
+    """Read a GSM8K JSON-lines file. Blank lines at the end are ignored; any other bad line
+    (blank, not JSON, missing or non-string key, answer without `#### <number>`) raises a
+    ValueError naming the file and line. Nothing is skipped silently."""
+    path = Path(path)
+    # split on "\n" only: str.splitlines() would also break at U+2028 inside a JSON string
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [_parse_line(line, f"{path}:{n}") for n, line in enumerate(lines, start=1)]
+
+
+def _parse_line(line: str, where: str) -> dict:
+    if not line.strip():
+        raise ValueError(f"{where}: blank line (only blank lines at the end of the file are allowed)")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("question", "answer"):
+        if key not in obj:
+            raise ValueError(f"{where}: missing key {key!r} (found {sorted(obj)})")
+        if not isinstance(obj[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+    try:
+        extract_gold(obj["answer"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return obj
+
+
+def load_split(data_dir: str | Path = "data/gsm8k", split: str = "train") -> list[dict]:
+    """Load `{data_dir}/{split}.jsonl` with `load_gsm8k`; split is "train" or "test"."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; download GSM8K with `make data` "
+                                "(python scripts/download_gsm8k.py)")
+    return load_gsm8k(path)
+
+
+def write_jsonl(examples: Sequence[dict], path: str | Path) -> None:
+    """Write one JSON object per line, atomically: a temp file in the same folder, then a rename,
+    so a crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples)
+        os.chmod(tmp, 0o644)                   # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+# ----------------------------------------------------------------------------- answers
+
+# a number: optional sign (not a minus between digits, as in "5-3"), optional $, digits with
+# optional thousands commas, optional decimals; never starts inside another number
+_NUMBER = re.compile(r"(?<![\d.])([-+]?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
+_PLAIN = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")          # "12." (a sentence's full stop) is fine
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of one number, or None: "1,000" -> "1000", "$5.00" -> "5", "+4" -> "4",
+    "7.50" -> "7.5", "-3" -> "-3", "12." -> "12"."""
+    s = text.strip().replace(",", "").replace("$", "")
+    if not _PLAIN.fullmatch(s):
+        return None
+    d = Decimal(s)
+    if d == d.to_integral_value():
+        return str(int(d))                     # also turns "-0" into "0"
+    return format(d.normalize(), "f")
+
+
+def extract_gold(answer: str) -> str:
+    """The normalised number after the last `####` of a GSM8K answer; ValueError if there is none."""
+    if "####" not in answer:
+        raise ValueError("answer has no '#### <number>' line")
+    tail = answer.rsplit("####", 1)[1].strip()
+    gold = normalize_number(tail)
+    if gold is None:
+        raise ValueError(f"text after '####' is not a number: {tail!r}")
+    return gold
+
+
+def extract_prediction(text: str) -> str | None:
+    """The first number after the first `####` of a generation (it may ramble on afterwards),
+    else the last number anywhere in the text, else None; normalised like the gold answer."""
+    _, sep, tail = text.partition("####")
+    match = _NUMBER.search(tail) if sep else None
+    if match is None:
+        matches = list(_NUMBER.finditer(text))
+        match = matches[-1] if matches else None
+    return None if match is None else normalize_number(match.group(1) + match.group(2))
+
+
+def answers_match(pred: str | None, gold: str) -> bool:
+    """True when both parse to the same number ("5.0" matches "5"); a missing prediction never does."""
+    p = None if pred is None else normalize_number(pred)
+    g = normalize_number(gold)
+    return p is not None and g is not None and Decimal(p) == Decimal(g)
+
+# ----------------------------------------------------------------------------- prompts
+
+def encode_prompt(tok, question: str, fmt: str = "plain") -> list[int]:
+    """Token ids the model continues from: "plain" is `Question: ...\\nAnswer:` after BOS (base
+    models); "chat" is the Llama 3 chat format ending in an open assistant header (Instruct models)."""
+    if fmt == "plain":
+        return tok.encode(PLAIN_PROMPT.format(question=question.strip()), bos=True)
+    if fmt == "chat":
+        return tok.encode_dialog_prompt([{"role": "user", "content": question}],
+                                        add_generation_prompt=True)
+    raise ValueError(f"fmt must be 'plain' or 'chat', got {fmt!r}")
+
+
+def encode_completion(tok, answer: str, fmt: str = "plain") -> list[int]:
+    """The tokens the model should produce: " {answer}" + EOS (plain), or answer + <|eot_id|> (chat,
+    content stripped as Llama 3's encode_message does)."""
+    if fmt == "plain":
+        return tok.encode(" " + answer.strip()) + [tok.eos_id]
+    if fmt == "chat":
+        return tok.encode(answer.strip()) + [tok.eot_id]
+    raise ValueError(f"fmt must be 'plain' or 'chat', got {fmt!r}")
+
+
+def encode_example(tok, example: dict, fmt: str = "plain", max_len: int | None = None) -> Example:
+    """(input_ids, targets) for teacher forcing with the loss on answer tokens only.
+
+    targets[t] is the token at t+1 (the shift is done here, not in the model) and -100 while that
+    token still belongs to the prompt. `max_len` keeps the first max_len positions (a long answer
+    loses its tail)."""
+    prompt = encode_prompt(tok, example["question"], fmt)
+    answer = encode_completion(tok, example["answer"], fmt)
+    input_ids = (prompt + answer)[:-1]
+    targets = [IGNORE] * (len(prompt) - 1) + answer
+    if max_len is not None:
+        input_ids, targets = input_ids[:max_len], targets[:max_len]
+    return input_ids, targets
+
+# ----------------------------------------------------------------------------- batching
+
+def bucket_batches(examples: Sequence[Example], batch_size: int, shuffle: bool = True,
+                   seed: int = 0, chunk_batches: int = 50) -> list[list[Example]]:
+    """Batches of similar length: shuffle, cut into chunks of `chunk_batches` batches, sort each chunk
+    by length, cut it into batches, shuffle the batches. Every example is used once; the last batch
+    of a chunk may be smaller."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    if shuffle:
+        rng.shuffle(order)
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: len(examples[i][0]))
+        batches += [[examples[i] for i in part[j:j + batch_size]]
+                    for j in range(0, len(part), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[Example], pad_id: int = 0) -> Batch:
+    """Right-pad to the longest example: pads get id `pad_id`, target -100 and segment id 0."""
+    T = max(len(x) for x, _ in examples)
+    return _to_tensors([[i] for i in range(len(examples))], examples, T, pad_id)
+
+
+def pack(examples: Sequence[Example], max_len: int, pad_id: int = 0) -> Batch:
+    """Pack whole examples into rows of `max_len` (best-fit decreasing); within a row, examples keep
+    their input order and get segment ids 1, 2, ...; the tail is padding (segment 0, target -100).
+    No example is split or dropped: one longer than max_len raises (encode with max_len=...)."""
+    too_long = [i for i, (x, _) in enumerate(examples) if len(x) > max_len]
+    if too_long:
+        raise ValueError(f"example {too_long[0]} has {len(examples[too_long[0]][0])} tokens > "
+                         f"max_len={max_len}; truncate with encode_example(..., max_len=)")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []           # sorted (space left, row) of rows not yet full
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+        n = len(examples[i][0])
+        j = bisect.bisect_left(free, (n, -1))  # the tightest row it fits in
+        if j < len(free):
+            space, r = free.pop(j)
+        else:
+            space, r = max_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if space > n:
+            bisect.insort(free, (space - n, r))
+    return _to_tensors([sorted(r) for r in rows], examples, max_len, pad_id)
+
+
+def _to_tensors(rows: list[list[int]], examples: Sequence[Example], T: int, pad_id: int) -> Batch:
+    """(len(rows), T) tensors; row r holds examples rows[r] back to back, segment ids 1, 2, ..."""
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    segment_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, members in enumerate(rows):
+        t = 0
+        for seg, i in enumerate(members, start=1):
+            x, y = examples[i]
+            idx[r, t:t + len(x)], targets[r, t:t + len(y)] = torch.tensor(x), torch.tensor(y)
+            segment_ids[r, t:t + len(x)] = seg
+            t += len(x)
+    return idx, targets, segment_ids
+
+# ----------------------------------------------------------------------------- synthetic toy data
+
+NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia",
+         "Ned", "Ola", "Pam", "Raj", "Sam", "Tia"]
+OBJECTS = ["apples", "pens", "books", "eggs", "cards", "shells", "stickers", "marbles",
+           "cookies", "stamps"]
+BOXES = ["bags", "boxes", "packs", "jars", "baskets"]
+
+
+def _calc(a: int, op: str, b: int) -> tuple[int, str]:
+    """Result and GSM8K-style text `a+b = <<a+b=c>>c` of one calculator step (exact division only)."""
+    c = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a // b
+    assert op != "/" or a % b == 0, f"{a}/{b} is not exact"
+    return c, f"{a}{op}{b} = <<{a}{op}{b}={c}>>{c}"
+
+
+def _problem(r: random.Random) -> tuple[str, list[str], int]:
+    """One word problem: (question, reasoning lines, final answer), 1 or 2 calculator steps."""
+    n, m = r.sample(NAMES, 2)
+    o, box = r.choice(OBJECTS), r.choice(BOXES)
+    a, b, d = r.randint(2, 9), r.randint(2, 9), r.randint(2, 20)
+    kind = r.randrange(7)
+    if kind == 0:
+        c, s = _calc(d, "+", r.randint(2, 20))
+        return (f"{n} has {d} {o}. {m} gives {n} {c - d} more {o}. How many {o} does {n} have now?",
+                [f"{n} has {s} {o} now."], c)
+    if kind == 1:
+        total = r.randint(5, 30)
+        c, s = _calc(total, "-", r.randint(1, total - 1))
+        return (f"{n} had {total} {o} and gave {total - c} of them to {m}. How many {o} does {n} have left?",
+                [f"{n} has {s} {o} left."], c)
+    if kind == 2:
+        c, s = _calc(a, "*", b)
+        return (f"{n} buys {a} {box} with {b} {o} in each. How many {o} does {n} buy?",
+                [f"{n} buys {s} {o}."], c)
+    if kind == 3:
+        c, s = _calc(a * b, "/", a)
+        return (f"{n} shares {a * b} {o} equally among {a} friends. How many {o} does each get?",
+                [f"Each friend gets {s} {o}."], c)
+    if kind == 4:
+        c, s = _calc(a, "*", b)
+        return (f"{n} buys {a} {o} for ${b} each. How much money does {n} spend?",
+                [f"{n} spends {s.replace('<<', '$<<')}."], c)
+    if kind == 5:
+        c, s1 = _calc(a, "*", b)
+        e, s2 = _calc(c, "+", d)
+        return (f"{n} buys {a} {box} of {b} {o} and finds {d} more {o}. How many {o} does {n} have?",
+                [f"{n} buys {s1} {o}.", f"{n} has {s2} {o} in total."], e)
+    c, s1 = _calc(d, "+", b)
+    e, s2 = _calc(c, "-", r.randint(1, c - 1))
+    return (f"{n} has {d} {o}, gets {b} more from {m} and then gives {c - e} away. "
+            f"How many {o} does {n} have left?",
+            [f"{n} has {s1} {o} after getting more.", f"{n} has {s2} {o} left."], e)
+
+
+def _fact(r: random.Random) -> tuple[int, int, str, int]:
+    """A random (a, b, op, result) with small operands, non-negative results and exact division."""
+    op = r.choice("+-*/")
+    a, b = r.randint(0, 50), r.randint(0, 50)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    if op in "*/":
+        a, b = r.randint(2, 9), r.randint(2, 9)
+    if op == "/":
+        a = a * b
+    return a, b, op, _calc(a, op, b)[0]
+
+
+def _split_of(question: str) -> str:
+    # a fixed hash partition, so "train" and "test" never share a question whatever the seeds
+    return "test" if zlib.crc32(question.encode()) % 8 == 0 else "train"
+
+
+def synthetic_gsm8k(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """`n` distinct GSM8K-format word problems, deterministic given `seed`. Questions are assigned to
+    "train" or "test" by a hash of their text, so the two splits never overlap, whatever the seeds."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    r, seen, out = random.Random(seed), set(), []
+    for _ in range(100 * n + 1000):            # bounded: the template space is finite
+        if len(out) == n:
+            break
+        question, lines, result = _problem(r)
+        if question not in seen and _split_of(question) == split:
+            seen.add(question)
+            out.append({"question": question, "answer": "\n".join(lines) + f"\n#### {result}"})
+    if len(out) < n:
+        raise ValueError(f"could only make {len(out)} distinct {split} problems, asked for {n}")
+    return out
+
+
+def synthetic_arithmetic_text(n: int, seed: int = 0) -> str:
+    """`n` lines of plain text to pretrain a tiny model on: bare facts ("12+7=19"), calculator
+    annotations ("<<3*4=12>>12"), and reasoning sentences of train-split word problems."""
+    r, lines = random.Random(seed), []
+    while len(lines) < n:
+        kind = r.random()
+        if kind < 0.3:
+            question, steps, _ = _problem(r)
+            if _split_of(question) == "train":  # never the reasoning of a test question
+                lines.append(r.choice(steps))
+            continue
+        a, b, op, c = _fact(r)
+        lines.append(f"{a}{op}{b}={c}" if kind < 0.7 else f"<<{a}{op}{b}={c}>>{c}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,190 @@
+"""The one injection mechanism every PEFT method in minipeft shares.
+
+A method plugs into a `Llama` in one (or both) of two ways:
+
+1. Linear wrappers, swapped in by module name. `inject(model, targets, wrap)` finds the `nn.Linear`
+   modules whose names match `targets` and replaces each by `wrap(name, linear)`. Targets are names
+   or glob patterns over module names, matched against the full name or its tail:
+   `["q_proj", "v_proj"]`, `"all-linear"` (every Linear in the decoder, not `lm_head`, as Hugging
+   Face PEFT does), `"layers.1[0-5].*.down_proj"`.
+2. Slots. `fill_slot(model, slot, make)` puts `make(layer_index, attention)` in one of the
+   attention's named slots (`qk_adapter`, `kv_prefix`, `extra_branch`), or the model's
+   `input_prefix`; see minipeft/llama.py.
+
+Every base parameter is frozen first. A method module is then just: a config dataclass (with a
+`method` name), the wrapper/slot modules, and an `apply(model, config)` that calls the two functions
+above and `record(model, config)`.
+
+What the core asks of adapter modules (duck-typed, no base class needed):
+  * `merge()` / `unmerge()`: fold the adapter into / out of the base weight; the core makes both
+    idempotent through the module's `merged` flag. A module that cannot merge sets
+    `mergeable = False` and may give a `why_not_mergeable` sentence.
+  * `peft_method` (str): the method name, used by the parameter report.
+  * parameters may carry `lr_scale` (float) and `no_weight_decay` (bool) attributes, read by
+    `param_groups` (LoRA+, the B learning-rate boost).
+
+Saving and loading live in minipeft/adapters.py; this file is only about putting methods in place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+SLOTS = ("qk_adapter", "kv_prefix", "extra_branch")
+
+
+def freeze_base(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def match_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Names of the nn.Linear modules that `targets` selects (in model order); error if none."""
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    if "all-linear" in patterns:
+        return linears
+    hits = [n for n in linears if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "*." + p) for p in patterns)]
+    if not hits:
+        examples = sorted({n.split(".")[-1] for n in linears})
+        raise ValueError(f"targets {patterns} matched no linear module; names look like "
+                         f"'{linears[0] if linears else ''}', leaf names are {examples}")
+    return hits
+
+
+def inject(model: nn.Module, targets, wrap: Callable[[str, nn.Linear], nn.Module]) -> list[str]:
+    """Freeze the base model and replace each matched Linear by `wrap(name, linear)`."""
+    names = match_targets(model, targets)
+    freeze_base(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, wrap(name, getattr(parent, child)))
+    return names
+
+
+def fill_slot(model: nn.Module, slot: str, make: Callable[[int, nn.Module], nn.Module],
+              layers: list[int] | None = None) -> None:
+    """Freeze the base model and fill `slot` of the chosen layers' attention (all by default)
+    with `make(layer_index, attention)`; slot "input_prefix" is the model's prompt slot."""
+    freeze_base(model)
+    if slot == "input_prefix":
+        model.input_prefix = make(-1, model)
+        return
+    if slot not in SLOTS:
+        raise ValueError(f"unknown slot '{slot}'; the attention has {SLOTS} and the model 'input_prefix'")
+    for i in range(len(model.layers)) if layers is None else layers:
+        attn = model.layers[i].self_attn
+        if getattr(attn, slot) is not None:
+            raise ValueError(f"layers.{i}.self_attn.{slot} is already filled by {type(getattr(attn, slot)).__name__}")
+        setattr(attn, slot, make(i, attn))
+
+
+def shared_container(model: nn.Module) -> nn.ModuleDict:
+    """A ModuleDict on the model for parameters shared across layers (Tied-LoRA and friends).
+
+    Layers keep plain (unregistered) references to what they share, so each shared tensor appears
+    once in parameters() and state_dict(), under `peft_shared.<key>`.
+    """
+    if not hasattr(model, "peft_shared"):
+        model.peft_shared = nn.ModuleDict()
+    return model.peft_shared
+
+
+def record(model: nn.Module, config) -> None:
+    """Remember which method (and hyper-parameters) was applied; save_adapter writes this down."""
+    if not hasattr(model, "peft_configs"):
+        model.peft_configs = []
+    model.peft_configs.append(config)
+
+
+def applied_configs(model: nn.Module) -> list[dict]:
+    return [dict(method=c.method, **asdict(c)) for c in getattr(model, "peft_configs", [])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "peft_method")]
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into the base weights (idempotent). Refuses, changing nothing, if any
+    adapter cannot be merged."""
+    mods = adapter_modules(model)
+    blocked = [(n, m) for n, m in mods if not getattr(m, "mergeable", True)]
+    if blocked:
+        n, m = blocked[0]
+        raise NotImplementedError(f"cannot merge: {m.peft_method} at '{n}' " +
+                                  getattr(m, "why_not_mergeable", "has no merge rule") +
+                                  f" ({len(blocked)} such module(s)); nothing was merged")
+    for _, m in mods:
+        if not getattr(m, "merged", False):
+            with torch.no_grad():
+                m.merge()
+            m.merged = True
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo merge() (idempotent)."""
+    for _, m in adapter_modules(model):
+        if getattr(m, "merged", False):
+            with torch.no_grad():
+                m.unmerge()
+            m.merged = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting and optimisation
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), each shared tensor counted once."""
+    params = list(model.parameters())  # parameters() already de-duplicates shared tensors
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_by_method(model: nn.Module) -> dict[str, int]:
+    owner = {}
+    for _, m in adapter_modules(model):
+        for p in m.parameters():
+            owner.setdefault(id(p), m.peft_method)
+    counts: dict[str, int] = {}
+    seen = set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            key = owner.get(id(p), "unfrozen base")
+            counts[key] = counts.get(key, 0) + p.numel()
+    return counts
+
+
+def trainable_report(model: nn.Module) -> str:
+    """'trainable params: 1,703,936 || all params: 1,237,518,336 || trainable%: 0.1377', then per method."""
+    trainable, total = count_parameters(model)
+    lines = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"]
+    for method, n in trainable_by_method(model).items():
+        lines.append(f"  {method}: {n:,} ({100 * n / total:.4f}%)")
+    return "\n".join(lines)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """AdamW parameter groups: one per (lr_scale, decay) pair found on the trainable parameters.
+
+    A method raises one factor's learning rate by tagging its parameters: `p.lr_scale = 16.0`
+    (LoRA+); norms and biases can opt out of decay with `p.no_weight_decay = True`.
+    """
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (float(getattr(p, "lr_scale", 1.0)), bool(getattr(p, "no_weight_decay", False)))
+            groups.setdefault(key, []).append(p)
+    return [dict(params=ps, lr=lr * scale, weight_decay=0.0 if no_wd else weight_decay, lr_scale=scale)
+            for (scale, no_wd), ps in sorted(groups.items())]
