@@ -85,11 +85,14 @@ def save_adapter(model: nn.Module, path: str | Path, format: str = "minipeft") -
     methods = applied_configs(model)
     if not methods:
         raise ValueError("save_adapter: no PEFT method has been applied to this model")
+    # serialise the JSON before touching any file, so a config that cannot be written leaves the
+    # previous adapter (tensors and JSON) intact
+    meta = json.dumps({"format": "minipeft", "methods": methods, "base_model": model.config.fingerprint()},
+                      indent=2)
     path.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state(model), path / WEIGHTS_FILE)
-    meta = {"format": "minipeft", "methods": methods, "base_model": model.config.fingerprint()}
     with atomic_write(path / CONFIG_FILE, "w") as f:
-        json.dump(meta, f, indent=2)
+        f.write(meta)
 
 
 def check_base(model: nn.Module, expected: dict, source: Path) -> None:

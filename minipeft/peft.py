@@ -43,6 +43,19 @@ def freeze_base(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def freeze_base_once(model: nn.Module) -> None:
+    """Freeze the base model the first time a method is put in place. Later calls (a second method,
+    or one method injecting twice) must not freeze the adapter parameters created in between, and the
+    cross-layer adapter parameters in `model.peft_shared` are never part of the base."""
+    if getattr(model, "peft_base_frozen", False):
+        return
+    shared = {id(p) for p in model.peft_shared.parameters()} if hasattr(model, "peft_shared") else set()
+    for p in model.parameters():
+        if id(p) not in shared:
+            p.requires_grad_(False)
+    model.peft_base_frozen = True
+
+
 def match_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -> list[str]:
     """Names of the nn.Linear modules that `targets` selects (in model order); error if none."""
     patterns = [targets] if isinstance(targets, str) else list(targets)
@@ -60,7 +73,7 @@ def match_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) 
 def inject(model: nn.Module, targets, wrap: Callable[[str, nn.Linear], nn.Module]) -> list[str]:
     """Freeze the base model and replace each matched Linear by `wrap(name, linear)`."""
     names = match_targets(model, targets)
-    freeze_base(model)
+    freeze_base_once(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -72,7 +85,7 @@ def fill_slot(model: nn.Module, slot: str, make: Callable[[int, nn.Module], nn.M
               layers: list[int] | None = None) -> None:
     """Freeze the base model and fill `slot` of the chosen layers' attention (all by default)
     with `make(layer_index, attention)`; slot "input_prefix" is the model's prompt slot."""
-    freeze_base(model)
+    freeze_base_once(model)
     if slot == "input_prefix":
         model.input_prefix = make(-1, model)
         return
@@ -156,6 +169,9 @@ def trainable_by_method(model: nn.Module) -> dict[str, int]:
     for _, m in adapter_modules(model):
         for p in m.parameters():
             owner.setdefault(id(p), m.peft_method)
+    for key, holder in getattr(model, "peft_shared", {}).items():  # keys are "<method>__<target>"
+        for p in holder.parameters():
+            owner.setdefault(id(p), key.split("__")[0])
     counts: dict[str, int] = {}
     seen = set()
     for p in model.parameters():

@@ -1,0 +1,555 @@
+"""Fine-tune a Llama with any minipeft method on GSM8K-format data: the training loop and its CLI.
+
+    python -m minipeft.finetune                                    # toy base + toy task, LoRA
+    python -m minipeft.finetune --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k \\
+        --method lora --set r=16 --set alpha=32 --epochs 1 --lr 2e-4 --out runs/lora-1b
+    python -m minipeft.finetune --resume runs/lora-1b              # continue after a crash
+
+What one optimiser step does (`train_step`): the micro-batches of the step are collated first, so
+each micro-batch's loss can be weighted by its share of the step's answer tokens; then forward under
+bf16 autocast on CUDA (fp32 on CPU), backward, gradient clipping, a NaN/inf check, AdamW with the
+method's parameter groups (`peft.param_groups`: the LoRA+ B-matrix boost and no-decay tags), and the
+warmup + cosine schedule. Loss is the mean cross-entropy over answer tokens only (the prompt is masked
+with -100 by data.encode_example); it is reported in bits per token (nats / ln 2).
+
+The run folder (--out):
+    config.json          the full training configuration, the method's config, parameter counts
+    metrics.jsonl        one JSON record per line: "baseline", "train" (every step), "eval", "epoch",
+                         "final" (or "stopped")
+    adapter/             the adapter (adapters.save_adapter), refreshed at every save point
+    train_state.pt       optimiser, scheduler, RNG states, step and the adapter tensors, in ONE atomic
+                         file: --resume continues from it exactly, with the same data order
+    predictions.jsonl    the final greedy answers (predictions_base.jsonl: the base model's)
+    loss.png             train and test bits/token against the step
+    summary.json         before/after numbers, wall time, tokens/s, peak memory
+
+Every file is written atomically (temp file + rename), state before adapter, so a killed process
+loses at most the steps since the last save point and never leaves a torn adapter behind.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .adapters import adapter_state, apply_method, load_adapter_state, method_module, save_adapter
+from .data import Batch, Example, bucket_batches, collate, pack
+from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load_base, load_task,
+                       pick_device)
+from .llama import Llama
+from .peft import count_parameters, param_groups, trainable_report
+from .safetensors_io import atomic_write
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    checkpoint: str | None = None  # HF or Meta folder with its tokenizer; None -> the toy base
+    preset: str | None = None      # instead: a LlamaConfig preset with random weights (GPU checks)
+    data: str | None = None        # folder with train.jsonl / test.jsonl; None -> the toy task
+    method: str = "lora"
+    method_args: dict = field(default_factory=dict)  # the method config's fields, e.g. {"r": 16}
+    out: str = "runs/latest"
+    epochs: int = 1
+    max_steps: int = 0             # > 0: exactly this many optimiser steps (the data cycles)
+    lr: float = 2e-4               # peak learning rate
+    weight_decay: float = 0.0
+    warmup: float = 0.05           # fraction of the steps with a linear warmup
+    min_lr_ratio: float = 0.0      # cosine decays to lr * min_lr_ratio
+    batch_size: int = 8            # examples (or packed rows) per micro-batch
+    grad_accum: int = 1            # micro-batches per optimiser step
+    max_len: int = 512             # tokens per example (longer answers lose their tail) / packed row
+    clip: float = 1.0              # max gradient norm
+    seed: int = 0
+    eval_every: int = 0            # steps between test evaluations (0: at epoch ends only)
+    save_every: int = 0            # steps between saves (0: at every evaluation)
+    limit: int = 0                 # > 0: the first N train and N test examples (quick runs)
+    eval_limit: int = 0            # > 0: the first N test examples for accuracy and bits/token
+    format: str = "plain"          # "plain" (base models) or "chat" (Instruct models)
+    pack: bool = False             # pack examples into rows of max_len (segment masks keep them apart)
+    compile: bool = False          # torch.compile the training forward
+    grad_checkpoint: bool = False  # recompute each block in backward (activation memory)
+    max_new_tokens: int = 256      # generation budget for accuracy
+    eval_batch_size: int = 32
+    baseline: bool = True          # evaluate the base model before training
+    device: str = "auto"
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the last saved adapter is kept."""
+
+
+# ----------------------------------------------------------------------------- method arguments
+
+def parse_method_args(method: str, pairs: Sequence[str]) -> dict:
+    """["r=16", "targets=q_proj,v_proj"] -> {"r": 16, "targets": ("q_proj", "v_proj")}, typed by the
+    method's config dataclass; unknown fields and bad values raise naming the field and its type."""
+    _, config_cls = method_module(method)
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE")
+        if key not in fields:
+            known = ", ".join(f"{k}: {_type_name(t)}" for k, t in fields.items())
+            raise ValueError(f"--set {pair!r}: {config_cls.__name__} has no field '{key}'; fields are {known}")
+        try:
+            out[key] = _coerce(value.strip(), fields[key])
+        except ValueError as e:
+            raise ValueError(f"--set {pair!r}: {key} expects {_type_name(fields[key])}: {e}") from None
+    return out
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", None) if typing.get_origin(t) is None else str(t).replace("typing.", "")
+
+
+def _preference(t, value: str) -> int:
+    """Order in which a union's options are tried: numbers before text; "a,b" is a tuple, "a" a str."""
+    origin = typing.get_origin(t)
+    if origin in (tuple, list):
+        return 0 if "," in value else 6
+    return {bool: 1, int: 2, float: 3, typing.Literal: 4}.get(origin or t, 5)
+
+
+def _coerce(value: str, t):
+    """Turn command-line text into a value of type `t` (bool, int, float, str, Literal, tuple/list,
+    Optional / unions of these)."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for option in sorted((a for a in args if a is not type(None)), key=lambda a: _preference(a, value)):
+            try:
+                return _coerce(value, option)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == value:
+                return choice
+        raise ValueError(f"{value!r} is not one of {list(args)}")
+    if origin in (tuple, list):
+        items = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
+        item_type = args[0] if args else str
+        return origin(_coerce(v, item_type) for v in items)
+    if t is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean (true/false)")
+    if t in (int, float):
+        try:
+            return t(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a valid {t.__name__}") from None
+    if t in (str, typing.Any):
+        return value
+    raise ValueError(f"fields of type {_type_name(t)} cannot be set from the command line")
+
+
+# ----------------------------------------------------------------------------- data order
+
+class DataPlan:
+    """Which micro-batches each optimiser step uses: a pure function of (seed, epoch), so a resumed
+    run sees exactly the batches the interrupted one would have seen."""
+
+    def __init__(self, encoded: Sequence[Example], cfg: TrainConfig, pad_id: int):
+        self.encoded, self.cfg, self.pad_id = list(encoded), cfg, pad_id
+        self.rows = pack(self.encoded, cfg.max_len, pad_id) if cfg.pack else None  # packing is fixed
+        n_micro = len(self._epoch(0))
+        self.steps_per_epoch = n_micro // cfg.grad_accum  # a remainder of micro-batches is dropped
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.encoded)} training examples make {n_micro} micro-batches of "
+                             f"{cfg.batch_size}: fewer than --grad-accum {cfg.grad_accum}")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self._cache: tuple[int, list] | None = None
+
+    def _epoch(self, epoch: int) -> list:
+        seed = self.cfg.seed * 1000 + epoch
+        if self.rows is not None:  # shuffle the packed rows, then cut batches
+            order = torch.randperm(len(self.rows[0]), generator=torch.Generator().manual_seed(seed))
+            return [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+        return bucket_batches(self.encoded, self.cfg.batch_size, shuffle=True, seed=seed)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def step_batches(self, step: int) -> list[Batch]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self._epoch(epoch))
+        micro = self._cache[1][i * self.cfg.grad_accum:(i + 1) * self.cfg.grad_accum]
+        if self.rows is not None:
+            return [tuple(t[rows] for t in self.rows) for rows in micro]
+        return [collate(b, self.pad_id) for b in micro]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup over `warmup` steps, then cosine from 1 to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- one step
+
+def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Batch], clip: float,
+               device: torch.device) -> tuple[float, int, int, float]:
+    """One optimiser step over `batches` (gradient accumulation); returns (loss in bits per answer
+    token, input tokens processed, answer tokens, gradient norm). Raises Diverged, before touching any weight, if
+    the loss or the gradient norm is not finite."""
+    n_answer = sum(int((t != -100).sum()) for _, t, _ in batches)
+    loss_sum, tokens = 0.0, 0
+    for idx, targets, seg in batches:
+        idx, targets, seg = idx.to(device), targets.to(device), seg.to(device)
+        n = int((targets != -100).sum())
+        if n == 0:
+            continue
+        with autocast(device):
+            _, loss = forward(idx, targets, segment_ids=seg)
+        (loss * (n / n_answer)).backward()  # token-weighted: the same gradient as one big batch
+        loss_sum += loss.item() * n
+        tokens += int((seg != 0).sum())
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    bits = loss_sum / max(n_answer, 1) / LN2
+    if not (math.isfinite(bits) and math.isfinite(grad_norm)):
+        opt.zero_grad(set_to_none=True)
+        raise Diverged(f"loss {bits:.4g} bits/token, gradient norm {grad_norm:.4g}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return bits, tokens, n_answer, grad_norm
+
+
+# ----------------------------------------------------------------------------- saving and resuming
+
+def rng_state() -> dict:
+    state = dict(python=random.getstate(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: Path, model, opt, sched, step: int) -> None:
+    """The training state (one atomic file), then the adapter folder (atomic files)."""
+    state = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_state(),
+                 adapter={k: v.clone().cpu() for k, v in adapter_state(model).items()})
+    with atomic_write(run / STATE_FILE) as f:
+        torch.save(state, f)
+    save_adapter(model, run / "adapter")
+
+
+def load_checkpoint(run: Path, model, opt, sched) -> int:
+    """Restore what save_checkpoint wrote; returns the step to continue from."""
+    state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    load_adapter_state(model, state["adapter"], run / STATE_FILE)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+class Metrics:
+    """metrics.jsonl: appended and flushed record by record (a crash loses at most the last line)."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = path
+        self.records: list[dict] = []
+        if keep_until_step is not None and path.exists():  # resuming: drop what came after the save
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the crash
+                if rec.get("step", 0) <= keep_until_step and rec["kind"] not in ("final", "stopped"):
+                    self.records.append(rec)
+        with atomic_write(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+
+    def log(self, **record) -> dict:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def last_step(self, kind: str) -> int:
+        return max((r["step"] for r in self.records if r["kind"] == kind), default=0)
+
+    def mean_train_bits(self, after: int = 0, epoch: int | None = None) -> float:
+        """Token-weighted mean train bits/token over the steps after `after` (of one epoch, if given)."""
+        recs = [r for r in self.records if r["kind"] == "train" and r["step"] > after
+                and (epoch is None or r["epoch"] == epoch)]
+        n = sum(r["answer_tokens"] for r in recs)
+        return sum(r["loss_bpt"] * r["answer_tokens"] for r in recs) / n if n else float("nan")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) a fine-tuning job; returns the summary written to RUN/summary.json."""
+    run, device, t_start = Path(cfg.out), pick_device(cfg.device), time.time()
+    run.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
+    train_set, test_set, data_name = load_task(cfg.data, cfg.limit)
+    test_set = test_set[:cfg.eval_limit] if cfg.eval_limit else test_set
+    train_enc, test_enc = (encode_all(tok, s, cfg.format, cfg.max_len) for s in (train_set, test_set))
+    plan = DataPlan(train_enc, cfg, tok.pad_id)
+
+    def full_eval(tag: str) -> dict:
+        return evaluate(model, tok, test_set, cfg.format, cfg.max_len, cfg.eval_batch_size, cfg.max_new_tokens,
+                        run / f"predictions{tag}.jsonl")
+
+    metrics = Metrics(run / "metrics.jsonl", keep_until_step=None if not resume else _saved_step(run))
+    if cfg.baseline and not resume:
+        say(progress, f"evaluating the base model on {len(test_set)} test problems ...")
+        base_eval = full_eval("_base")
+        metrics.log(kind="baseline", step=0, **base_eval)
+        say(progress, f"  base: {base_eval['test_bpt']:.4f} bits/token, accuracy {base_eval['accuracy']:.1%}")
+
+    apply_method(model, cfg.method, **cfg.method_args)
+    for p in model.parameters():  # trainable tensors are fp32 master weights, even on a bf16 base
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    model.grad_checkpoint = cfg.grad_checkpoint
+    forward = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                            fused=device.type == "cuda")
+    warmup = round(cfg.warmup * plan.total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup, plan.total_steps, cfg.min_lr_ratio))
+    trainable, total = count_parameters(model)
+    start = load_checkpoint(run, model, opt, sched) if resume else 0
+    if not resume:
+        _write_json(run / "config.json", dict(
+            train=asdict(cfg), method_config=_method_config(model), base=base_name, data=data_name,
+            trainable_params=trainable, total_params=total, trainable_report=trainable_report(model),
+            steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, n_train=len(train_set),
+            n_test=len(test_set), device=str(device), torch=torch.__version__))
+    say(progress, trainable_report(model))
+    say(progress, f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch), {len(train_set)} train / "
+                  f"{len(test_set)} test examples" + (f"; resuming at step {start}" if resume else ""))
+
+    model.train()
+    save_every = cfg.save_every or cfg.eval_every or plan.steps_per_epoch
+    bar = _progress_bar(progress, plan.total_steps, start)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = start
+    try:
+        for step in range(start, plan.total_steps):
+            t0 = time.time()
+            bits, tokens, n_answer, gnorm = train_step(model, forward, opt, plan.step_batches(step), cfg.clip, device)
+            lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
+            sched.step()
+            dt = time.time() - t0
+            epoch = plan.epoch_of(step)
+            metrics.log(kind="train", step=step + 1, epoch=epoch, loss_bpt=bits, lr=lr, grad_norm=gnorm,
+                        tokens=tokens, answer_tokens=n_answer, tokens_per_s=tokens / dt,
+                        peak_mem_gib=_peak_memory(device), elapsed_s=time.time() - t_start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{bits:.3f}b", tok_s=f"{tokens / dt:,.0f}", lr=f"{lr:.2e}")
+            done, epoch_end = step + 1, (step + 1) % plan.steps_per_epoch == 0
+            if epoch_end or (cfg.eval_every and done % cfg.eval_every == 0):
+                last_eval = metrics.last_step("eval")
+                test_bpt = bits_per_token(model, test_enc, cfg.eval_batch_size, tok.pad_id)
+                metrics.log(kind="eval", step=done, epoch=epoch, train_bpt=metrics.mean_train_bits(after=last_eval),
+                            test_bpt=test_bpt)
+                if epoch_end:
+                    metrics.log(kind="epoch", step=done, epoch=epoch, test_bpt=test_bpt,
+                                train_bpt=metrics.mean_train_bits(epoch=epoch))
+                bar.write(f"step {done}: train {metrics.records[-1]['train_bpt']:.4f}  test {test_bpt:.4f} bits/token")
+            if done % save_every == 0 or done == plan.total_steps:
+                save_checkpoint(run, model, opt, sched, done)
+    except Diverged as e:
+        bar.close()
+        saved = _saved_step(run)
+        metrics.log(kind="stopped", step=step + 1, reason=str(e))
+        plot_losses(metrics.records, run / "loss.png", cfg.method)
+        raise Diverged(f"step {step + 1}: {e}. Training stopped; the last good adapter (step {saved}) "
+                       f"is kept in {run / 'adapter'}. Try a lower --lr (now {cfg.lr}).") from None
+    bar.close()
+    if plan.total_steps == start:  # nothing left to train, still leave a complete run folder
+        save_checkpoint(run, model, opt, sched, start)
+
+    say(progress, f"evaluating the fine-tuned model on {len(test_set)} test problems ...")
+    final = full_eval("")
+    train_recs = [r for r in metrics.records if r["kind"] == "train"]
+    base = next((r for r in metrics.records if r["kind"] == "baseline"), None)
+    summary = dict(method=cfg.method, base=base_name, data=data_name, trainable_params=trainable,
+                   total_params=total, trainable_pct=100 * trainable / total, steps=plan.total_steps,
+                   before=None if base is None else dict(test_bpt=base["test_bpt"], accuracy=base["accuracy"]),
+                   after=dict(test_bpt=final["test_bpt"], accuracy=final["accuracy"]), n_test=len(test_set),
+                   train_seconds=sum(r["tokens"] / r["tokens_per_s"] for r in train_recs),
+                   tokens_per_s=_mean_throughput(train_recs), peak_mem_gib=_peak_memory(device),
+                   wall_seconds=time.time() - t_start)
+    metrics.log(kind="final", step=plan.total_steps, **final)
+    _write_json(run / "summary.json", summary)
+    plot_losses(metrics.records, run / "loss.png", cfg.method)
+    say(progress, _summary_line(summary))
+    return summary
+
+
+def _saved_step(run: Path) -> int:
+    if not (run / STATE_FILE).exists():
+        return 0
+    return torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)["step"]
+
+
+def _method_config(model) -> list[dict]:
+    from .peft import applied_configs
+    return applied_configs(model)
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _mean_throughput(recs: list[dict]) -> float:
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in recs)
+    return sum(r["tokens"] for r in recs) / seconds if seconds else float("nan")
+
+
+def _summary_line(s: dict) -> str:
+    before = s["before"] or dict(test_bpt=float("nan"), accuracy=float("nan"))
+    return (f"{s['method']}: test {before['test_bpt']:.4f} -> {s['after']['test_bpt']:.4f} bits/token, "
+            f"accuracy {before['accuracy']:.1%} -> {s['after']['accuracy']:.1%} "
+            f"({s['trainable_params']:,} trainable params, {s['wall_seconds']:.0f}s)")
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+def say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, flush=True)
+
+
+def _progress_bar(progress: bool, total: int, start: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+
+
+def plot_losses(records: list[dict], path: Path, title: str) -> None:
+    """Train bits/token per step (and its running mean), test bits/token at each evaluation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [(r["step"], r["loss_bpt"]) for r in records if r["kind"] == "train"]
+    test = [(r["step"], r["test_bpt"]) for r in records if r["kind"] in ("baseline", "eval")]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        steps, bits = zip(*train)
+        ax.plot(steps, bits, color="tab:blue", alpha=0.3, lw=0.8)
+        k = max(1, len(bits) // 25)
+        smooth = [sum(bits[max(0, i - k + 1):i + 1]) / len(bits[max(0, i - k + 1):i + 1]) for i in range(len(bits))]
+        ax.plot(steps, smooth, color="tab:blue", label=f"train (running mean of {k})")
+    if test:
+        ax.plot(*zip(*test), "o-", color="tab:orange", label="test")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy (bits per answer token)")
+    ax.set_title(f"{title}: train and test loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m minipeft.finetune", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="HF or Meta checkpoint folder (tokenizer inside); default: the toy base")
+    p.add_argument("--preset", help="a LlamaConfig preset with random weights and the byte-level tokenizer")
+    p.add_argument("--data", help="folder with train.jsonl and test.jsonl; default: the synthetic toy task")
+    p.add_argument("--method", default=d.method, help="a name in minipeft.adapters.METHODS")
+    p.add_argument("--set", dest="method_args", action="append", default=[], metavar="NAME=VALUE",
+                   help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj")
+    p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved config and state")
+    for name, kind, help_ in [
+            ("epochs", int, "passes over the training set"), ("max-steps", int, "> 0: this many optimiser steps"),
+            ("lr", float, "peak learning rate"), ("weight-decay", float, "AdamW weight decay"),
+            ("warmup", float, "warmup fraction of the steps"), ("min-lr-ratio", float, "final lr / peak lr"),
+            ("batch-size", int, "examples per micro-batch"), ("grad-accum", int, "micro-batches per step"),
+            ("max-len", int, "tokens per example / packed row"), ("clip", float, "gradient norm clip (0: off)"),
+            ("seed", int, "random seed"), ("eval-every", int, "steps between test evaluations (0: per epoch)"),
+            ("save-every", int, "steps between saves (0: with evaluations)"),
+            ("limit", int, "first N train and test examples"), ("eval-limit", int, "first N test examples"),
+            ("max-new-tokens", int, "generation budget"), ("eval-batch-size", int, "evaluation batch size")]:
+        p.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")), help=help_)
+    p.add_argument("--format", choices=("plain", "chat"), default=d.format, help="prompt format")
+    p.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the base model evaluation")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values["method_args"] = parse_method_args(args.method, args.method_args)
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume:
+            extra = [a.split("=")[0] for a in argv if a.startswith("--")
+                     and a.split("=")[0] not in ("--resume", "--device", "--quiet")]
+            if extra:
+                raise ValueError(f"--resume takes the configuration from {args.resume}/config.json; "
+                                 f"drop {', '.join(extra)}")
+            saved = json.loads((Path(args.resume) / "config.json").read_text())["train"]
+            cfg = TrainConfig(**dict(saved, out=args.resume, device=args.device))
+            if not (Path(args.resume) / STATE_FILE).exists():
+                raise FileNotFoundError(f"{args.resume}: no {STATE_FILE} yet (the run never reached a save point)")
+            train(cfg, resume=True, progress=not args.quiet)
+        else:
+            train(config_from_args(args), progress=not args.quiet)
+    except (Diverged, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

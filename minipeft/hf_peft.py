@@ -1,0 +1,235 @@
+"""Hugging Face PEFT adapter directories: load and save LoRA, rsLoRA and DoRA (and, through
+minipeft/ia3.py, (IA)^3) for a minipeft Llama, so adapters move both ways between the libraries.
+
+The format, as written by peft's `save_pretrained` (key names from `get_peft_model_state_dict` in
+peft/utils/save_and_load.py, which drops the adapter name "default" and, for DoRA, the ".weight" of
+the magnitude layer):
+
+    adapter_config.json        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
+                                "target_modules": ["q_proj", "v_proj"] or one regex string,
+                                "use_rslora": false, "use_dora": false, "lora_dropout": 0.0,
+                                "rank_pattern": {}, "alpha_pattern": {}, ...}
+    adapter_model.safetensors  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight         (r, in)
+                               base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight         (out, r)
+                               base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector (out,)  DoRA
+
+"base_model.model." is PeftModel -> LoraModel, "model." is LlamaForCausalLM -> LlamaModel, and the
+rest is our module name. PEFT scales by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with
+per-module r / alpha where rank_pattern / alpha_pattern match the module name (regex on its tail).
+Only adapter_model.safetensors is read: adapter_model.bin is a pickle, convert it first.
+
+Saving folds our extras into plain LoRA (gamma * A is an ordinary A; LoRA+ is an optimiser setting)
+and refuses what PEFT cannot represent (Simple DoRA, several methods at once, mixed dropout).
+We also write minipeft_base_model.json, the base model's fingerprint (PEFT ignores the file), so
+that loading onto a different base fails clearly even when the shapes happen to fit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import dora, lora, peft
+from .adapters import check_base
+from .safetensors_io import atomic_write, load_file, save_file
+
+PREFIX = "base_model.model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM -> LlamaModel
+CONFIG_FILE, WEIGHTS_FILE, BASE_FILE = "adapter_config.json", "adapter_model.safetensors", "minipeft_base_model.json"
+MAGNITUDE = "lora_magnitude_vector"
+# LoraConfig fields whose non-default values change the model in ways minipeft does not implement
+REQUIRED = {"fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "layer_replication": None,
+            "lora_bias": False, "megatron_config": None, "target_parameters": None,
+            "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False}
+PLAIN_INITS = (True, False, "gaussian")  # pissa, olora, loftq, corda, eva: the adapter needs a modified base
+
+
+def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the adapter in a Hugging Face PEFT directory to `model` (LoRA / rsLoRA / DoRA, or IA3)."""
+    path = Path(path)
+    config = _read_json(path / CONFIG_FILE)
+    if (path / BASE_FILE).exists():
+        check_base(model, _read_json(path / BASE_FILE), path / BASE_FILE)
+    tensors = _read_tensors(path)
+    kind = config.get("peft_type")
+    if kind == "IA3":
+        importlib.import_module("minipeft.ia3").from_peft(model, config, tensors, str(path / WEIGHTS_FILE))
+    elif kind == "LORA":
+        _load_lora(model, config, tensors, path)
+    else:
+        raise NotImplementedError(f"{path / CONFIG_FILE}: peft_type {kind!r} is not supported "
+                                  "(minipeft reads LORA, with use_rslora / use_dora, and IA3)")
+    return model
+
+
+def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
+    """Write the model's LoRA / DoRA (or (IA)^3) adapter as a Hugging Face PEFT directory."""
+    path = Path(path)
+    methods = {c.method for c in getattr(model, "peft_configs", [])}
+    if not methods:
+        raise ValueError("save_peft_adapter: no PEFT method has been applied to this model")
+    if methods == {"ia3"}:
+        config, tensors = importlib.import_module("minipeft.ia3").to_peft(model)
+    elif methods in ({"lora"}, {"dora"}):
+        config, tensors = _lora_to_peft(model)
+    else:
+        raise NotImplementedError(f"save_peft_adapter: a PEFT directory holds one LoRA, DoRA or IA3 adapter; "
+                                  f"this model has {sorted(methods)}: save it with format='minipeft'")
+    config["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None)
+    text, base = json.dumps(config, indent=2), json.dumps(model.config.fingerprint(), indent=2)
+    path.mkdir(parents=True, exist_ok=True)  # tensors first, config last (each write atomic)
+    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
+    for name, content in ((BASE_FILE, base), (CONFIG_FILE, text)):
+        with atomic_write(path / name, "w") as f:
+            f.write(content)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading LoRA / DoRA
+
+
+def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    source = path / CONFIG_FILE
+    bad = {k: config[k] for k, ok in REQUIRED.items() if config.get(k) and config[k] != ok}
+    if bad:
+        raise NotImplementedError(f"{source}: minipeft does not support {bad} (needs {({k: REQUIRED[k] for k in bad})})")
+    if config.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise NotImplementedError(f"{source}: init_lora_weights={config['init_lora_weights']!r} adapters belong to a "
+                                  "modified base model; save them converted to plain LoRA first")
+    use_dora = bool(config.get("use_dora", False))
+    groups: dict[tuple[int, float], list[str]] = {}  # (r, alpha) -> module names
+    for name in _peft_targets(model, config, source):
+        key = "model." + name
+        r = _pattern_value(config.get("rank_pattern"), key, config.get("r", 8))
+        alpha = _pattern_value(config.get("alpha_pattern"), key, config.get("lora_alpha", 8))
+        groups.setdefault((int(r), float(alpha)), []).append(name)
+    tensors = {k[:-len(".weight")] if k.endswith(MAGNITUDE + ".weight") else k: v for k, v in tensors.items()}
+    expected = {}
+    for (r, _), names in groups.items():
+        for name in names:
+            out_f, in_f = model.get_submodule(name).weight.shape
+            expected.update({f"{PREFIX}{name}.lora_A.weight": (r, in_f), f"{PREFIX}{name}.lora_B.weight": (out_f, r)})
+            if use_dora:
+                expected[f"{PREFIX}{name}.{MAGNITUDE}"] = (out_f,)
+    _check_tensors(expected, tensors, path / WEIGHTS_FILE)
+    module, config_cls = (dora, dora.DoRAConfig) if use_dora else (lora, lora.LoRAConfig)
+    for (r, alpha), names in groups.items():  # one apply per (r, alpha), with the exact module names
+        module.apply(model, config_cls(r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
+                                       targets=tuple(names), use_rslora=bool(config.get("use_rslora", False))))
+    with torch.no_grad():
+        for name in (n for names in groups.values() for n in names):
+            m = model.get_submodule(name)
+            m.lora_A.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
+            m.lora_B.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+            if use_dora:
+                m.magnitude.copy_(tensors[f"{PREFIX}{name}.{MAGNITUDE}"])
+
+
+def _peft_match(spec, key: str) -> bool:
+    """PEFT's rule: a str is a regex that must match the whole name; a list entry matches the whole
+    name or a dotted tail of it."""
+    if isinstance(spec, str):
+        return spec == "all-linear" or re.fullmatch(spec, key) is not None
+    return any(key == t or key.endswith("." + t) for t in spec or [])
+
+
+def _peft_targets(model: nn.Module, config: dict, source: Path) -> list[str]:
+    """Our names of the Linears PEFT would adapt (its keys are "model." + our names)."""
+    spec, exclude = config.get("target_modules"), config.get("exclude_modules")
+    if spec is None:
+        raise ValueError(f"{source}: target_modules is missing (PEFT fills it in from the model type; write it out)")
+    for other in ("lm_head", "model.embed_tokens"):  # PEFT's "all-linear" leaves out the output layer
+        if spec != "all-linear" and _peft_match(spec, other) and not _peft_match(exclude, other):
+            raise NotImplementedError(f"{source}: target_modules {spec!r} includes '{other}'; minipeft adapts "
+                                      "only the decoder's Linear layers")
+    layers = config.get("layers_to_transform")
+    layers = None if layers is None or isinstance(spec, str) else {layers} if isinstance(layers, int) else set(layers)
+    if layers is not None and config.get("layers_pattern") not in (None, "layers", ["layers"]):
+        raise NotImplementedError(f"{source}: layers_pattern={config['layers_pattern']!r}; Llama's is 'layers'")
+    names = [n for n in peft.match_targets(model, "all-linear")
+             if _peft_match(spec, "model." + n) and not _peft_match(exclude, "model." + n)
+             and (layers is None or int(n.split(".")[1]) in layers)]
+    if not names:
+        raise ValueError(f"{source}: target_modules {spec!r} matched no Linear layer of this model "
+                         f"(names look like 'model.layers.0.self_attn.q_proj')")
+    return names
+
+
+def _pattern_value(patterns: dict | None, key: str, default):
+    """rank_pattern / alpha_pattern lookup as PEFT does it: the first regex matching a tail of `key`."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _check_tensors(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{source}: tensors do not match adapter_config.json: missing {missing[:3]}"
+                       f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                       f"{' ...' if len(unexpected) > 3 else ''}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{source}: '{key}' has shape {tuple(tensors[key].shape)}, this base model expects "
+                             f"{shape} (an adapter for a different base model, or a wrong r?)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving LoRA / DoRA
+
+
+def _lora_to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    mods = [(n, m) for n, m in model.named_modules() if getattr(m, "peft_method", None) in ("lora", "dora")]
+    for field in ("dropout", "use_rslora"):
+        if len({getattr(m.config, field) for _, m in mods}) > 1:
+            raise NotImplementedError(f"save_peft_adapter: PEFT has one {field} per adapter; this model mixes "
+                                      f"{sorted({getattr(m.config, field) for _, m in mods})}")
+    first = mods[0][1].config
+    rank_alpha = {n: (m.config.r, m.config.alpha) for n, m in mods}
+    r, alpha = Counter(rank_alpha.values()).most_common(1)[0][0]  # the rest go to rank/alpha_pattern
+    names = [n for n, _ in mods]
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=None, revision=None,
+                  inference_mode=True, r=r, lora_alpha=alpha, lora_dropout=first.dropout,
+                  target_modules=_compact(model, names), exclude_modules=None, fan_in_fan_out=False, bias="none",
+                  use_rslora=first.use_rslora, use_dora=mods[0][1].peft_method == "dora", modules_to_save=None,
+                  init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+                  rank_pattern={re.escape(n): ra[0] for n, ra in rank_alpha.items() if ra[0] != r},
+                  alpha_pattern={re.escape(n): ra[1] for n, ra in rank_alpha.items() if ra[1] != alpha})
+    tensors = {}
+    for n, m in mods:
+        tensors[f"{PREFIX}{n}.lora_A.weight"] = (m.lora_A * m.config.gamma).detach().clone()  # fold gamma into A
+        tensors[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().clone()
+        if m.peft_method == "dora":
+            tensors[f"{PREFIX}{n}.{MAGNITUDE}"] = m.magnitude.detach().clone()
+    return config, tensors
+
+
+def _compact(model: nn.Module, names: list[str]) -> list[str]:
+    """Leaf names (["q_proj", "v_proj"]) when they pick exactly `names` in the model, else the full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    picked = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
+    return leaves if picked == set(names) else list(names)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if (path / WEIGHTS_FILE).exists():
+        return load_file(path / WEIGHTS_FILE)
+    if (path / "adapter_model.bin").exists():
+        raise NotImplementedError(f"{path}: only {WEIGHTS_FILE} is read, not adapter_model.bin (a pickle); convert "
+                                  "it with safetensors.torch.save_file(torch.load(bin_path), safetensors_path)")
+    raise FileNotFoundError(f"{path}: {CONFIG_FILE} found but no {WEIGHTS_FILE}")

@@ -1,0 +1,208 @@
+"""The embedded default: a small Llama pretrained here on arithmetic, and a GSM8K-format toy task.
+
+`make finetune` on a laptop with no checkpoint and no download runs the real pipeline on these:
+
+1. A base model that knows arithmetic but has never seen a word problem. A Llama with the
+   architecture of Llama 3 (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied head), 4 layers of
+   width 128 (`TOY_BASE`, ~0.85M parameters), byte-level vocabulary (`Tokenizer.byte_level()`), is
+   pretrained for a couple of minutes on `synthetic_arithmetic_text`: bare facts (`12+7=19`),
+   calculator annotations (`<<3*4=12>>12`) and the reasoning sentences of training problems
+   (`Ava has 5+2 = <<5+2=7>>7 books after getting more.`). It never sees a question, the
+   `Question: ...\\nAnswer:` prompt or a `#### N` line, so it cannot solve the task yet.
+2. The task: `synthetic_gsm8k` word problems (1-2 calculator steps), split train/test by a hash of
+   the question text, written as train.jsonl/test.jsonl in the GSM8K format.
+
+Fine-tuning has to teach the format and the link between the question's numbers and the reasoning;
+the arithmetic itself is already in the base. Both are cached under `cache_dir()` (data/cache/ in a
+checkout, else ~/.cache/minipeft; `MINIPEFT_CACHE` overrides), keyed by a hash of the recipe, and
+written to a temp folder renamed into place, so an interrupted run never leaves a half-written base.
+
+    python -m minipeft.toy                  # pretrain (or find) the base, write the task, probe it
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl
+from .llama import Llama, LlamaConfig
+from .tokenizer import Tokenizer
+
+# The toy base: the "toy" preset is 3.5x slower per token on 2 CPU cores for little gain here.
+TOY_BASE = dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
+                max_seq_len=1024, rope_theta=10000.0, rope_scaling=None, tie_embeddings=True)
+
+
+@dataclass
+class PretrainRecipe:
+    n_lines: int = 120_000    # lines of synthetic_arithmetic_text (~18 bytes each)
+    seq_len: int = 256        # bytes per training window (each starts at a line, after BOS)
+    batch_size: int = 16
+    steps: int = 600          # 600 x 16 x 256 = 2.5M tokens, ~3 minutes on 2 cores
+    lr: float = 3e-3          # peak; linear warmup then cosine to 10%
+    warmup: int = 30
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class ToyTask:
+    n_train: int = 2000       # synthetic GSM8K-format problems
+    n_test: int = 200
+    seed: int = 0
+
+
+def cache_dir() -> Path:
+    """$MINIPEFT_CACHE, else data/cache/ of this checkout, else ~/.cache/minipeft."""
+    if os.environ.get("MINIPEFT_CACHE"):
+        return Path(os.environ["MINIPEFT_CACHE"])
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").exists() and (root / "data").is_dir():
+        return root / "data" / "cache"
+    return Path.home() / ".cache" / "minipeft"
+
+
+def _key(*parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _publish(build, final: Path) -> Path:
+    """Run build(tmp_dir), then rename tmp_dir to `final` (atomic; a concurrent winner is kept)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "done.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- the base model
+
+def pretraining_windows(text: str, tok: Tokenizer, seq_len: int) -> tuple[torch.Tensor, list[int]]:
+    """The corpus as one token stream (BOS first) and the offsets at which lines start."""
+    ids = [tok.bos_id] + tok.encode(text)
+    newline = tok.encode("\n")[0]
+    starts = [i + 1 for i, t in enumerate(ids[:-seq_len - 1]) if t == newline]
+    return torch.tensor(ids), starts
+
+
+def pretrain(recipe: PretrainRecipe = PretrainRecipe(), log_every: int = 50,
+             progress: bool = True) -> tuple[Llama, list[float]]:
+    """Train TOY_BASE from scratch on arithmetic text; returns the model and the loss per step (nats)."""
+    torch.manual_seed(recipe.seed)
+    tok, model = Tokenizer.byte_level(), Llama(LlamaConfig(**TOY_BASE))
+    stream, starts = pretraining_windows(synthetic_arithmetic_text(recipe.n_lines, recipe.seed), tok,
+                                         recipe.seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                            betas=(0.9, 0.95))
+    rng, losses, t0 = random.Random(recipe.seed), [], time.time()
+    model.train()
+    for step in range(recipe.steps):
+        for g in opt.param_groups:
+            g["lr"] = recipe.lr * _warmup_cosine(step, recipe.warmup, recipe.steps, floor=0.1)
+        offsets = [rng.choice(starts) for _ in range(recipe.batch_size)]
+        rows = torch.stack([stream[o:o + recipe.seq_len + 1] for o in offsets])  # (B, T+1)
+        rows[:, 0] = tok.bos_id  # every window reads BOS, then whole lines
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress and (step % log_every == 0 or step == recipe.steps - 1):
+            print(f"  pretrain step {step:4d}/{recipe.steps}  loss {losses[-1] / math.log(2):.3f} bits/byte"
+                  f"  ({time.time() - t0:.0f}s)", flush=True)
+    return model.eval(), losses
+
+
+def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def toy_base(recipe: PretrainRecipe = PretrainRecipe(), root: Path | None = None,
+             progress: bool = True) -> Path:
+    """Path of the pretrained toy base (HF layout + byte-level tokenizer.model); trains it once."""
+    final = (root or cache_dir()) / f"toy-base-{_key(TOY_BASE, asdict(recipe))}"
+    if (final / "done.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        if progress:
+            print(f"pretraining the toy base model (cached afterwards in {final}) ...", flush=True)
+        t0 = time.time()
+        model, losses = pretrain(recipe, progress=progress)
+        model.save_pretrained(tmp)
+        Tokenizer.byte_level().save(tmp / "tokenizer.model")
+        probe = arithmetic_probe(model, Tokenizer.byte_level())
+        done = dict(recipe=asdict(recipe), seconds=round(time.time() - t0, 1), arithmetic_accuracy=probe,
+                    final_loss_bits=sum(losses[-20:]) / 20 / math.log(2))
+        (tmp / "done.json").write_text(json.dumps(done, indent=2))  # last: marks the folder complete
+        if progress:
+            print(f"  done in {done['seconds']}s; arithmetic probe accuracy {probe:.1%}", flush=True)
+
+    return _publish(build, final)
+
+
+@torch.no_grad()
+def arithmetic_probe(model: Llama, tok: Tokenizer, n: int = 200, seed: int = 12345) -> float:
+    """Fraction of fresh facts `a op b=` the model completes correctly (greedy): does it know arithmetic?"""
+    r = random.Random(seed)
+    facts = []
+    for _ in range(n):
+        op = r.choice("+-*")
+        a, b = (r.randint(2, 9), r.randint(2, 9)) if op == "*" else (r.randint(0, 50), r.randint(0, 50))
+        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+        facts.append((f"{a}{op}{b}=", str(eval(f"{a}{op}{b}"))))
+    newline = tok.encode("\n")[0]
+    prompts = [[tok.bos_id] + tok.encode(f"\n{q}") for q, _ in facts]
+    outs = model.generate(prompts, max_new_tokens=4, stop_ids={newline})
+    return sum(tok.decode(o).strip() == want for o, (_, want) in zip(outs, facts)) / n
+
+
+# ----------------------------------------------------------------------------- the task
+
+def toy_task(task: ToyTask = ToyTask(), root: Path | None = None) -> Path:
+    """A folder with train.jsonl / test.jsonl of synthetic GSM8K-format problems (written once)."""
+    final = (root or cache_dir()) / f"toy-gsm8k-{task.n_train}-{task.n_test}-{task.seed}"
+    if (final / "done.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        write_jsonl(synthetic_gsm8k(task.n_train, task.seed, "train"), tmp / "train.jsonl")
+        write_jsonl(synthetic_gsm8k(task.n_test, task.seed, "test"), tmp / "test.jsonl")
+        (tmp / "done.json").write_text(json.dumps(asdict(task)))
+
+    return _publish(build, final)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Pretrain (or find in the cache) the toy base and write the toy task.")
+    p.add_argument("--steps", type=int, default=PretrainRecipe.steps)
+    p.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {cache_dir()})")
+    args = p.parse_args(argv)
+    base = toy_base(PretrainRecipe(steps=args.steps), args.cache)
+    print(f"base: {base}\n{(base / 'done.json').read_text()}")
+    print(f"task: {toy_task(root=args.cache)}")
+
+
+if __name__ == "__main__":
+    main()
