@@ -48,8 +48,9 @@ from .data import Batch, Example, bucket_batches, collate, pack
 from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load_base, load_task,
                        pick_device)
 from .llama import Llama
-from .peft import count_parameters, param_groups, trainable_report
+from .peft import applied_configs, count_parameters, param_groups, trainable_report
 from .safetensors_io import atomic_write
+from .toy import TOY_TRAINING
 
 STATE_FILE = "train_state.pt"
 
@@ -321,36 +322,27 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
     train_set, test_set, data_name = load_task(cfg.data, cfg.limit)
     test_set = test_set[:cfg.eval_limit] if cfg.eval_limit else test_set
-    train_enc, test_enc = (encode_all(tok, s, cfg.format, cfg.max_len) for s in (train_set, test_set))
-    plan = DataPlan(train_enc, cfg, tok.pad_id)
+    test_enc = encode_all(tok, test_set, cfg.format, cfg.max_len)
+    plan = DataPlan(encode_all(tok, train_set, cfg.format, cfg.max_len), cfg, tok.pad_id)
 
     def full_eval(tag: str) -> dict:
         return evaluate(model, tok, test_set, cfg.format, cfg.max_len, cfg.eval_batch_size, cfg.max_new_tokens,
                         run / f"predictions{tag}.jsonl")
 
-    metrics = Metrics(run / "metrics.jsonl", keep_until_step=None if not resume else _saved_step(run))
+    metrics = Metrics(run / "metrics.jsonl", keep_until_step=_saved_step(run) if resume else None)
     if cfg.baseline and not resume:
         say(progress, f"evaluating the base model on {len(test_set)} test problems ...")
-        base_eval = full_eval("_base")
-        metrics.log(kind="baseline", step=0, **base_eval)
-        say(progress, f"  base: {base_eval['test_bpt']:.4f} bits/token, accuracy {base_eval['accuracy']:.1%}")
+        metrics.log(kind="baseline", step=0, **full_eval("_base"))
+        say(progress, f"  base: {metrics.records[-1]['test_bpt']:.4f} bits/token, "
+                      f"accuracy {metrics.records[-1]['accuracy']:.1%}")
 
-    apply_method(model, cfg.method, **cfg.method_args)
-    for p in model.parameters():  # trainable tensors are fp32 master weights, even on a bf16 base
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    model.grad_checkpoint = cfg.grad_checkpoint
+    opt, sched = prepare_model(model, cfg, plan.total_steps, device)
     forward = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
-                            fused=device.type == "cuda")
-    warmup = round(cfg.warmup * plan.total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup, plan.total_steps, cfg.min_lr_ratio))
-    trainable, total = count_parameters(model)
     start = load_checkpoint(run, model, opt, sched) if resume else 0
+    trainable, total = count_parameters(model)
     if not resume:
         _write_json(run / "config.json", dict(
-            train=asdict(cfg), method_config=_method_config(model), base=base_name, data=data_name,
+            train=asdict(cfg), method_config=applied_configs(model), base=base_name, data=data_name,
             trainable_params=trainable, total_params=total, trainable_report=trainable_report(model),
             steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, n_train=len(train_set),
             n_test=len(test_set), device=str(device), torch=torch.__version__))
@@ -358,50 +350,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     say(progress, f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch), {len(train_set)} train / "
                   f"{len(test_set)} test examples" + (f"; resuming at step {start}" if resume else ""))
 
-    model.train()
-    save_every = cfg.save_every or cfg.eval_every or plan.steps_per_epoch
-    bar = _progress_bar(progress, plan.total_steps, start)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step = start
-    try:
-        for step in range(start, plan.total_steps):
-            t0 = time.time()
-            bits, tokens, n_answer, gnorm = train_step(model, forward, opt, plan.step_batches(step), cfg.clip, device)
-            lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
-            sched.step()
-            dt = time.time() - t0
-            epoch = plan.epoch_of(step)
-            metrics.log(kind="train", step=step + 1, epoch=epoch, loss_bpt=bits, lr=lr, grad_norm=gnorm,
-                        tokens=tokens, answer_tokens=n_answer, tokens_per_s=tokens / dt,
-                        peak_mem_gib=_peak_memory(device), elapsed_s=time.time() - t_start)
-            bar.update(1)
-            bar.set_postfix(loss=f"{bits:.3f}b", tok_s=f"{tokens / dt:,.0f}", lr=f"{lr:.2e}")
-            done, epoch_end = step + 1, (step + 1) % plan.steps_per_epoch == 0
-            if epoch_end or (cfg.eval_every and done % cfg.eval_every == 0):
-                last_eval = metrics.last_step("eval")
-                test_bpt = bits_per_token(model, test_enc, cfg.eval_batch_size, tok.pad_id)
-                metrics.log(kind="eval", step=done, epoch=epoch, train_bpt=metrics.mean_train_bits(after=last_eval),
-                            test_bpt=test_bpt)
-                if epoch_end:
-                    metrics.log(kind="epoch", step=done, epoch=epoch, test_bpt=test_bpt,
-                                train_bpt=metrics.mean_train_bits(epoch=epoch))
-                bar.write(f"step {done}: train {metrics.records[-1]['train_bpt']:.4f}  test {test_bpt:.4f} bits/token")
-            if done % save_every == 0 or done == plan.total_steps:
-                save_checkpoint(run, model, opt, sched, done)
-    except Diverged as e:
-        bar.close()
-        saved = _saved_step(run)
-        metrics.log(kind="stopped", step=step + 1, reason=str(e))
-        plot_losses(metrics.records, run / "loss.png", cfg.method)
-        raise Diverged(f"step {step + 1}: {e}. Training stopped; the last good adapter (step {saved}) "
-                       f"is kept in {run / 'adapter'}. Try a lower --lr (now {cfg.lr}).") from None
-    bar.close()
-    if plan.total_steps == start:  # nothing left to train, still leave a complete run folder
-        save_checkpoint(run, model, opt, sched, start)
+    def evaluate_loss(step: int, epoch: int, epoch_end: bool) -> str:
+        test_bpt, last = bits_per_token(model, test_enc, cfg.eval_batch_size, tok.pad_id), metrics.last_step("eval")
+        metrics.log(kind="eval", step=step, epoch=epoch, train_bpt=metrics.mean_train_bits(after=last), test_bpt=test_bpt)
+        if epoch_end:
+            metrics.log(kind="epoch", step=step, epoch=epoch, train_bpt=metrics.mean_train_bits(epoch=epoch),
+                        test_bpt=test_bpt)
+        return f"step {step}: train {metrics.records[-1]['train_bpt']:.4f}  test {test_bpt:.4f} bits/token"
 
+    training_loop(model, forward, opt, sched, plan, cfg, run, metrics, device, start, evaluate_loss, progress)
     say(progress, f"evaluating the fine-tuned model on {len(test_set)} test problems ...")
     final = full_eval("")
+    metrics.log(kind="final", step=plan.total_steps, **final)
     train_recs = [r for r in metrics.records if r["kind"] == "train"]
     base = next((r for r in metrics.records if r["kind"] == "baseline"), None)
     summary = dict(method=cfg.method, base=base_name, data=data_name, trainable_params=trainable,
@@ -411,22 +371,68 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                    train_seconds=sum(r["tokens"] / r["tokens_per_s"] for r in train_recs),
                    tokens_per_s=_mean_throughput(train_recs), peak_mem_gib=_peak_memory(device),
                    wall_seconds=time.time() - t_start)
-    metrics.log(kind="final", step=plan.total_steps, **final)
     _write_json(run / "summary.json", summary)
     plot_losses(metrics.records, run / "loss.png", cfg.method)
     say(progress, _summary_line(summary))
     return summary
 
 
+def prepare_model(model: Llama, cfg: TrainConfig, total_steps: int, device: torch.device):
+    """Apply the method, make its tensors fp32, and build AdamW (the method's parameter groups) with
+    the warmup + cosine schedule."""
+    apply_method(model, cfg.method, **cfg.method_args)
+    for p in model.parameters():  # trainable tensors are fp32 master weights, even on a bf16 base
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    model.grad_checkpoint = cfg.grad_checkpoint
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
+    warmup = round(cfg.warmup * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total_steps, cfg.min_lr_ratio))
+    return opt, sched
+
+
+def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, run: Path, metrics: Metrics,
+                  device: torch.device, start: int, evaluate_loss, progress: bool) -> None:
+    """Steps start..total: log every step, evaluate at epoch ends and every cfg.eval_every steps, save
+    every cfg.save_every steps (default: at every evaluation) and at the end."""
+    model.train()
+    save_every = cfg.save_every or cfg.eval_every or plan.steps_per_epoch
+    bar = _progress_bar(progress, plan.total_steps, start)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start, step = time.time(), start
+    try:
+        for step in range(start, plan.total_steps):
+            t0 = time.time()
+            bits, tokens, n_answer, gnorm = train_step(model, forward, opt, plan.step_batches(step), cfg.clip, device)
+            lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
+            sched.step()
+            dt, done, epoch = time.time() - t0, step + 1, plan.epoch_of(step)
+            metrics.log(kind="train", step=done, epoch=epoch, loss_bpt=bits, lr=lr, grad_norm=gnorm, tokens=tokens,
+                        answer_tokens=n_answer, tokens_per_s=tokens / dt, peak_mem_gib=_peak_memory(device),
+                        elapsed_s=time.time() - t_start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{bits:.3f}b", tok_s=f"{tokens / dt:,.0f}", lr=f"{lr:.2e}")
+            epoch_end = done % plan.steps_per_epoch == 0
+            if epoch_end or (cfg.eval_every and done % cfg.eval_every == 0):
+                bar.write(evaluate_loss(done, epoch, epoch_end))
+            if done % save_every == 0 or done == plan.total_steps:
+                save_checkpoint(run, model, opt, sched, done)
+    except Diverged as e:
+        metrics.log(kind="stopped", step=step + 1, reason=str(e))
+        plot_losses(metrics.records, run / "loss.png", cfg.method)
+        raise Diverged(f"step {step + 1}: {e}. Training stopped; the last good adapter (step {_saved_step(run)}) "
+                       f"is kept in {run / 'adapter'}. Try a lower --lr (now {cfg.lr}).") from None
+    finally:
+        bar.close()
+    if start == plan.total_steps:  # resumed a finished run: still leave a complete run folder
+        save_checkpoint(run, model, opt, sched, start)
+
+
 def _saved_step(run: Path) -> int:
     if not (run / STATE_FILE).exists():
         return 0
     return torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)["step"]
-
-
-def _method_config(model) -> list[dict]:
-    from .peft import applied_configs
-    return applied_configs(model)
 
 
 def _peak_memory(device: torch.device) -> float | None:
@@ -491,15 +497,14 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m minipeft.finetune", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m minipeft.finetune", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="HF or Meta checkpoint folder (tokenizer inside); default: the toy base")
     p.add_argument("--preset", help="a LlamaConfig preset with random weights and the byte-level tokenizer")
     p.add_argument("--data", help="folder with train.jsonl and test.jsonl; default: the synthetic toy task")
-    p.add_argument("--method", default=d.method, help="a name in minipeft.adapters.METHODS")
+    p.add_argument("--method", default=d.method, help="a name in minipeft.adapters.METHODS (default lora)")
     p.add_argument("--set", dest="method_args", action="append", default=[], metavar="NAME=VALUE",
                    help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj")
-    p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--out", default=d.out, help="run folder (default runs/latest)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved config and state")
     for name, kind, help_ in [
             ("epochs", int, "passes over the training set"), ("max-steps", int, "> 0: this many optimiser steps"),
@@ -511,19 +516,27 @@ def build_parser() -> argparse.ArgumentParser:
             ("save-every", int, "steps between saves (0: with evaluations)"),
             ("limit", int, "first N train and test examples"), ("eval-limit", int, "first N test examples"),
             ("max-new-tokens", int, "generation budget"), ("eval-batch-size", int, "evaluation batch size")]:
-        p.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")), help=help_)
-    p.add_argument("--format", choices=("plain", "chat"), default=d.format, help="prompt format")
+        field_name = name.replace("-", "_")
+        toy = f"; toy default {TOY_TRAINING[field_name]}" if field_name in TOY_TRAINING else ""
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default {getattr(d, field_name)}{toy})")
+    p.add_argument("--format", choices=("plain", "chat"), default=d.format, help="prompt format (default plain)")
     p.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the base model evaluation")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the command line; without --checkpoint/--preset (the toy default) options
+    not given take TOY_TRAINING's values, sized for the toy base on a CPU."""
+    defaults = asdict(TrainConfig())
+    if not args.checkpoint and not args.preset:
+        defaults.update(TOY_TRAINING)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values = {k: defaults[k] if v is None else v for k, v in values.items()}
     values["method_args"] = parse_method_args(args.method, args.method_args)
     return TrainConfig(**values)
 

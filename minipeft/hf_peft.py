@@ -42,10 +42,13 @@ from .safetensors_io import atomic_write, load_file, save_file
 PREFIX = "base_model.model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM -> LlamaModel
 CONFIG_FILE, WEIGHTS_FILE, BASE_FILE = "adapter_config.json", "adapter_model.safetensors", "minipeft_base_model.json"
 MAGNITUDE = "lora_magnitude_vector"
-# LoraConfig fields whose non-default values change the model in ways minipeft does not implement
-REQUIRED = {"fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "layer_replication": None,
-            "lora_bias": False, "megatron_config": None, "target_parameters": None,
-            "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False}
+# adapter_config.json fields read below or that never change the forward pass; every other field
+# (fan_in_fan_out, modules_to_save, lora_bias, layer_replication, use_bdlora, ... and those of future
+# PEFT versions) must be unset, false or empty, and bias must be "none"
+UNDERSTOOD = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+              "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
+              "use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+              "init_lora_weights", "megatron_core", "qalora_group_size", "loftq_config", "ensure_weight_tying"}
 PLAIN_INITS = (True, False, "gaussian")  # pissa, olora, loftq, corda, eva: the adapter needs a modified base
 
 
@@ -95,21 +98,16 @@ def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_pat
 
 def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
     source = path / CONFIG_FILE
-    bad = {k: config[k] for k, ok in REQUIRED.items() if config.get(k) and config[k] != ok}
+    bad = {k: v for k, v in config.items() if v and k not in UNDERSTOOD and not (k == "bias" and v == "none")}
     if bad:
-        raise NotImplementedError(f"{source}: minipeft does not support {bad} (needs {({k: REQUIRED[k] for k in bad})})")
+        raise NotImplementedError(f"{source}: minipeft does not implement {bad}; these fields must be unset, "
+                                  "false or empty (bias: 'none')")
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
         raise NotImplementedError(f"{source}: init_lora_weights={config['init_lora_weights']!r} adapters belong to a "
                                   "modified base model; save them converted to plain LoRA first")
     use_dora = bool(config.get("use_dora", False))
-    groups: dict[tuple[int, float], list[str]] = {}  # (r, alpha) -> module names
-    for name in _peft_targets(model, config, source):
-        key = "model." + name
-        r = _pattern_value(config.get("rank_pattern"), key, config.get("r", 8))
-        alpha = _pattern_value(config.get("alpha_pattern"), key, config.get("lora_alpha", 8))
-        groups.setdefault((int(r), float(alpha)), []).append(name)
-    tensors = {k[:-len(".weight")] if k.endswith(MAGNITUDE + ".weight") else k: v for k, v in tensors.items()}
-    expected = {}
+    groups = _lora_groups(model, config, source)
+    expected = {}  # every tensor the config implies, with its shape
     for (r, _), names in groups.items():
         for name in names:
             out_f, in_f = model.get_submodule(name).weight.shape
@@ -128,6 +126,17 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor],
             m.lora_B.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
             if use_dora:
                 m.magnitude.copy_(tensors[f"{PREFIX}{name}.{MAGNITUDE}"])
+
+
+def _lora_groups(model: nn.Module, config: dict, source: Path) -> dict[tuple[int, float], list[str]]:
+    """(r, alpha) -> the module names that get them (rank_pattern / alpha_pattern, else r / lora_alpha)."""
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name in _peft_targets(model, config, source):
+        key = "model." + name
+        r = _pattern_value(config.get("rank_pattern"), key, config.get("r", 8))  # PEFT's defaults: 8 and 8
+        alpha = _pattern_value(config.get("alpha_pattern"), key, config.get("lora_alpha", 8))
+        groups.setdefault((int(r), float(alpha)), []).append(name)
+    return groups
 
 
 def _peft_match(spec, key: str) -> bool:

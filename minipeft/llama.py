@@ -312,6 +312,7 @@ class Llama(nn.Module):
         self.grad_checkpoint = False  # recompute each block in backward to save activation memory
         self.cache_segments: torch.Tensor | None = None
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, computed on first use
+        self._input_prefix_kvs: list | None = None  # soft-prompt keys/values kept for one generation
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -337,6 +338,22 @@ class Llama(nn.Module):
             positions then restart at 0 in each segment unless `positions` is given.
         cache_start: with a KV cache set up (setup_kv_cache), where in the cache idx begins.
         """
+        mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
+        cos, sin = self.rope(positions)
+        x = self.embed_tokens(idx)  # (B, T, dim)
+        for layer, prefix_kv in zip(self.layers, self.input_prefix_kvs(cache_start)):
+            if self.grad_checkpoint and self.training:
+                x, _ = checkpoint(layer, x, cos, sin, mask, cache_start, prefix_kv, use_reentrant=False)
+            else:
+                x, _ = layer(x, cos, sin, mask, cache_start, prefix_kv)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def mask_and_positions(self, idx, segment_ids, positions, cache_start):
+        """The attention mask (None = plain causal, the fast path) and the RoPE positions (B, T)."""
         B, T = idx.shape
         mask = None
         if segment_ids is not None and cache_start is not None:
@@ -349,19 +366,18 @@ class Llama(nn.Module):
         if positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else torch.arange(T, device=idx.device).expand(B, T) + (cache_start or 0))
-        cos, sin = self.rope(positions)
-        prefix_kvs = self.run_input_prefix() if self.input_prefix is not None else [None] * len(self.layers)
-        x = self.embed_tokens(idx)  # (B, T, dim)
-        for layer, prefix_kv in zip(self.layers, prefix_kvs):
-            if self.grad_checkpoint and self.training:
-                x, _ = checkpoint(layer, x, cos, sin, mask, cache_start, prefix_kv, use_reentrant=False)
-            else:
-                x, _ = layer(x, cos, sin, mask, cache_start, prefix_kv)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return mask, positions
+
+    def input_prefix_kvs(self, cache_start: int | None) -> list:
+        """Per-layer soft-prompt keys/values (or Nones). In cached generation they are computed at
+        prefill (cache_start 0) and reused for every later token."""
+        if self.input_prefix is None:
+            return [None] * len(self.layers)
+        if cache_start is None:
+            return self.run_input_prefix()
+        if cache_start == 0 or self._input_prefix_kvs is None:
+            self._input_prefix_kvs = self.run_input_prefix()
+        return self._input_prefix_kvs
 
     def run_input_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Run the soft prompt (P, dim) alone through the decoder; each layer's keys/values become that
@@ -389,6 +405,7 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         self.cache_segments = None
+        self._input_prefix_kvs = None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,

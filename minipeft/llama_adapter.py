@@ -46,7 +46,7 @@ from .llama import RMSNorm
 @dataclass
 class LlamaAdapterConfig:
     method: ClassVar[str] = "llama_adapter"
-    version: int = 1                      # 1: adaption prompts + zero gate; 2: also bias/scale on linears and trainable norms
+    version: int = 1                      # 1: gated adaption prompts; 2: + bias/scale on linears, trainable norms
     prompt_len: int = 10                  # K: prompt positions per adapted layer (the paper: 10)
     n_layers_adapted: int | None = None   # L: the top L layers get prompts; None = all (the paper: 30 of LLaMA-7B's 32)
     linear_targets: tuple[str, ...] = ("all-linear",)  # v2 only: linears that get the bias and scale
@@ -133,13 +133,10 @@ def apply(model: nn.Module, config: LlamaAdapterConfig) -> nn.Module:
                    layers=list(range(n - L, n)))
     if config.version == 2:
         peft.inject(model, config.linear_targets, lambda name, linear: BiasScaleLinear(linear))
-        mine = [m for m in model.modules() if isinstance(m, (AdaptionPrompt, BiasScaleLinear))]
-        for p in (p for m in mine for p in m.parameters(recurse=False)):  # inject froze them again
-            p.requires_grad_(True)
-        for m in mine:
+        for m in model.modules():
             if isinstance(m, BiasScaleLinear):
                 m.adapter_scale.no_weight_decay = m.adapter_bias.no_weight_decay = True
-        for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
+        for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):  # base parameters, unfrozen
             norm.weight.requires_grad_(True)
             norm.weight.no_weight_decay = True
     peft.record(model, config)

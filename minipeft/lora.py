@@ -8,7 +8,8 @@ A frozen weight W (out, in) gets a trainable low-rank update:
 arXiv:2312.03732: s = alpha / sqrt(r), so the update does not shrink as r grows.)
 A starts Kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)), as in microsoft/LoRA and Hugging Face PEFT, and
 B starts at zero, so the model is unchanged at initialisation (section 4.1). Only A and B train.
-Merges exactly: W <- W + s*gamma*B A; unmerge subtracts the same product again.
+Merges: W <- W + s*gamma*B A (same logits to float rounding); unmerge subtracts the same product
+again, which restores W up to float rounding.
 
 `gamma`, the B learning-rate argument (write-up "Parameter Efficient Fine Tuning Ideas"). One factor
 starts at O(1), the other at zero. Adam moves every entry by about lr per step whatever the gradient's

@@ -77,7 +77,8 @@ def inject(model: nn.Module, targets, wrap: Callable[[str, nn.Linear], nn.Module
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, wrap(name, getattr(parent, child)))
+        # new modules start in training mode; follow the model's mode (dropout off in an eval model)
+        setattr(parent, child, wrap(name, getattr(parent, child)).train(model.training))
     return names
 
 
@@ -87,7 +88,7 @@ def fill_slot(model: nn.Module, slot: str, make: Callable[[int, nn.Module], nn.M
     with `make(layer_index, attention)`; slot "input_prefix" is the model's prompt slot."""
     freeze_base_once(model)
     if slot == "input_prefix":
-        model.input_prefix = make(-1, model)
+        model.input_prefix = make(-1, model).train(model.training)
         return
     if slot not in SLOTS:
         raise ValueError(f"unknown slot '{slot}'; the attention has {SLOTS} and the model 'input_prefix'")
@@ -95,7 +96,7 @@ def fill_slot(model: nn.Module, slot: str, make: Callable[[int, nn.Module], nn.M
         attn = model.layers[i].self_attn
         if getattr(attn, slot) is not None:
             raise ValueError(f"layers.{i}.self_attn.{slot} is already filled by {type(getattr(attn, slot)).__name__}")
-        setattr(attn, slot, make(i, attn))
+        setattr(attn, slot, make(i, attn).train(model.training))
 
 
 def shared_container(model: nn.Module) -> nn.ModuleDict:

@@ -1,8 +1,8 @@
 """Prefix tuning: trainable keys and values in front of every layer's attention.
 
 Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", arXiv:2101.00190.
-Every layer l gets P trainable key and value vectors that every query may attend to, "as if they
-were virtual tokens" (section 4):
+Every layer l gets P trainable key and value vectors that every query may attend to, "as if it
+were 'virtual tokens'" (abstract):
 
     head(x) = softmax(q [K_l^prefix ; K]^T / sqrt(d)) [V_l^prefix ; V]
 
@@ -14,13 +14,15 @@ handles the KV cache, padding and packing masks.
 Trains: the prefixes, L * 2 * P * n_kv_heads * head_dim numbers. With `mlp_hidden > 0`, the
 reparameterisation of section 4.3 instead: P_l[i, :] = MLP(P'[i, :]), a smaller matrix P' (P, k)
 and a tanh MLP shared by all layers whose output row splits into every layer's keys and values
-("directly updating the P_theta parameters leads to unstable optimization"). After training,
+("directly updating the P_theta parameters leads to unstable optimization"); it trains
+P * k + (k + 1) * h + (h + 1) * L * 2 * n_kv_heads * head_dim numbers for hidden width h. After training,
 `fold(model)` keeps only the prefixes the MLP produces (the paper drops the MLP the same way).
 
-Initialisation: N(0, init_std^2), or from the activations of real words (section 7.4: better than
-random, especially with little data): `init_token_ids` run through the frozen model at positions
--P..-1, and each layer's keys/values for them become that layer's prefix. At init the model then
-behaves exactly as if those words were prepended to every input.
+Initialisation: N(0, init_std^2), or from the activations of real words (the paper's initialisation
+study in section 7: better and more stable than random, especially with little data): the words
+`init_token_ids` run through the frozen model at positions -P..-1, and each layer's keys/values for
+them become that layer's prefix. At init the model then behaves exactly as if those words were
+prepended to every input.
 
 Merging: not possible. The prefixes add columns to every attention matrix; no change of the
 weights reproduces that.
@@ -37,13 +39,13 @@ import torch.nn.functional as F
 
 from . import peft
 
-WHY_NOT_MERGEABLE = "adds trainable keys/values to every attention (extra attention columns), which no weight change reproduces"
+WHY_NOT_MERGEABLE = "adds trainable keys/values (extra attention columns), which no weight change reproduces"
 
 
 @dataclass
 class PrefixTuningConfig:
     method: ClassVar[str] = "prefix_tuning"
-    prefix_len: int = 10                  # P: virtual tokens per layer (the paper: 10 for table-to-text, 200 for summarisation)
+    prefix_len: int = 10                  # P: virtual tokens per layer (the paper: 10 table-to-text, 200 summaries)
     init_token_ids: tuple[int, ...] = ()  # start from these words' keys/values (tiled or cut to P); () = random
     init_std: float = 1.0                 # random init N(0, init_std^2), as HF PEFT's nn.Embedding
     mlp_hidden: int = 0                   # > 0: P = MLP(P') with this hidden width (section 4.3); 0: train P directly
@@ -117,12 +119,11 @@ def apply(model: nn.Module, config: PrefixTuningConfig) -> nn.Module:
     shape = (cfg.n_kv_heads, P, cfg.head_dim)
     if config.mlp_hidden > 0:
         if config.init_token_ids:
-            raise ValueError("prefix_tuning: init_token_ids needs mlp_hidden=0 (the MLP makes the prefixes, not the words)")
+            raise ValueError("prefix_tuning: init_token_ids needs mlp_hidden=0 (with an MLP, it makes the prefixes)")
         mlp = PrefixMLP(P, config.mlp_input_dim or cfg.dim, config.mlp_hidden, cfg.n_layers, cfg.n_kv_heads,
                         cfg.head_dim, dev)
         peft.shared_container(model)["prefix_mlp"] = mlp
         peft.fill_slot(model, "kv_prefix", lambda i, attn: LayerPrefix(i, mlp=mlp))
-        mlp.requires_grad_(True)  # fill_slot froze every parameter, the MLP's included
     else:
         if config.init_token_ids:
             kvs = word_keys_values(model, tile(config.init_token_ids, P))

@@ -12,7 +12,7 @@ is causal, this equals prepending the k embeddings to the input, with the real t
 0, 1, ... (a test checks that equality). Unlike prefix tuning, the deeper layers' prefixes are not
 free parameters: they are what the frozen model computes from the soft prompt.
 
-Trains: k * dim numbers. Initialisation (section 2.2, ablated in 3.2): embeddings of given words
+Trains: k * dim numbers. Initialisation (the paper compares three): embeddings of given words
 (`init_token_ids`, e.g. `tuple(tokenizer.encode("Solve the problem:"))`, tiled or cut to k), or
 "sampled vocab": rows of random tokens. Lester et al. sample among the 5,000 most common tokens; we
 sample among the first `sample_vocab_top` ids, which in a BPE vocabulary are its earliest, most
@@ -36,7 +36,7 @@ from .prefix_tuning import tile
 @dataclass
 class PromptTuningConfig:
     method: ClassVar[str] = "prompt_tuning"
-    prompt_len: int = 20                  # k soft tokens (Lester et al. find 20 enough for large models, section 3.2)
+    prompt_len: int = 20                  # k soft tokens (Lester et al.: gains beyond 20 are small for large models)
     init_token_ids: tuple[int, ...] = ()  # start from these tokens' embeddings (tiled or cut to k); () = sampled vocab
     sample_vocab_top: int = 5000          # "sampled vocab" init draws among the first N token ids
 

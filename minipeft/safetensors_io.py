@@ -131,12 +131,17 @@ class atomic_write:
         return self.f
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.f.flush()
-            os.fsync(self.f.fileno())  # data on disk before the rename makes it visible
-        self.f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
+        try:
+            if exc_type is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())  # data on disk before the rename makes it visible
+        except BaseException:
+            exc_type = True  # a failed flush is a failed write: remove the temp file below
+            raise
+        finally:
+            self.f.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+            else:
+                os.unlink(self.tmp)
         return False

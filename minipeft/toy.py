@@ -63,6 +63,11 @@ class ToyTask:
     seed: int = 0
 
 
+# What `python -m minipeft.finetune` uses without --checkpoint, for options not given (TrainConfig's
+# own defaults are for Llama 3.2 1B on GSM8K).
+TOY_TRAINING = dict(epochs=3, lr=3e-3, batch_size=16, max_len=256, max_new_tokens=160, eval_every=50)
+
+
 def cache_dir() -> Path:
     """$MINIPEFT_CACHE, else data/cache/ of this checkout, else ~/.cache/minipeft."""
     if os.environ.get("MINIPEFT_CACHE"):
@@ -154,7 +159,8 @@ def toy_base(recipe: PretrainRecipe = PretrainRecipe(), root: Path | None = None
         Tokenizer.byte_level().save(tmp / "tokenizer.model")
         probe = arithmetic_probe(model, Tokenizer.byte_level())
         done = dict(recipe=asdict(recipe), seconds=round(time.time() - t0, 1), arithmetic_accuracy=probe,
-                    final_loss_bits=sum(losses[-20:]) / 20 / math.log(2))
+                    first_loss_bits=losses[0] / math.log(2),
+                    final_loss_bits=sum(losses[-10:]) / len(losses[-10:]) / math.log(2))
         (tmp / "done.json").write_text(json.dumps(done, indent=2))  # last: marks the folder complete
         if progress:
             print(f"  done in {done['seconds']}s; arithmetic probe accuracy {probe:.1%}", flush=True)

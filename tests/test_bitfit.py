@@ -11,8 +11,8 @@ from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.bitfit import BitFitLinear
 from minipeft.llama import Llama, LlamaConfig
 
-CASES = [{}, dict(targets=("q_proj", "down_proj"))]
-IDS = ["all-seven", "q-and-down"]
+CASES = [{}, dict(targets=("q_proj", "gate_proj", "up_proj"))]
+IDS = ["all-seven", "query-and-middle-of-mlp"]
 IDX = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
@@ -149,4 +149,7 @@ def test_parameter_counts_match_closed_form(hyper):
             m = Llama(cfg)
         apply_method(m, "bitfit", **hyper)
         print(f"\nbitfit {hyper} on {cfg.dim=}: {peft.trainable_report(m)}")
-        assert peft.count_parameters(m)[0] == closed_form(cfg, hyper)
+        trainable, total = peft.count_parameters(m)
+        assert trainable == closed_form(cfg, hyper)
+        if cfg.dim == 2048 and not hyper:  # the numbers in bitfit.py's docstring
+            assert trainable == 376_832 and round(100 * trainable / (total - trainable), 4) == 0.0305

@@ -115,7 +115,8 @@ def test_ia3pp_matches_the_design_card_equations():
     out = attn.o_proj.ia3_l * (x_attn @ attn.o_proj.base.weight.T)
     torch.testing.assert_close(attn(x, cos, sin)[0], out, rtol=1e-5, atol=1e-6)
     gamma = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
-    torch.testing.assert_close(mlp(x), (mlp.down_proj.ia3_l * gamma) @ mlp.down_proj.base.weight.T, rtol=1e-5, atol=1e-6)
+    x_ff = (mlp.down_proj.ia3_l * gamma) @ mlp.down_proj.base.weight.T
+    torch.testing.assert_close(mlp(x), x_ff, rtol=1e-5, atol=1e-6)
 
 
 def test_qk_norm_scales_get_gradients_at_zero_init():
@@ -255,6 +256,10 @@ def test_parameter_counts_for_llama_1b(name, hyper):
     trainable, total = peft.count_parameters(m)
     print(f"\n{name} {hyper}: {peft.trainable_report(m)}")
     assert trainable == closed_form(cfg, name, hyper)
+    docstring_numbers = {("ia3", ()): (147_456, 0.0119), ("ia3pp", ()): (182_272, 0.0147)}  # ia3.py, ia3pp.py
+    if (name, tuple(hyper)) in docstring_numbers:
+        count, percent = docstring_numbers[name, tuple(hyper)]
+        assert trainable == count and round(100 * trainable / (total - trainable), 4) == percent
 
 
 # ---------------------------------------------------------------- Hugging Face PEFT IA3 format

@@ -12,7 +12,7 @@ import torch
 from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.llama import PRESETS, Llama, LlamaConfig
-from minipeft.lora import LoRALinear
+from minipeft.dora import DoRAConfig, DoRALinear
 from minipeft.safetensors_io import load_file, save_file
 
 METHODS = ["lora", "dora", "simple_dora"]
@@ -216,6 +216,42 @@ def test_bf16_base(method):
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+# ---------------------------------------------------------------- initialisation, DoRA's detached norm
+
+
+def test_lora_init_kaiming_uniform_a_zero_b():
+    for gamma in (1.0, 4.0):
+        model = tiny()
+        apply_method(model, "lora", r=8, targets=("down_proj",), gamma=gamma)
+        m = model.layers[0].mlp.down_proj
+        bound = 1 / math.sqrt(192) / gamma  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
+        assert 0.95 * bound < m.lora_A.abs().max() <= bound
+        assert abs(m.lora_A.std() / (bound / math.sqrt(3)) - 1) < 0.1
+        assert torch.equal(m.lora_B, torch.zeros(64, 8))
+
+
+def test_dora_norm_is_a_constant_in_backward():
+    torch.manual_seed(0)
+    layer = DoRALinear(torch.nn.Linear(16, 8, bias=False), DoRAConfig(r=2, alpha=4.0))
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.magnitude.mul_(1.1)
+    x = torch.randn(5, 16)
+    layer(x).square().sum().backward()
+    ours = [p.grad for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+
+    def by_hand(detach):
+        A, B, m = (p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude))
+        V = layer.base.weight + 2.0 * B @ A
+        norm = V.norm(dim=1, keepdim=True)
+        (x @ (m[:, None] * V / (norm.detach() if detach else norm)).T).square().sum().backward()
+        return [A.grad, B.grad, m.grad]
+
+    for a, b in zip(ours, by_hand(detach=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ours[0], by_hand(detach=False)[0], rtol=1e-2)
+
+
 # ---------------------------------------------------------------- gamma and LoRA+
 
 
@@ -340,9 +376,13 @@ def test_peft_format_refuses_what_peft_cannot_hold(tmp_path):
     model = adapted("simple_dora")
     with pytest.raises(NotImplementedError, match="simple_dora.*format='minipeft'"):
         save_adapter(model, tmp_path, format="peft")
-    model = adapted("lora")
+    model = adapted("lora", targets=("q_proj",))
     apply_method(model, "dora", r=2, targets=("k_proj",))
     with pytest.raises(NotImplementedError, match="one LoRA, DoRA or IA3"):
+        save_adapter(model, tmp_path, format="peft")
+    model = adapted("lora", targets=("q_proj",))
+    apply_method(model, "lora", r=2, targets=("k_proj",), dropout=0.1)
+    with pytest.raises(NotImplementedError, match=r"one dropout per adapter; this model mixes \[0.0, 0.1\]"):
         save_adapter(model, tmp_path, format="peft")
     assert not (tmp_path / "adapter_config.json").exists()
 
@@ -359,11 +399,14 @@ def test_hand_written_peft_lora_dir(tmp_path):
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
               "target_modules": r".*\.(q_proj|v_proj|down_proj)", "use_rslora": True, "use_dora": False,
               "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
-              "rank_pattern": {r"layers\.1\.mlp\.down_proj": 2}, "alpha_pattern": {"down_proj": 3}}
+              "rank_pattern": {r"layers\.1\.mlp\.down_proj": 2}, "alpha_pattern": {"down_proj": 3},
+              "exclude_modules": ["layers.0.self_attn.v_proj"]}
     g = torch.Generator().manual_seed(3)
     base, tensors, expected = tiny(), {}, tiny()
     for i in range(2):
         for name in (f"layers.{i}.self_attn.q_proj", f"layers.{i}.self_attn.v_proj", f"layers.{i}.mlp.down_proj"):
+            if name == "layers.0.self_attn.v_proj":
+                continue  # excluded
             out_f, in_f = base.get_submodule(name).weight.shape
             r = 2 if name == "layers.1.mlp.down_proj" else 4
             alpha = 3 if name.endswith("down_proj") else 8
@@ -375,6 +418,7 @@ def test_hand_written_peft_lora_dir(tmp_path):
     loaded = load_adapter(base, tmp_path)
     torch.testing.assert_close(loaded(tokens()), expected(tokens()), rtol=1e-5, atol=1e-5)
     assert sorted((c.r, c.alpha) for c in loaded.peft_configs) == [(2, 3.0), (4, 3.0), (4, 8.0)]
+    assert type(loaded.layers[0].self_attn.v_proj) is torch.nn.Linear
 
 
 def test_hand_written_peft_dora_dir(tmp_path):
@@ -404,6 +448,8 @@ def test_peft_dir_errors(tmp_path):
     tensors = {f"{PREFIX}layers.{i}.self_attn.q_proj.{k}": torch.zeros(s) for i in range(2) for k, s in shape_q.items()}
     cases = [
         (dict(good, bias="all"), tensors, NotImplementedError, "bias"),
+        (dict(good, fan_in_fan_out=True, use_some_future_thing=1), tensors, NotImplementedError,
+         r"does not implement \{'fan_in_fan_out': True, 'use_some_future_thing': 1\}"),
         (dict(good, init_lora_weights="pissa"), tensors, NotImplementedError, "pissa"),
         (dict(good, target_modules=["lm_head"]), tensors, NotImplementedError, "lm_head"),
         (dict(good, target_modules=["nope"]), tensors, ValueError, "matched no Linear"),

@@ -1,0 +1,328 @@
+"""Tests for the training loop (minipeft.finetune), evaluation (minipeft.evaluate), the toy default
+(minipeft.toy) and the comparison (minipeft.compare): on a tiny seeded model saved in the HF layout
+with the byte-level tokenizer, and a small synthetic GSM8K-format sample."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipeft import finetune, toy
+from minipeft.adapters import adapter_state, apply_method, load_adapter
+from minipeft.data import (IGNORE, collate, encode_completion, encode_example, pack, synthetic_gsm8k,
+                           write_jsonl)
+from minipeft.evaluate import bits_per_token, cut_after_answer
+from minipeft.evaluate import main as evaluate_main
+from minipeft.finetune import DataPlan, TrainConfig, parse_method_args, train_step, warmup_cosine
+from minipeft.llama import Llama, LlamaConfig
+from minipeft.safetensors_io import load_file
+from minipeft.tokenizer import Tokenizer
+
+TOK = Tokenizer.byte_level()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    Llama(LlamaConfig.from_name("tiny")).save_pretrained(path)
+    TOK.save(path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gsm8k")
+    write_jsonl(synthetic_gsm8k(24, seed=0), path / "train.jsonl")
+    write_jsonl(synthetic_gsm8k(6, seed=0, split="test"), path / "test.jsonl")
+    return path
+
+
+def cli_args(checkpoint, data, out, *extra) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--lr", "1e-2", "--set", "r=4", "--max-new-tokens", "24", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(checkpoint, data, tmp_path_factory) -> Path:
+    """One short CLI run: 2 epochs of 6 steps, evaluated every 4 steps."""
+    out = tmp_path_factory.mktemp("run")
+    assert finetune.main(cli_args(checkpoint, data, out, "--epochs", "2", "--eval-every", "4")) == 0
+    return out
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- batches and loss
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_batches_mask_the_prompt(packed):
+    """Through DataPlan (what train() feeds the model), the only targets are each example's answer
+    tokens + EOS, in order; prompts and padding are -100."""
+    examples = synthetic_gsm8k(10, seed=3)
+    encoded = [encode_example(TOK, ex, max_len=256) for ex in examples]
+    plan = DataPlan(encoded, TrainConfig(batch_size=3, pack=packed, max_len=256), TOK.pad_id)
+    seen = []
+    for step in range(plan.steps_per_epoch):
+        for idx, targets, seg in plan.step_batches(step):
+            assert (targets[seg == 0] == IGNORE).all()  # padding
+            for row in range(len(idx)):
+                for s in seg[row].unique().tolist():
+                    if s:
+                        t = targets[row][seg[row] == s]
+                        seen.append(t[t != IGNORE].tolist())
+                        assert (t[:(t != IGNORE).nonzero()[0]] == IGNORE).all()  # prompt first, all masked
+    wanted = sorted(encode_completion(TOK, ex["answer"]) for ex in examples)
+    assert sorted(seen) == wanted  # every answer exactly once, EOS included
+
+
+def test_train_step_loss_counts_answer_tokens_only():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("tiny"))
+    encoded = [encode_example(TOK, ex) for ex in synthetic_gsm8k(4, seed=1)]
+    idx, targets, seg = collate(encoded)
+    logits = model(idx, segment_ids=seg)
+    keep = targets != IGNORE
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep]).item() / math.log(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    bits, tokens, n_answer, _ = train_step(model, model, opt, [(idx, targets, seg)], 1.0, torch.device("cpu"))
+    assert bits == pytest.approx(expected, rel=1e-5)
+    assert n_answer == int(keep.sum()) and tokens == int((seg != 0).sum())
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_loss_and_gradients_equal_unpacked():
+    torch.manual_seed(0)
+    model = apply_method(Llama(LlamaConfig.from_name("tiny")), "lora", r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a non-trivial adapter
+    encoded = [encode_example(TOK, ex) for ex in synthetic_gsm8k(6, seed=2)]
+    sums, grads = [], []
+    for idx, targets, seg in (collate(encoded), pack(encoded, 400)):
+        assert len(idx) == 6 if not grads else len(idx) < 6  # packing really did put examples together
+        n = (targets != IGNORE).sum()
+        _, loss = model(idx, targets, segment_ids=seg)
+        (loss * n).backward()
+        sums.append((loss * n).item())
+        grads.append(_grads(model))
+        model.zero_grad()
+    assert sums[0] == pytest.approx(sums[1], rel=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Micro-batches weighted by their answer tokens give the gradient of the whole batch."""
+    encoded = [encode_example(TOK, ex) for ex in synthetic_gsm8k(6, seed=4)]
+    grads = []
+    for micro in ([encoded], [encoded[:2], encoded[2:]]):
+        torch.manual_seed(0)
+        model = apply_method(Llama(LlamaConfig.from_name("tiny")), "lora", r=4)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+        train_step(model, model, opt, [collate(m) for m in micro], 0.0, torch.device("cpu"))
+        grads.append({n: before[n] - p for n, p in model.named_parameters() if p.requires_grad})  # = lr * grad
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 4, 20) == pytest.approx(0.25) and warmup_cosine(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)  # half way through the cosine
+    assert warmup_cosine(20, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- method arguments
+
+def test_method_args_are_typed_by_the_config_dataclass():
+    args = parse_method_args("lora", ["r=16", "alpha=32", "targets=q_proj,v_proj", "use_rslora=true",
+                                      "dropout=0.1"])
+    assert args == dict(r=16, alpha=32.0, targets=("q_proj", "v_proj"), use_rslora=True, dropout=0.1)
+    assert parse_method_args("lora", ["targets=all-linear"]) == dict(targets="all-linear")
+    with pytest.raises(ValueError, match=r"LoRAConfig has no field 'rank'; fields are r: int"):
+        parse_method_args("lora", ["rank=8"])
+    with pytest.raises(ValueError, match=r"r expects int: 'eight' is not a valid int"):
+        parse_method_args("lora", ["r=eight"])
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        parse_method_args("lora", ["r"])
+    with pytest.raises(KeyError, match="unknown PEFT method 'lorax'"):
+        parse_method_args("lorax", [])
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def test_cli_run_writes_every_artifact(run, checkpoint, data):
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["method"] == "lora" and cfg["train"]["method_args"] == {"r": 4}
+    assert cfg["method_config"][0]["r"] == 4 and cfg["steps"] == 12 and cfg["steps_per_epoch"] == 6
+    recs = records(run)
+    kinds = [r["kind"] for r in recs]
+    assert kinds[0] == "baseline" and kinds[-1] == "final"
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [4, 6, 8, 12]  # every 4 and epoch ends
+    assert [(r["epoch"], r["step"]) for r in recs if r["kind"] == "epoch"] == [(0, 6), (1, 12)]
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss_bpt"]) for r in recs if r["kind"] == "train")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["test_bpt"] < summary["before"]["test_bpt"]  # it learned something
+    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and set(preds[0]) == {"question", "gold", "generated", "prediction", "correct"}
+    assert summary["after"]["accuracy"] == sum(p["correct"] for p in preds) / 6
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "train_state.pt").exists() and (run / "predictions_base.jsonl").exists()
+    model = load_adapter(Llama.from_pretrained(checkpoint), run / "adapter")  # the adapter loads back
+    assert bits_per_token(model, [encode_example(TOK, ex) for ex in json_lines(data / "test.jsonl")]) == \
+        pytest.approx(summary["after"]["test_bpt"], rel=1e-5)
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluate_cli_on_base_and_adapter(run, checkpoint, data, capsys):
+    recs = records(run)
+    for extra, kind in ([], "baseline"), (["--adapter", str(run)], "final"):
+        assert evaluate_main(["--checkpoint", str(checkpoint), "--data", str(data), "--max-new-tokens", "24",
+                              *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        expected = next(r for r in recs if r["kind"] == kind)
+        assert out["test_bpt"] == pytest.approx(expected["test_bpt"], rel=1e-5)
+        assert out["accuracy"] == expected["accuracy"] and out["n"] == 6
+    # a run folder alone: its checkpoint, data and format come from its config.json
+    assert evaluate_main(["--adapter", str(run), "--max-new-tokens", "24"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_bpt"] == pytest.approx(recs[-1]["test_bpt"], rel=1e-5)
+
+
+def test_cut_after_answer():
+    assert cut_after_answer("He has 3+4 = <<3+4=7>>7.\n#### 7\nQuestion: more") == "He has 3+4 = <<3+4=7>>7.\n#### 7"
+    assert cut_after_answer("no answer line\nat all") == "no answer line\nat all"
+
+
+def _kill_at(monkeypatch, call: int):
+    """Make the `call`-th train_step (1-based) die as if the process were killed."""
+    real, count = finetune.train_step, [0]
+
+    def dying(*args, **kwargs):
+        count[0] += 1
+        if count[0] == call:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(finetune, "train_step", dying)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(checkpoint, data, tmp_path, monkeypatch):
+    args = ("--max-steps", "6", "--save-every", "2", "--no-baseline", "--set", "dropout=0.1")  # dropout: RNG
+    assert finetune.main(cli_args(checkpoint, data, tmp_path / "a", *args)) == 0
+    _kill_at(monkeypatch, 4)  # dies during step 4: steps 1-2 are saved, step 3 is lost
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(cli_args(checkpoint, data, tmp_path / "b", *args))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["step"] == 2
+    assert finetune.main(["--resume", str(tmp_path / "b"), "--quiet"]) == 0
+    a, b = (load_file(tmp_path / x / "adapter" / "adapter.safetensors") for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(tmp_path / x / "train_state.pt", weights_only=False) for x in "ab")
+    assert sa["step"] == sb["step"] == 6 and sa["scheduler"] == sb["scheduler"]
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    ra, rb = ([(r["step"], r["loss_bpt"]) for r in records(tmp_path / x) if r["kind"] == "train"] for x in "ab")
+    assert ra == rb  # the same losses, and no step logged twice
+
+
+def test_resume_refuses_other_flags(checkpoint, data, tmp_path, capsys):
+    assert finetune.main(["--resume", str(tmp_path), "--lr", "1"]) == 1
+    assert "drop --lr" in capsys.readouterr().err
+
+
+def test_a_crash_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = apply_method(Llama(LlamaConfig.from_name("tiny")), "lora", r=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    finetune.save_checkpoint(tmp_path, model, opt, sched, step=1)
+    saved = {k: v.clone() for k, v in adapter_state(model).items()}
+    with torch.no_grad():
+        for p in adapter_state(model).values():
+            p.add_(1.0)
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        finetune.save_checkpoint(tmp_path, model, opt, sched, step=2)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 1
+    reloaded = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    assert all(torch.equal(reloaded[k], saved[k]) for k in saved)
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temp file left behind
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_adapter(checkpoint, data, tmp_path, monkeypatch, capsys):
+    real_forward, calls = Llama.forward, [0]
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls[0] += 1
+            if calls[0] == 3:  # the third training step's loss
+                return out[0], out[1] * float("nan")
+        return out
+    monkeypatch.setattr(Llama, "forward", poisoned)
+    out = tmp_path / "run"
+    assert finetune.main(cli_args(checkpoint, data, out, "--max-steps", "6", "--save-every", "1",
+                                  "--no-baseline")) == 1
+    err = capsys.readouterr().err
+    assert "step 3: loss nan" in err and "last good adapter (step 2)" in err
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    adapter = load_file(out / "adapter" / "adapter.safetensors")
+    assert state["step"] == 2 and all(torch.equal(adapter[k], state["adapter"][k]) for k in adapter)
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert records(out)[-1]["kind"] == "stopped"
+
+
+def test_malformed_data_is_reported_with_file_and_line(checkpoint, data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    lines = (data / "train.jsonl").read_text().splitlines()
+    lines[2] = '{"question": "q", "answer": "no final answer"}'
+    bad.mkdir()
+    (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (bad / "test.jsonl").write_text((data / "test.jsonl").read_text())
+    assert finetune.main(cli_args(checkpoint, bad, tmp_path / "run")) == 1
+    assert f"{bad / 'train.jsonl'}:3: answer has no '#### <number>'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- toy default and compare
+
+def test_toy_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
+    recipe = toy.PretrainRecipe(n_lines=3000, seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup=5)
+    path = toy.toy_base(recipe, root=tmp_path, progress=False)
+    losses = json.loads((path / "done.json").read_text())
+    model = Llama.from_pretrained(path)
+    assert Tokenizer.from_file(path).vocab_size == 512 and model.config.dim == toy.TOY_BASE["dim"]
+    assert losses["first_loss_bits"] > 8.5 and losses["final_loss_bits"] < 0.6 * losses["first_loss_bits"]
+    monkeypatch.setattr(toy, "pretrain", lambda *a, **k: pytest.fail("the cached base was not reused"))
+    assert toy.toy_base(recipe, root=tmp_path, progress=False) == path
+    task = toy.toy_task(toy.ToyTask(n_train=30, n_test=5), root=tmp_path)
+    assert len(json_lines(task / "train.jsonl")) == 30 and len(json_lines(task / "test.jsonl")) == 5
+
+
+def test_compare_writes_table_and_plot(checkpoint, data, tmp_path):
+    from minipeft.compare import compare
+    rows = compare(["lora", "ia3"], tmp_path, steps=3, checkpoint=str(checkpoint), data=str(data),
+                   batch_size=4, max_new_tokens=16, progress=False)
+    assert [r["method"] for r in rows] == ["base model", "lora", "ia3"]
+    table = (tmp_path / "compare.md").read_text()
+    assert "| lora |" in table and "| ia3 |" in table and "test bits/token" in table
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert rows[1]["trainable_params"] > rows[2]["trainable_params"] > 0
