@@ -13,8 +13,8 @@ PEFT calls a layer whose vector multiplies the input a "feedforward module"; we 
 Trains: the vectors only, L * (2 * n_kv_heads * head_dim + ffn_dim) numbers with the defaults
 (147,456 for llama-3.2-1b, 0.0119% of its 1,235,814,400 weights).
 Merges: yes, into the weight. Output scaling is diag(l) W (rows), input scaling W diag(l) (columns);
-unmerge divides back, exact up to float rounding (about 1e-7 relative in fp32; bf16 weights keep
-only ~3 digits, so a bf16 merge/unmerge drifts by ~1e-3). A vector with a zero entry would wipe a row or
+unmerge divides back, exact up to float rounding in fp32; bf16 weights keep 8 mantissa bits, so each
+merged entry is rounded to ~0.4% there: merge in fp32 when exactness matters. A vector with a zero entry would wipe a row or
 column that unmerge could not restore, so such a module reports `mergeable = False` and
 peft.merge refuses with the reason before changing anything.
 
