@@ -14,6 +14,7 @@ handed to minipeft/hf_peft.py, which maps its key names and config onto the same
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -85,14 +86,23 @@ def save_adapter(model: nn.Module, path: str | Path, format: str = "minipeft") -
     methods = applied_configs(model)
     if not methods:
         raise ValueError("save_adapter: no PEFT method has been applied to this model")
-    # serialise the JSON before touching any file, so a config that cannot be written leaves the
-    # previous adapter (tensors and JSON) intact
-    meta = json.dumps({"format": "minipeft", "methods": methods, "base_model": model.config.fingerprint()},
-                      indent=2)
+    meta = {"format": "minipeft", "methods": methods, "base_model": model.config.fingerprint()}
+    json.dumps(meta)  # fail before touching any file if the config cannot be written
     path.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state(model), path / WEIGHTS_FILE)
+    # the JSON names the exact tensors file it belongs to: a crash between the two renames leaves
+    # a pair that load_adapter recognises as mismatched instead of loading silently
+    meta["weights_sha256"] = sha256_file(path / WEIGHTS_FILE)
     with atomic_write(path / CONFIG_FILE, "w") as f:
-        f.write(meta)
+        json.dump(meta, f, indent=2)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_base(model: nn.Module, expected: dict, source: Path) -> None:
@@ -113,6 +123,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (minipeft) or adapter_config.json (Hugging Face PEFT)")
     meta = json.loads((path / CONFIG_FILE).read_text())
     check_base(model, meta["base_model"], path / CONFIG_FILE)
+    if "weights_sha256" in meta and sha256_file(path / WEIGHTS_FILE) != meta["weights_sha256"]:
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE} (sha256 differs): "
+                         "the files come from different saves (interrupted save?)")
     for entry in meta["methods"]:
         entry = dict(entry)
         apply_method(model, entry.pop("method"), **{k: tuple(v) if isinstance(v, list) else v

@@ -79,6 +79,8 @@ def test_identity_at_init(method):
     ref = model(idx)
     apply_method(model, method, **HYPER, dropout=0.1)
     assert torch.equal(model(idx), ref)  # bit for bit: B = 0, and m = ||W|| gives a scale of exactly 1
+    q = model.layers[0].self_attn.q_proj
+    assert q.weight is q.base.weight  # code reading `q_proj.weight` still finds the base weight
 
 
 @pytest.mark.parametrize("method", METHODS)

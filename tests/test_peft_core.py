@@ -223,6 +223,19 @@ def test_failed_save_leaves_previous_adapter_intact(format, crash, tmp_path, mon
     torch.testing.assert_close(load_adapter(tiny(), tmp_path)(tokens()), old_logits, rtol=1e-6, atol=1e-6)
 
 
+def test_crash_between_the_two_renames_is_detected(tmp_path):
+    """New tensors beside the old JSON (the process died after the first rename): refused, not loaded."""
+    model = with_lora()
+    save_adapter(model, tmp_path)
+    old_json = (tmp_path / "minipeft_adapter.json").read_bytes()
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.lora_B.add_(1.0)
+    save_adapter(model, tmp_path)
+    (tmp_path / "minipeft_adapter.json").write_bytes(old_json)
+    with pytest.raises(ValueError, match=r"adapter\.safetensors does not match minipeft_adapter\.json"):
+        load_adapter(tiny(), tmp_path)
+
+
 def test_unserialisable_config_fails_before_any_write(tmp_path, monkeypatch):
     model = with_lora()
     save_adapter(model, tmp_path)
