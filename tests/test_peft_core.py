@@ -1,6 +1,7 @@
 """The PEFT core (minipeft/peft.py, minipeft/adapters.py), exercised through LoRA on the tiny model:
 target matching, the parameter report, optimiser groups, merging, saving and loading."""
 
+import json
 import os
 
 import pytest
@@ -248,15 +249,23 @@ def test_unserialisable_config_fails_before_any_write(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
+def replace_weights(path, tensors):
+    """Write other tensors AND re-stamp the JSON, so only the name/shape checks can catch them."""
+    safetensors_io.save_file(tensors, path / adapters.WEIGHTS_FILE)
+    meta = json.loads((path / adapters.CONFIG_FILE).read_text())
+    meta["weights_sha256"] = adapters.sha256_file(path / adapters.WEIGHTS_FILE)
+    (path / adapters.CONFIG_FILE).write_text(json.dumps(meta))
+
+
 def test_loaded_tensor_names_and_shapes_are_checked(tmp_path):
     model = with_lora()
     save_adapter(model, tmp_path)
     state = adapters.adapter_state(model)
     bad = dict(state, **{"layers.0.self_attn.q_proj.lora_A": torch.zeros(3, 64)})
-    safetensors_io.save_file(bad, tmp_path / adapters.WEIGHTS_FILE)
+    replace_weights(tmp_path, bad)
     with pytest.raises(ValueError, match=r"'layers\.0\.self_attn\.q_proj\.lora_A' has shape \(3, 64\), "
                                          r"the model expects \(4, 64\)"):
         load_adapter(tiny(), tmp_path)
-    safetensors_io.save_file({k: v for k, v in state.items() if "layers.1" not in k}, tmp_path / adapters.WEIGHTS_FILE)
+    replace_weights(tmp_path, {k: v for k, v in state.items() if "layers.1" not in k})
     with pytest.raises(KeyError, match=r"missing \['layers\.1\.self_attn\.q_proj\.lora_A'"):
         load_adapter(tiny(), tmp_path)
