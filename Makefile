@@ -22,3 +22,35 @@ test:
 
 test-slow:
 	$(PY) -m pytest -q -m slow
+
+# ---------------------------------------------------------------- the main job
+METHOD     ?= lora
+CHECKPOINT ?=
+ADAPTER    ?=
+ARGS       ?=
+RUN        ?= runs/$(METHOD)
+
+data:
+	$(PY) scripts/download_gsm8k.py --out data/gsm8k
+
+# no CHECKPOINT: the embedded toy default (pretrained here, cached); with one: GSM8K from data/gsm8k
+finetune:
+	$(PY) -m minipeft.finetune --method $(METHOD) --out $(RUN) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data data/gsm8k) $(ARGS)
+
+evaluate:
+	$(PY) -m minipeft.evaluate $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data data/gsm8k) \
+	  $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+
+compare:
+	$(PY) -m minipeft.compare $(ARGS)
+
+notebooks:
+	$(PY) -m pytest -q tests/test_notebooks.py
+
+# optional: needs `$(PY) -m pip install -e ".[bench]"` (transformers + peft); never part of `make test`
+bench:
+	$(PY) bench/bench.py $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

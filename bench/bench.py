@@ -177,8 +177,8 @@ def train_step_fn(model, impl: str, idx: torch.Tensor, targets: torch.Tensor):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> float:
-        if impl == "minipeft":
-            _, loss = model(idx, targets)
+        if impl == "minipeft":  # [1]: drop the logits before backward, as transformers' `.loss` does
+            loss = model(idx, targets)[1]
         else:  # labels=idx: transformers shifts inside, the same targets as ours; no KV cache in training
             loss = model(input_ids=idx, labels=idx, use_cache=False).loss
         loss.backward()
@@ -307,6 +307,8 @@ def measure_memory(impl: str, batch: int, seq: int, args) -> dict:
            "--device", args.device, "--batch", str(batch), "--seq-len", str(seq), "--reps", "3"]
     if args.vocab:
         cmd += ["--vocab", str(args.vocab)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"memory child for {impl} failed:\n{out.stderr[-3000:]}")
@@ -368,6 +370,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--batch", type=int, default=None, help="training batch (CPU default 4; CUDA: 8 at 512, 2 at 2048)")
     p.add_argument("--seq-len", type=int, nargs="+", default=None, help="training length(s) (CPU 256; CUDA 512 2048)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8])
@@ -388,6 +391,8 @@ def main(argv=None) -> dict:
     args.seq_len = args.seq_len or ([512, 2048] if cuda else [256])
     if args.peak_tflops is None and cuda:
         args.peak_tflops = 989.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         args.seq_len = args.seq_len[0]
         return memory_child(args)
