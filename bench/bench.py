@@ -190,18 +190,20 @@ def train_step_fn(model, impl: str, idx: torch.Tensor, targets: torch.Tensor):
 
 
 def alternate(fns: dict, warmup: int, reps: int, device: str) -> dict[str, list[float]]:
-    """Run each fn `warmup` times, then `reps` rounds taking turns; seconds per call, by name."""
+    """Run each fn `warmup` times, then `reps` rounds taking turns; wall seconds per call, by name,
+    and under "<name> cpu" the process CPU seconds (all threads): cpu << wall means the machine was busy."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
+    times = {key: [] for name in fns for key in (name, f"{name} cpu")}
     for _ in range(reps):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            times[f"{name} cpu"].append(time.process_time() - c0)
     return times
 
 
@@ -359,7 +361,8 @@ def header(cfg: LlamaConfig, args) -> str:
             f"  config {args.config}: vocab {cfg.vocab_size}, dim {cfg.dim}, layers {cfg.n_layers}, heads "
             f"{cfg.n_heads}/{cfg.n_kv_heads} kv, ffn {cfg.ffn_dim}, rope llama3 scaling, tied head; dtype {args.dtype}\n"
             f"  LoRA r={LORA['r']} alpha={LORA['alpha']:g} dropout 0 on {', '.join(LORA_TARGETS)}; AdamW lr 1e-4\n"
-            f"  warm-up {args.warmup}, repetitions {args.reps} (medians; the two implementations take turns)")
+            f"  warm-up {args.warmup}, repetitions {args.reps} (medians; the two implementations take turns)\n"
+            f"  load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes share the CPU)")
 
 
 def main(argv=None) -> dict:
@@ -439,7 +442,8 @@ def main(argv=None) -> dict:
             if args.peak_tflops:
                 print(row(f"  MFU vs {args.peak_tflops:g} TFLOP/s", 100 * tok * fpt / m / 1e12 / args.peak_tflops,
                           100 * tok * fpt / r / 1e12 / args.peak_tflops, "%", "{:.1f}"))
-            print(f"  {'':34} spread min..max ms: minipeft {min(t['minipeft']) * 1e3:.0f}..{max(t['minipeft']) * 1e3:.0f}"
+            print(row("  process CPU time (all threads)", med(t["minipeft cpu"]) * 1e3, med(t["hf+peft cpu"]) * 1e3, "ms"))
+            print(f"  {'':34} wall min..max ms: minipeft {min(t['minipeft']) * 1e3:.0f}..{max(t['minipeft']) * 1e3:.0f}"
                   f", hf+peft {min(t['hf+peft']) * 1e3:.0f}..{max(t['hf+peft']) * 1e3:.0f}", flush=True)
     if "memory" in sections:
         how = "max_memory_allocated" if cuda else "RSS high-water mark, fresh process each"
@@ -477,6 +481,7 @@ def main(argv=None) -> dict:
                   + f"   per token {m / n * 1e3:.2f} / {r / n * 1e3:.2f} ms", flush=True)
     if args.profile:
         profile_step(models, cfg, *shapes[0], args)
+    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -163,8 +163,9 @@ def throughput(preset: str, methods: list[str], max_len: int = 512, batch_size: 
         trainable, total = count_parameters(model)
         rows.append(dict(method=method, trainable_params=trainable, tokens_per_s=tokens / seconds,
                          peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None))
-        print(f"{method:>16}: {trainable:>12,} trainable  {rows[-1]['tokens_per_s']:>10,.0f} tokens/s  "
-              f"peak memory {rows[-1]['peak_mem_gib'] or float('nan'):.2f} GiB", flush=True)
+        mem = rows[-1]["peak_mem_gib"]
+        print(f"{method:>16}: {trainable:>12,} trainable  {rows[-1]['tokens_per_s']:>10,.0f} tokens/s  peak memory "
+              + (f"{mem:.2f} GiB" if mem is not None else "n/a (CPU)"), flush=True)
         del model, opt
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .data import synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl
+from .data import NAMES, OBJECTS, synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl
 from .llama import Llama, LlamaConfig
 from .tokenizer import Tokenizer
 
@@ -47,6 +47,8 @@ TOY_BASE = dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ff
 @dataclass
 class PretrainRecipe:
     n_lines: int = 120_000    # lines of synthetic_arithmetic_text (~18 bytes each)
+    n_recall: int = 30_000    # lines of recall_text (~75 bytes each)
+    n_stories: int = 0        # lines of story_text (~150 bytes each)
     seq_len: int = 256        # bytes per training window (each starts at a line, after BOS)
     batch_size: int = 16
     steps: int = 600          # 600 x 16 x 256 = 2.5M tokens, ~3 minutes on 2 cores
@@ -99,6 +101,46 @@ def _publish(build, final: Path) -> Path:
 
 # ----------------------------------------------------------------------------- the base model
 
+def recall_text(n: int, seed: int = 0) -> str:
+    """`n` lines that need an in-context lookup: a few named amounts, then two of them restated and
+    combined, e.g. "Ivy has 14 pens. Dan has 9 pens. Raj has 31 pens. Raj has 31 and Dan has 9: 31+9 =
+    <<31+9=40>>40 pens." After "Raj has " the amount can only be found by looking back for the earlier
+    "Raj has " (an induction-head copy, Olsson et al. 2022, arXiv:2209.11895). Arithmetic text alone
+    only copies a few bytes back; reading a question needs this, without the question/answer format."""
+    r, lines = random.Random(seed), []
+    for _ in range(n):
+        names, obj = r.sample(NAMES, r.randint(2, 4)), r.choice(OBJECTS)
+        amounts = {name: r.randint(2, 30) for name in names}
+        a, b = r.sample(names, 2)
+        op = r.choice("+-")
+        if op == "-" and amounts[a] < amounts[b]:
+            a, b = b, a
+        c = amounts[a] + amounts[b] if op == "+" else amounts[a] - amounts[b]
+        facts = " ".join(f"{name} has {amounts[name]} {obj}." for name in names)
+        calc = f"{amounts[a]}{op}{amounts[b]}"
+        lines.append(f"{facts} {a} has {amounts[a]} and {b} has {amounts[b]}: {calc} = <<{calc}={c}>>{c} {obj}.")
+    return "\n".join(lines) + "\n"
+
+
+def story_text(n: int, seed: int = 0) -> str:
+    """`n` training-split word problems told as plain prose, the question then its worked reasoning on
+    one line: no "Question:"/"Answer:" prompt, no "#### N" line, never a test question."""
+    lines = []
+    for ex in synthetic_gsm8k(n, seed + 1, "train"):
+        reasoning = ex["answer"].rsplit("\n####", 1)[0].replace("\n", " ")
+        lines.append(f"{ex['question']} {reasoning}")
+    return "\n".join(lines) + "\n"
+
+
+def pretraining_text(recipe: PretrainRecipe) -> str:
+    """synthetic_arithmetic_text, recall_text and story_text lines, shuffled together."""
+    lines = (synthetic_arithmetic_text(recipe.n_lines, recipe.seed).splitlines() +
+             recall_text(recipe.n_recall, recipe.seed).splitlines() +
+             story_text(recipe.n_stories, recipe.seed).splitlines())
+    random.Random(recipe.seed).shuffle(lines)
+    return "\n".join(lines) + "\n"
+
+
 def pretraining_windows(text: str, tok: Tokenizer, seq_len: int) -> tuple[torch.Tensor, list[int]]:
     """The corpus as one token stream (BOS first) and the offsets at which lines start."""
     ids = [tok.bos_id] + tok.encode(text)
@@ -112,8 +154,7 @@ def pretrain(recipe: PretrainRecipe = PretrainRecipe(), log_every: int = 50,
     """Train TOY_BASE from scratch on arithmetic text; returns the model and the loss per step (nats)."""
     torch.manual_seed(recipe.seed)
     tok, model = Tokenizer.byte_level(), Llama(LlamaConfig(**TOY_BASE))
-    stream, starts = pretraining_windows(synthetic_arithmetic_text(recipe.n_lines, recipe.seed), tok,
-                                         recipe.seq_len)
+    stream, starts = pretraining_windows(pretraining_text(recipe), tok, recipe.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                             betas=(0.9, 0.95))
     rng, losses, t0 = random.Random(recipe.seed), [], time.time()
