@@ -47,7 +47,7 @@ TOY_BASE = dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ff
 @dataclass
 class PretrainRecipe:
     n_lines: int = 120_000    # lines of synthetic_arithmetic_text (~18 bytes each)
-    n_recall: int = 30_000    # lines of recall_text (~75 bytes each)
+    n_copy: int = 30_000      # lines of copy_text (~70 bytes each)
     n_stories: int = 0        # lines of story_text (~150 bytes each)
     seq_len: int = 256        # bytes per training window (each starts at a line, after BOS)
     batch_size: int = 16
@@ -101,24 +101,15 @@ def _publish(build, final: Path) -> Path:
 
 # ----------------------------------------------------------------------------- the base model
 
-def recall_text(n: int, seed: int = 0) -> str:
-    """`n` lines that need an in-context lookup: a few named amounts, then two of them restated and
-    combined, e.g. "Ivy has 14 pens. Dan has 9 pens. Raj has 31 pens. Raj has 31 and Dan has 9: 31+9 =
-    <<31+9=40>>40 pens." After "Raj has " the amount can only be found by looking back for the earlier
-    "Raj has " (an induction-head copy, Olsson et al. 2022, arXiv:2209.11895). Arithmetic text alone
-    only copies a few bytes back; reading a question needs this, without the question/answer format."""
+def copy_text(n: int, seed: int = 0) -> str:
+    """`n` lines of named amounts said twice, e.g. "Ivy 14, Dan 9, Raj 31; Ivy 14, Dan 9, Raj 31".
+    The second half is predictable only by looking back for the same name and copying what followed
+    it: the "induction head" pattern (Olsson et al. 2022, arXiv:2209.11895) that reading numbers out
+    of a question needs. Arithmetic text alone only ever copies a few bytes back."""
     r, lines = random.Random(seed), []
     for _ in range(n):
-        names, obj = r.sample(NAMES, r.randint(2, 4)), r.choice(OBJECTS)
-        amounts = {name: r.randint(2, 30) for name in names}
-        a, b = r.sample(names, 2)
-        op = r.choice("+-")
-        if op == "-" and amounts[a] < amounts[b]:
-            a, b = b, a
-        c = amounts[a] + amounts[b] if op == "+" else amounts[a] - amounts[b]
-        facts = " ".join(f"{name} has {amounts[name]} {obj}." for name in names)
-        calc = f"{amounts[a]}{op}{amounts[b]}"
-        lines.append(f"{facts} {a} has {amounts[a]} and {b} has {amounts[b]}: {calc} = <<{calc}={c}>>{c} {obj}.")
+        pairs = ", ".join(f"{name} {r.randint(0, 99)}" for name in r.sample(NAMES, r.randint(3, 6)))
+        lines.append(f"{pairs}; {pairs}")
     return "\n".join(lines) + "\n"
 
 
@@ -133,9 +124,9 @@ def story_text(n: int, seed: int = 0) -> str:
 
 
 def pretraining_text(recipe: PretrainRecipe) -> str:
-    """synthetic_arithmetic_text, recall_text and story_text lines, shuffled together."""
+    """synthetic_arithmetic_text, copy_text and story_text lines, shuffled together."""
     lines = (synthetic_arithmetic_text(recipe.n_lines, recipe.seed).splitlines() +
-             recall_text(recipe.n_recall, recipe.seed).splitlines() +
+             copy_text(recipe.n_copy, recipe.seed).splitlines() +
              story_text(recipe.n_stories, recipe.seed).splitlines())
     random.Random(recipe.seed).shuffle(lines)
     return "\n".join(lines) + "\n"

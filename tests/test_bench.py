@@ -1,0 +1,81 @@
+"""bench/bench.py: the FLOP count behind its MFU figures, and, where the optional extras (transformers,
+peft) are installed, that the reference it times computes the same function as minipeft. `make test`
+never needs the extras: those tests are skipped without them."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minipeft.adapters import apply_method
+from minipeft.llama import Llama, LlamaConfig
+from minipeft.peft import count_parameters
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("minipeft_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports only minipeft and torch at the top
+    return module
+
+
+def needs_reference():
+    pytest.importorskip("transformers", minversion="4.45")
+    pytest.importorskip("peft", minversion="0.13")
+
+
+def test_flops_per_token_counts_the_models_own_weights(bench):
+    """4 N + 6 N_lora + 12 L d T, with N and N_lora counted from the modules of llama-3.2-1b (meta device)."""
+    cfg = LlamaConfig.from_name("llama-3.2-1b")
+    with torch.device("meta"):
+        model = Llama(cfg)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # 7 per block + lm_head
+    assert n == 1_235_746_816
+    apply_method(model, "lora", targets="all-linear", **bench.LORA)
+    n_lora = count_parameters(model)[0]
+    assert n_lora == 11_272_192  # r=16 on every projection of 16 blocks
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 2048
+    assert bench.flops_per_token(cfg, 2048) == 4 * n + 6 * n_lora + attention
+    print(f"llama-3.2-1b LoRA training: {bench.flops_per_token(cfg, 2048) / 1e9:.2f} GFLOP/token at T=2048")
+
+
+def test_linear_fit_recovers_a_line(bench):
+    a, b = bench.linear_fit([32, 64, 128, 256], [5 + 2 * x for x in (32, 64, 128, 256)])
+    assert a == pytest.approx(5) and b == pytest.approx(2)
+
+
+def test_parity_with_transformers_and_peft(bench):
+    """Our checkpoint read by transformers, the same LoRA in peft: same logits, loss, LoRA gradients, greedy tokens."""
+    needs_reference()
+    cfg = LlamaConfig.from_name("tiny")
+    mini, ref = bench.build_models(cfg, torch.float32, "cpu")
+    res = bench.check_parity(mini, ref, cfg, torch.float32, "cpu")
+    assert res["ok"], res
+    assert res["logits"][1] < 1e-5 and res["greedy_tokens_equal"]
+
+
+def test_parity_check_catches_a_different_adapter(bench):
+    needs_reference()
+    cfg = LlamaConfig.from_name("tiny")
+    mini, ref = bench.build_models(cfg, torch.float32, "cpu")
+    with torch.no_grad():
+        mini.layers[1].mlp.down_proj.lora_B.mul_(1.01)  # 1% off in one factor of one module
+    res = bench.check_parity(mini, ref, cfg, torch.float32, "cpu")
+    assert not res["ok"] and res["logits"][1] > 1e-4
+
+
+@pytest.mark.slow
+def test_whole_benchmark_runs_on_the_tiny_config(bench, tmp_path):
+    """Every section, the memory subprocesses included, end to end (about 20 s)."""
+    needs_reference()
+    out = bench.main(["--config", "tiny", "--threads", "1", "--warmup", "0", "--reps", "1", "--scale-reps", "1",
+                      "--batch", "2", "--seq-len", "32", "--new-tokens", "8", "--prompt-len", "4",
+                      "--scale-seq-lens", "16", "32", "--scale-new-tokens", "4", "8", "--json", str(tmp_path / "r.json")])
+    assert out["parity"]["ok"] and (tmp_path / "r.json").exists()
+    assert all(m["step_bytes"] > 0 for m in (out["memory"][0]["minipeft"], out["memory"][0]["hf+peft"]))
+    assert [len(g["times"]["minipeft"]) for g in out["generate"]] == [1, 1]
