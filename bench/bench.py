@@ -404,14 +404,20 @@ def report_training(models, cfg, shapes, args, results) -> None:
 
 def report_memory(shapes, args, results) -> None:
     how = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "RSS high-water mark"
-    print(f"peak memory of the training step ({how}, a fresh process each; above the built model + LoRA)")
+    print(f"peak memory of the training step ({how}; {args.memory_runs} fresh processes each, taking turns; "
+          "medians; above the built model + LoRA)")
     for batch, seq in shapes:
-        mem = {impl: measure_memory(impl, batch, seq, args) for impl in IMPLS}
-        results.setdefault("memory", []).append(dict(batch=batch, seq=seq, **mem))
-        m, r = mem["minipeft"], mem["hf+peft"]
-        print(row(f"batch {batch} x seq {seq}: step peak", m["step_bytes"] / 2**20, r["step_bytes"] / 2**20, "MiB", "{:.0f}"))
-        print(row("  total peak (model included)", m["peak_bytes"] / 2**20, r["peak_bytes"] / 2**20, "MiB", "{:.0f}"),
-              flush=True)
+        runs = {impl: [] for impl in IMPLS}
+        for _ in range(args.memory_runs):
+            for impl in IMPLS:
+                runs[impl].append(measure_memory(impl, batch, seq, args))
+        results.setdefault("memory", []).append(dict(batch=batch, seq=seq, **runs))
+        step = {impl: [r["step_bytes"] / 2**20 for r in runs[impl]] for impl in IMPLS}
+        peak = {impl: med([r["peak_bytes"] / 2**20 for r in runs[impl]]) for impl in IMPLS}
+        print(row(f"batch {batch} x seq {seq}: step peak", med(step["minipeft"]), med(step["hf+peft"]), "MiB", "{:.0f}"))
+        print(row("  total peak (model included)", peak["minipeft"], peak["hf+peft"], "MiB", "{:.0f}"))
+        print(f"  {'':36} step peak min..max MiB: minipeft {min(step['minipeft']):.0f}..{max(step['minipeft']):.0f}, "
+              f"hf+peft {min(step['hf+peft']):.0f}..{max(step['hf+peft']):.0f}", flush=True)
 
 
 def report_generation(models, cfg, args, results) -> None:
@@ -482,6 +488,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--scale-reps", type=int, default=3, help="repetitions for the scaling section")
+    p.add_argument("--memory-runs", type=int, default=3, help="fresh processes per implementation for memory")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)

@@ -97,6 +97,8 @@ def bits_per_token(model: Llama, encoded: Sequence[Example], batch_size: int = 3
     for start in range(0, len(order), batch_size):
         idx, targets, seg = (t.to(device) for t in collate([encoded[i] for i in order[start:start + batch_size]], pad_id))
         n = int((targets != -100).sum())
+        if n == 0:  # every answer cut off by max_len
+            continue
         with autocast(device):
             _, loss = model(idx, targets, segment_ids=seg)
         total, count = total + loss.item() * n, count + n

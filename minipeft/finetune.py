@@ -353,10 +353,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     def evaluate_loss(step: int, epoch: int, epoch_end: bool) -> str:
         test_bpt, last = bits_per_token(model, test_enc, cfg.eval_batch_size, tok.pad_id), metrics.last_step("eval")
         metrics.log(kind="eval", step=step, epoch=epoch, train_bpt=metrics.mean_train_bits(after=last), test_bpt=test_bpt)
+        line = f"step {step}: train {metrics.records[-1]['train_bpt']:.4f}  test {test_bpt:.4f} bits/token"
         if epoch_end:
             metrics.log(kind="epoch", step=step, epoch=epoch, train_bpt=metrics.mean_train_bits(epoch=epoch),
                         test_bpt=test_bpt)
-        return f"step {step}: train {metrics.records[-1]['train_bpt']:.4f}  test {test_bpt:.4f} bits/token"
+            line += f"  (epoch {epoch + 1} done; its mean train loss {metrics.records[-1]['train_bpt']:.4f})"
+        return line
 
     training_loop(model, forward, opt, sched, plan, cfg, run, metrics, device, start, evaluate_loss, progress)
     say(progress, f"evaluating the fine-tuned model on {len(test_set)} test problems ...")
@@ -479,7 +481,7 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
         ax.plot(steps, bits, color="tab:blue", alpha=0.3, lw=0.8)
         k = max(1, len(bits) // 25)
         smooth = [sum(bits[max(0, i - k + 1):i + 1]) / len(bits[max(0, i - k + 1):i + 1]) for i in range(len(bits))]
-        ax.plot(steps, smooth, color="tab:blue", label=f"train (running mean of {k})")
+        ax.plot(steps, smooth, color="tab:blue", label=f"train (running mean of {k} steps)" if k > 1 else "train")
     if test:
         ax.plot(*zip(*test), "o-", color="tab:orange", label="test")
     ax.set_xlabel("optimiser step")

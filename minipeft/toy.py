@@ -1,21 +1,29 @@
-"""The embedded default: a small Llama pretrained here on arithmetic, and a GSM8K-format toy task.
+"""The embedded default: a small Llama pretrained here, and a GSM8K-format toy task to fine-tune it on.
 
 `make finetune` on a laptop with no checkpoint and no download runs the real pipeline on these:
 
-1. A base model that knows arithmetic but has never seen a word problem. A Llama with the
-   architecture of Llama 3 (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied head), 4 layers of
-   width 128 (`TOY_BASE`, ~0.85M parameters), byte-level vocabulary (`Tokenizer.byte_level()`), is
-   pretrained for a couple of minutes on `synthetic_arithmetic_text`: bare facts (`12+7=19`),
-   calculator annotations (`<<3*4=12>>12`) and the reasoning sentences of training problems
-   (`Ava has 5+2 = <<5+2=7>>7 books after getting more.`). It never sees a question, the
-   `Question: ...\\nAnswer:` prompt or a `#### N` line, so it cannot solve the task yet.
+1. A base model that knows arithmetic and has read word problems, but not in the GSM8K format. A
+   Llama with the architecture of Llama 3 (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied
+   head), 4 layers of width 128 (`TOY_BASE`, ~0.87M parameters), byte-level vocabulary
+   (`Tokenizer.byte_level()`), pretrained from scratch for a few minutes on three kinds of lines:
+     * `synthetic_arithmetic_text`: facts (`12+7=19`), calculator annotations (`<<3*4=12>>12`) and
+       reasoning sentences (`Ava has 5+2 = <<5+2=7>>7 books after getting more.`);
+     * `copy_text`: named amounts said twice (`Ivy 14, Dan 9; Ivy 14, Dan 9`), which makes the
+       model learn to copy a number it has read (induction heads); without them it never learns to
+       take the numbers out of a question in this budget (measured: 0-5% solved, see below);
+     * `story_text`: training-split problems told as prose, question then reasoning on one line.
+   It never sees a test question, the `Question: ...\nAnswer:` prompt, or a `#### N` line.
 2. The task: `synthetic_gsm8k` word problems (1-2 calculator steps), split train/test by a hash of
    the question text, written as train.jsonl/test.jsonl in the GSM8K format.
 
-Fine-tuning has to teach the format and the link between the question's numbers and the reasoning;
-the arithmetic itself is already in the base. Both are cached under `cache_dir()` (data/cache/ in a
-checkout, else ~/.cache/minipeft; `MINIPEFT_CACHE` overrides), keyed by a hash of the recipe, and
-written to a temp folder renamed into place, so an interrupted run never leaves a half-written base.
+So the base can often work a problem out when it is told as prose, but given the GSM8K prompt it
+writes garbage and never a `####` line (~1-3% accuracy, by chance). Fine-tuning has to teach the
+format, where the answer goes, and to keep the question's numbers. `done.json` next to the cached
+base records both probes: arithmetic facts and prose problems solved.
+
+Both are cached under `cache_dir()` (data/cache/ in a checkout, else ~/.cache/minipeft;
+`MINIPEFT_CACHE` overrides), keyed by a hash of the recipe, and built in a temp folder renamed into
+place, so an interrupted run never leaves a half-written base.
 
     python -m minipeft.toy                  # pretrain (or find) the base, write the task, probe it
 """
@@ -48,10 +56,10 @@ TOY_BASE = dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ff
 class PretrainRecipe:
     n_lines: int = 120_000    # lines of synthetic_arithmetic_text (~18 bytes each)
     n_copy: int = 30_000      # lines of copy_text (~70 bytes each)
-    n_stories: int = 0        # lines of story_text (~150 bytes each)
+    n_stories: int = 20_000   # lines of story_text (~150 bytes each)
     seq_len: int = 256        # bytes per training window (each starts at a line, after BOS)
     batch_size: int = 16
-    steps: int = 600          # 600 x 16 x 256 = 2.5M tokens, ~3 minutes on 2 cores
+    steps: int = 800          # 800 x 16 x 256 = 3.3M tokens, ~4 minutes on 2 cores
     lr: float = 3e-3          # peak; linear warmup then cosine to 10%
     warmup: int = 30
     weight_decay: float = 0.1
@@ -187,15 +195,19 @@ def toy_base(recipe: PretrainRecipe = PretrainRecipe(), root: Path | None = None
             print(f"pretraining the toy base model (cached afterwards in {final}) ...", flush=True)
         t0 = time.time()
         model, losses = pretrain(recipe, progress=progress)
+        seconds = round(time.time() - t0, 1)
         model.save_pretrained(tmp)
         Tokenizer.byte_level().save(tmp / "tokenizer.model")
         probe = arithmetic_probe(model, Tokenizer.byte_level())
-        done = dict(recipe=asdict(recipe), seconds=round(time.time() - t0, 1), arithmetic_accuracy=probe,
+        prose = prose_probe(model, Tokenizer.byte_level())
+        done = dict(recipe=asdict(recipe), pretrain_seconds=seconds, arithmetic_accuracy=probe,
+                    prose_accuracy=prose,
                     first_loss_bits=losses[0] / math.log(2),
                     final_loss_bits=sum(losses[-10:]) / len(losses[-10:]) / math.log(2))
         (tmp / "done.json").write_text(json.dumps(done, indent=2))  # last: marks the folder complete
         if progress:
-            print(f"  done in {done['seconds']}s; arithmetic probe accuracy {probe:.1%}", flush=True)
+            print(f"  done in {seconds}s; facts right {probe:.0%}, prose problems solved {prose:.0%}",
+                  flush=True)
 
     return _publish(build, final)
 
@@ -214,6 +226,19 @@ def arithmetic_probe(model: Llama, tok: Tokenizer, n: int = 200, seed: int = 123
     prompts = [[tok.bos_id] + tok.encode(f"\n{q}") for q, _ in facts]
     outs = model.generate(prompts, max_new_tokens=4, stop_ids={newline})
     return sum(tok.decode(o).strip() == want for o, (_, want) in zip(outs, facts)) / n
+
+
+@torch.no_grad()
+def prose_probe(model: Llama, tok: Tokenizer, n: int = 100) -> float:
+    """Fraction of test problems told as prose (question, then a space) whose greedy continuation's
+    last number is the answer: what the base can do before it knows the GSM8K format."""
+    from .data import answers_match, extract_gold, extract_prediction
+    test = synthetic_gsm8k(n, seed=0, split="test")
+    newline = tok.encode("\n")[0]
+    outs = model.generate([[tok.bos_id] + tok.encode(f"\n{ex['question']} ") for ex in test],
+                          max_new_tokens=120, stop_ids={newline})
+    return sum(answers_match(extract_prediction(tok.decode(o)), extract_gold(ex["answer"]))
+               for o, ex in zip(outs, test)) / n
 
 
 # ----------------------------------------------------------------------------- the task

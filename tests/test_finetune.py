@@ -304,8 +304,19 @@ def test_malformed_data_is_reported_with_file_and_line(checkpoint, data, tmp_pat
 
 # ----------------------------------------------------------------------------- toy default and compare
 
+def test_toy_corpus_has_no_test_question_and_no_task_format():
+    text = toy.pretraining_text(toy.PretrainRecipe(n_lines=500, n_copy=200, n_stories=300))
+    assert "Question:" not in text and "Answer:" not in text and "####" not in text
+    assert not any(ex["question"] in text for ex in synthetic_gsm8k(300, seed=0, split="test"))
+    assert any(ex["question"] in text for ex in synthetic_gsm8k(300, seed=1))  # stories: train problems
+    line = toy.copy_text(1, seed=5).strip()
+    assert line.split("; ")[0] == line.split("; ")[1]
+
+
 def test_toy_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
-    recipe = toy.PretrainRecipe(n_lines=3000, seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup=5)
+    recipe = toy.PretrainRecipe(n_lines=2000, n_copy=300, n_stories=300, seq_len=64, batch_size=8, steps=30,
+                                warmup=5)
+    monkeypatch.setattr(toy, "prose_probe", lambda model, tok: 0.0)  # a 100-problem probe: too slow here
     path = toy.toy_base(recipe, root=tmp_path, progress=False)
     losses = json.loads((path / "done.json").read_text())
     model = Llama.from_pretrained(path)
