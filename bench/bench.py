@@ -4,7 +4,7 @@
     python bench/bench.py --config llama-3.2-1b --batch 1 --seq-len 128 --sections parity,train,memory
     python bench/bench.py --device cuda                     # llama-3.2-1b, bf16, max-len 512 and 2048, MFU
 
-Needs the optional extras: `pip install -e ".[bench]"` (transformers, peft). Results: bench/README.md.
+Needs the optional extras: `pip install -e ".[bench]"` (transformers, peft). Results: README.md, Performance.
 
 Parity comes first, so that the timings compare the same work: minipeft's random-weight model is written
 with `save_pretrained` and read back by transformers' `from_pretrained` (which also cross-checks our
@@ -161,7 +161,9 @@ def check_parity(mini, ref, cfg: LlamaConfig, dtype: torch.dtype, device: str) -
     # their llama3 inverse frequencies (built from the config.json we wrote) vs ours
     res["rope_inv_freq"] = rel_diff(ref.base_model.model.model.rotary_emb.inv_freq.cpu(), rope_frequencies(cfg))
     mini.train(), ref.train()
-    logits_m, loss_m = mini(idx, targets)
+    with torch.no_grad():
+        logits_m = mini(idx)
+    loss_m = mini(idx, targets, **LOSS_KWARGS)[1]  # the loss path that the timings use
     out = ref(input_ids=idx, labels=idx, use_cache=False)  # transformers shifts the labels itself
     loss_m.backward(), out.loss.backward()
     res["logits"] = rel_diff(logits_m, out.logits)

@@ -180,7 +180,7 @@ def say(progress: bool, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Compare PEFT methods with a matched budget.")
     p.add_argument("--methods", help="comma-separated names (default: every method that exists)")
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps per method")
+    p.add_argument("--steps", type=int, default=375, help="optimiser steps per method (375 = the toy default's 3 epochs)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--checkpoint", help="base model folder (default: the toy base)")

@@ -95,12 +95,13 @@ def bits_per_token(model: Llama, encoded: Sequence[Example], batch_size: int = 3
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        idx, targets, seg = (t.to(device) for t in collate([encoded[i] for i in order[start:start + batch_size]], pad_id))
+        batch = collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+        idx, targets, seg = (t.to(device) for t in batch)
         n = int((targets != -100).sum())
         if n == 0:  # every answer cut off by max_len
             continue
         with autocast(device):
-            _, loss = model(idx, targets, segment_ids=seg)
+            _, loss = model(idx, targets, segment_ids=seg, return_logits=False)
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
     return total / max(count, 1) / LN2
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="HF or Meta checkpoint folder (default: the run's base, else the toy base)")
     p.add_argument("--adapter", help="a finetune run folder, or an adapter folder (minipeft or HF PEFT)")
     p.add_argument("--data", help="folder with test.jsonl (default: the run's data, else the toy task)")
-    p.add_argument("--format", choices=("plain", "chat"), default=None, help="prompt format (default: the run's, else plain)")
+    p.add_argument("--format", choices=("plain", "chat"), default=None,
+                   help="prompt format (default: the run's, else plain)")
     p.add_argument("--limit", type=int, default=0, help="first N test examples only")
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapter and (Path(args.adapter) / "config.json").exists():  # a finetune run: reuse its settings
         run = json.loads((Path(args.adapter) / "config.json").read_text()).get("train", {})
     device = pick_device(args.device)
-    model, tok, base = load_base(args.checkpoint or run.get("checkpoint"), None if args.checkpoint else run.get("preset"), device)
+    checkpoint = args.checkpoint or run.get("checkpoint")
+    model, tok, base = load_base(checkpoint, None if args.checkpoint else run.get("preset"), device)
     if args.adapter:
         load_adapter(model, adapter_dir(args.adapter))
     _, test, data = load_task(args.data or run.get("data"), 0)

@@ -217,8 +217,8 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
 def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Batch], clip: float,
                device: torch.device) -> tuple[float, int, int, float]:
     """One optimiser step over `batches` (gradient accumulation); returns (loss in bits per answer
-    token, input tokens processed, answer tokens, gradient norm). Raises Diverged, before touching any weight, if
-    the loss or the gradient norm is not finite."""
+    token, input tokens processed, answer tokens, gradient norm). Raises Diverged, before touching
+    any weight, if the loss or the gradient norm is not finite."""
     n_answer = sum(int((t != -100).sum()) for _, t, _ in batches)
     loss_sum, tokens = 0.0, 0
     for idx, targets, seg in batches:
@@ -227,7 +227,7 @@ def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Bat
         if n == 0:
             continue
         with autocast(device):
-            _, loss = forward(idx, targets, segment_ids=seg)
+            _, loss = forward(idx, targets, segment_ids=seg, return_logits=False)
         (loss * (n / n_answer)).backward()  # token-weighted: the same gradient as one big batch
         loss_sum += loss.item() * n
         tokens += int((seg != 0).sum())
@@ -352,7 +352,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     def evaluate_loss(step: int, epoch: int, epoch_end: bool) -> str:
         test_bpt, last = bits_per_token(model, test_enc, cfg.eval_batch_size, tok.pad_id), metrics.last_step("eval")
-        metrics.log(kind="eval", step=step, epoch=epoch, train_bpt=metrics.mean_train_bits(after=last), test_bpt=test_bpt)
+        metrics.log(kind="eval", step=step, epoch=epoch, train_bpt=metrics.mean_train_bits(after=last),
+                    test_bpt=test_bpt)
         line = f"step {step}: train {metrics.records[-1]['train_bpt']:.4f}  test {test_bpt:.4f} bits/token"
         if epoch_end:
             metrics.log(kind="epoch", step=step, epoch=epoch, train_bpt=metrics.mean_train_bits(epoch=epoch),

@@ -295,6 +295,68 @@ def segment_positions(seg: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# The loss without the (B, T, vocab) logits
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of `h @ weight.T` against `targets`, computed chunk by chunk.
+
+    The plain path keeps fp32 logits (B*T x vocab: 2.1 GB for 4096 tokens of Llama 3's 128,256-word
+    vocabulary) plus their log-softmax and its gradient. Here each chunk of `chunk` tokens makes its
+    logits, its loss, and at once the gradients w.r.t. its hidden states (and the head weight, if it
+    trains): d loss / d logits = softmax - onehot (divided by the token count), then d/dh = that @ W.
+    Only those (N, dim) gradients are kept for backward, which just scales them. Same FLOPs, no
+    recomputation; the idea of fused linear cross-entropy kernels (e.g. Liger-Kernel, arXiv:2410.10989).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):  # h (N, dim), weight (V, dim), targets (N,)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        n_valid = (targets != IGNORE_INDEX).sum()
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for s in range(0, h.shape[0], chunk):
+            h_c, t_c = h[s:s + chunk], targets[s:s + chunk]
+            logits = F.linear(h_c, weight)  # (n, V), in the autocast dtype under autocast
+            low = logits.dtype
+            logits = logits.float()
+            valid = t_c != IGNORE_INDEX
+            safe_t = torch.where(valid, t_c, 0)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, safe_t[:, None])[:, 0]
+            loss += ((lse - picked) * valid).sum()
+            if want_h or want_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(t_c), device=g.device), safe_t] -= 1.0
+                g.mul_((valid / n_valid)[:, None])  # ignored rows get no gradient; mean over valid
+                g = g.to(low)
+                if want_h:
+                    grad_h[s:s + chunk] = (g @ weight).to(h.dtype)
+                if want_w:
+                    grad_w += (g.t() @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n_valid  # 0/0 = nan when every target is ignored, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_elements: int = 2**25) -> torch.Tensor:
+    """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100) without materialising
+    all the logits: chunks of about `chunk_elements` fp32 logits (128 MB by default)."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if not torch.is_grad_enabled():  # evaluation: no gradients to prepare
+        h, weight = h.detach(), weight.detach()
+    return LinearCrossEntropy.apply(h, weight, targets, max(1, chunk_elements // weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------
 # The model
 
 
@@ -330,13 +392,15 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache_start: int | None = None):
+                cache_start: int | None = None, return_logits: bool = True):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy when targets are given.
 
         targets (B, T): the token to predict at each position (no shift inside), IGNORE_INDEX to skip.
         segment_ids (B, T): tokens attend only to earlier tokens with the same id (padding, packing);
             positions then restart at 0 in each segment unless `positions` is given.
         cache_start: with a KV cache set up (setup_kv_cache), where in the cache idx begins.
+        return_logits=False (with targets): returns (None, loss) and never builds the (B, T, vocab)
+            logits (linear_cross_entropy): what training and evaluation of the loss use.
         """
         mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
         cos, sin = self.rope(positions)
@@ -346,11 +410,14 @@ class Llama(nn.Module):
                 x, _ = checkpoint(layer, x, cos, sin, mask, cache_start, prefix_kv, use_reentrant=False)
             else:
                 x, _ = layer(x, cos, sin, mask, cache_start, prefix_kv)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        x = self.norm(x)
+        if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def mask_and_positions(self, idx, segment_ids, positions, cache_start):
         """The attention mask (None = plain causal, the fast path) and the RoPE positions (B, T)."""

@@ -4,7 +4,7 @@
 
 1. A base model that knows arithmetic and has read word problems, but not in the GSM8K format. A
    Llama with the architecture of Llama 3 (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied
-   head), 4 layers of width 128 (`TOY_BASE`, ~0.87M parameters), byte-level vocabulary
+   head), 4 layers of width 128 (`TOY_BASE`, 853,120 parameters), byte-level vocabulary
    (`Tokenizer.byte_level()`), pretrained from scratch for a few minutes on three kinds of lines:
      * `synthetic_arithmetic_text`: facts (`12+7=19`), calculator annotations (`<<3*4=12>>12`) and
        reasoning sentences (`Ava has 5+2 = <<5+2=7>>7 books after getting more.`);
@@ -59,7 +59,7 @@ class PretrainRecipe:
     n_stories: int = 20_000   # lines of story_text (~150 bytes each)
     seq_len: int = 256        # bytes per training window (each starts at a line, after BOS)
     batch_size: int = 16
-    steps: int = 800          # 800 x 16 x 256 = 3.3M tokens, ~4 minutes on 2 cores
+    steps: int = 800          # 800 x 16 x 256 = 3.3M tokens, 4-9 minutes on 2 cores
     lr: float = 3e-3          # peak; linear warmup then cosine to 10%
     warmup: int = 30
     weight_decay: float = 0.1

@@ -313,6 +313,12 @@ def test_toy_corpus_has_no_test_question_and_no_task_format():
     assert line.split("; ")[0] == line.split("; ")[1]
 
 
+def test_toy_base_size_as_documented():
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(**toy.TOY_BASE))
+    assert sum(p.numel() for p in model.parameters()) == 853_120  # toy.py's docstring and the README
+
+
 def test_toy_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
     recipe = toy.PretrainRecipe(n_lines=2000, n_copy=300, n_stories=300, seq_len=64, batch_size=8, steps=30,
                                 warmup=5)

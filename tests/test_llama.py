@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minipeft.llama import (Llama, LlamaConfig, apply_rope, half_to_interleaved, interleaved_to_half,
-                            rope_frequencies, sample, save_meta)
+                            linear_cross_entropy, rope_frequencies, sample, save_meta)
 from minipeft.safetensors_io import load_file, read_header, save_file
 
 
@@ -36,6 +36,45 @@ def test_forward_shapes_and_loss():
     assert logits.shape == (2, 7, 512)
     expected = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, 512), idx[:, 3:].reshape(-1))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_linear_cross_entropy_equals_plain_loss_and_gradients(dtype, head_trains):
+    """Chunked loss (4 chunks of 5 rows, some targets ignored) == F.cross_entropy on the full logits,
+    and so are the gradients w.r.t. the hidden states and (when it trains) the head weight."""
+    torch.manual_seed(0)
+    h = torch.randn(19, 16, dtype=dtype, requires_grad=True)
+    w = (0.5 * torch.randn(50, 16)).to(dtype).requires_grad_(head_trains)
+    t = torch.randint(0, 50, (19,))
+    t[::4] = -100
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), t, ignore_index=-100)
+    grads = torch.autograd.grad(3 * plain, [h, w] if head_trains else [h])
+    chunked = linear_cross_entropy(h, w, t, chunk_elements=5 * 50)
+    grads_chunked = torch.autograd.grad(3 * chunked, [h, w] if head_trains else [h])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(chunked, plain, **tol)
+    for a, b in zip(grads_chunked, grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():  # evaluation path
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk_elements=100), plain.detach(), **tol)
+    assert linear_cross_entropy(h, w, torch.full_like(t, -100)).isnan()  # as F.cross_entropy
+
+
+def test_forward_without_logits_gives_the_same_loss_and_gradients():
+    m = tiny().train()
+    idx = torch.randint(0, 512, (2, 9))
+    targets = idx.roll(-1, 1)
+    targets[:, :3] = -100
+    logits, loss = m(idx, targets)
+    grads = torch.autograd.grad(loss, [m.layers[0].self_attn.q_proj.weight, m.embed_tokens.weight])
+    none, loss2 = m(idx, targets, return_logits=False)
+    grads2 = torch.autograd.grad(loss2, [m.layers[0].self_attn.q_proj.weight, m.embed_tokens.weight])
+    assert none is None
+    torch.testing.assert_close(loss2, loss)
+    for a, b in zip(grads2, grads):  # the tied embedding's gradient includes the head's part
+        torch.testing.assert_close(a, b)
 
 
 def test_causality():
