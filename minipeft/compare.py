@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -109,15 +110,19 @@ def plot_accuracy_vs_params(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    pts = [r for r in rows if r["trainable_params"] and r["accuracy"] == r["accuracy"]]
+    pts = sorted((r for r in rows if r["trainable_params"] and r["accuracy"] == r["accuracy"]),
+                 key=lambda r: (r["trainable_params"], -r["accuracy"]))
+    placed: list[tuple[float, float]] = []  # (log10 params, accuracy %) of labels already drawn
     for r in pts:
-        ax.scatter(r["trainable_params"], 100 * r["accuracy"], s=30)
-        ax.annotate(r["method"], (r["trainable_params"], 100 * r["accuracy"]), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
+        x, y = r["trainable_params"], 100 * r["accuracy"]
+        ax.scatter(x, y, s=30)
+        near = sum(abs(math.log10(x) - px) < 0.06 and abs(y - py) < 1.5 for px, py in placed)
+        placed.append((math.log10(x), y))
+        ax.annotate(r["method"], (x, y), fontsize=8, xytext=(4, 3 - 10 * near), textcoords="offset points")
     base = next((r for r in rows if r["method"] == "base model"), None)
     if base is not None:
         ax.axhline(100 * base["accuracy"], color="gray", ls="--", lw=1, label="base model (no fine-tuning)")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test accuracy (%)")
