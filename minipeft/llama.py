@@ -324,11 +324,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = logits.float()
             valid = t_c != IGNORE_INDEX
             safe_t = torch.where(valid, t_c, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            picked = logits.gather(1, safe_t[:, None])[:, 0]
-            loss += ((lse - picked) * valid).sum()
+            picked = logits.gather(1, safe_t[:, None])[:, 0]  # (n,) the target's logit
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()  # exp(logits - max), in place: one pass for loss and gradient
+            total = e.sum(dim=-1)
+            loss += ((top[:, 0] + total.log() - picked) * valid).sum()  # log-sum-exp - target logit
             if want_h or want_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g = e.div_(total[:, None])  # softmax
                 g[torch.arange(len(t_c), device=g.device), safe_t] -= 1.0
                 g.mul_((valid / n_valid)[:, None])  # ignored rows get no gradient; mean over valid
                 g = g.to(low)
