@@ -1,7 +1,6 @@
 """BitFit (bias vectors added to a bias-free Llama) on the tiny seeded model: the five method tests,
 training, and parameter counts."""
 
-from dataclasses import replace
 
 import pytest
 import torch
@@ -10,15 +9,13 @@ from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.bitfit import BitFitLinear
 from minipeft.llama import Llama, LlamaConfig
+from helpers import tiny, assert_cached_decoding_equals_full_forward
 
 CASES = [{}, dict(targets=("q_proj", "gate_proj", "up_proj"))]
 IDS = ["all-seven", "query-and-middle-of-mlp"]
 IDX = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return Llama(replace(LlamaConfig.from_name("tiny"), **overrides)).eval()
 
 
 def bitfit(hyper, seed=0, **overrides):
@@ -104,17 +101,7 @@ def test_merge_into_a_linear_that_already_has_a_bias():
 @pytest.mark.parametrize("hyper", CASES, ids=IDS)
 def test_cached_decoding_equals_full_forward(hyper):
     m = perturb(bitfit(hyper))
-    full = m(IDX)
-    m.setup_kv_cache(2, 16)
-    steps = [m(IDX[:, :6], cache_start=0)] + [m(IDX[:, t:t + 1], cache_start=t) for t in range(6, 11)]
-    m.clear_kv_cache()
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-    prompts = [IDX[0, :7].tolist(), IDX[1, :4].tolist()]
-    for prompt, generated in zip(prompts, m.generate(prompts, max_new_tokens=5)):
-        seq = list(prompt)
-        for _ in range(5):  # greedy without the cache
-            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-        assert generated == seq[len(prompt):]
+    assert_cached_decoding_equals_full_forward(m, IDX)
 
 
 @pytest.mark.parametrize("hyper", CASES, ids=IDS)

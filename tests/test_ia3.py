@@ -2,7 +2,6 @@
 and the Hugging Face PEFT IA3 format."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from minipeft.ia3 import apply as apply_ia3
 from minipeft.ia3pp import QKSkipNorm, merge_and_unload
 from minipeft.llama import Llama, LlamaConfig, apply_rope
 from minipeft.safetensors_io import save_file
+from helpers import tiny, assert_cached_decoding_equals_full_forward
 
 CASES = [
     ("ia3", {}),
@@ -27,9 +27,6 @@ IDS = ["ia3", "ia3-all-linear", "ia3pp", "ia3pp-no-l_o", "ia3pp-no-norm", "ia3pp
 IDX = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return Llama(replace(LlamaConfig.from_name("tiny"), **overrides)).eval()
 
 
 def adapted(name, hyper, seed=0, **overrides):
@@ -202,17 +199,7 @@ def test_ia3pp_without_norm_and_l_o_is_plain_ia3():
 @pytest.mark.parametrize("name,hyper", CASES, ids=IDS)
 def test_cached_decoding_equals_full_forward(name, hyper):
     m = perturb(adapted(name, hyper))
-    full = m(IDX)
-    m.setup_kv_cache(2, 16)
-    steps = [m(IDX[:, :6], cache_start=0)] + [m(IDX[:, t:t + 1], cache_start=t) for t in range(6, 11)]
-    m.clear_kv_cache()
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-    prompts = [IDX[0, :7].tolist(), IDX[1, :4].tolist()]
-    for prompt, generated in zip(prompts, m.generate(prompts, max_new_tokens=5)):
-        seq = list(prompt)
-        for _ in range(5):  # greedy without the cache
-            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-        assert generated == seq[len(prompt):]
+    assert_cached_decoding_equals_full_forward(m, IDX)
 
 
 @pytest.mark.parametrize("name,hyper", CASES, ids=IDS)

@@ -14,14 +14,9 @@ import torch
 from minipeft.llama import (Llama, LlamaConfig, apply_rope, half_to_interleaved, interleaved_to_half,
                             linear_cross_entropy, rope_frequencies, sample, save_meta)
 from minipeft.safetensors_io import load_file, read_header, save_file
+from helpers import tiny
 
 
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig.from_name("tiny")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return Llama(cfg).eval()
 
 
 # ---------------------------------------------------------------- forward, masks, cache

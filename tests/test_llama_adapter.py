@@ -9,16 +9,11 @@ from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.llama import Llama, LlamaConfig, apply_rope
 from minipeft.llama_adapter import AdaptionPrompt, BiasScaleLinear, merge_bias_scale
+from helpers import tiny
 
 NORM_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig.from_name("tiny")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return Llama(cfg).eval()
 
 
 def adapted(version, seed=0, open_gates=False, **hyper):

@@ -11,9 +11,10 @@ import torch
 
 from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
-from minipeft.llama import PRESETS, Llama, LlamaConfig
+from minipeft.llama import Llama, LlamaConfig
 from minipeft.dora import DoRAConfig, DoRALinear
 from minipeft.safetensors_io import load_file, save_file
+from helpers import tiny
 
 METHODS = ["lora", "dora", "simple_dora"]
 HYPER = dict(r=4, alpha=8.0, targets="all-linear")
@@ -21,9 +22,6 @@ LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 PREFIX = "base_model.model.model."
 
 
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return Llama(LlamaConfig(**{**PRESETS["tiny"], **overrides})).eval()
 
 
 def tokens(B=2, T=12, seed=5):

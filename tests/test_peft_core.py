@@ -10,12 +10,9 @@ import torch.nn as nn
 
 from minipeft import adapters, peft, safetensors_io
 from minipeft.adapters import apply_method, load_adapter, save_adapter
-from minipeft.llama import PRESETS, Llama, LlamaConfig
+from helpers import tiny
 
 
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return Llama(LlamaConfig(**{**PRESETS["tiny"], **overrides})).eval()
 
 
 def tokens():

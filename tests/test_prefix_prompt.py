@@ -14,6 +14,7 @@ from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.llama import Llama, LlamaConfig
 from minipeft.prefix_tuning import LayerPrefix, PrefixTuningConfig, fold, tile
 from minipeft.tokenizer import Tokenizer
+from helpers import tiny
 
 VARIANTS = {  # name -> (method, hyper-parameters)
     "prefix": ("prefix_tuning", dict(prefix_len=4)),
@@ -24,12 +25,6 @@ METHOD_PARAM_PREFIXES = ("layers.0.self_attn.kv_prefix.", "layers.1.self_attn.kv
                          "input_prefix.")
 
 
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig.from_name("tiny")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return Llama(cfg).eval()
 
 
 def adapted(variant, seed=0):
