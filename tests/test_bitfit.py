@@ -1,7 +1,6 @@
 """BitFit (bias vectors added to a bias-free Llama) on the tiny seeded model: the five method tests,
 training, and parameter counts."""
 
-
 import pytest
 import torch
 
@@ -14,8 +13,6 @@ from helpers import tiny, assert_cached_decoding_equals_full_forward
 CASES = [{}, dict(targets=("q_proj", "gate_proj", "up_proj"))]
 IDS = ["all-seven", "query-and-middle-of-mlp"]
 IDX = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
 
 
 def bitfit(hyper, seed=0, **overrides):

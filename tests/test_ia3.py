@@ -27,8 +27,6 @@ IDS = ["ia3", "ia3-all-linear", "ia3pp", "ia3pp-no-l_o", "ia3pp-no-norm", "ia3pp
 IDX = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-
-
 def adapted(name, hyper, seed=0, **overrides):
     return apply_method(tiny(seed, **overrides), name, **hyper)
 

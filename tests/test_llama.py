@@ -17,8 +17,6 @@ from minipeft.safetensors_io import load_file, read_header, save_file
 from helpers import tiny
 
 
-
-
 # ---------------------------------------------------------------- forward, masks, cache
 
 

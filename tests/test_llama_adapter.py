@@ -14,8 +14,6 @@ from helpers import tiny
 NORM_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 
-
-
 def adapted(version, seed=0, open_gates=False, **hyper):
     m = tiny(seed)
     torch.manual_seed(seed + 1)

@@ -22,8 +22,6 @@ LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 PREFIX = "base_model.model.model."
 
 
-
-
 def tokens(B=2, T=12, seed=5):
     return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(seed))
 

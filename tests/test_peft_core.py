@@ -13,8 +13,6 @@ from minipeft.adapters import apply_method, load_adapter, save_adapter
 from helpers import tiny
 
 
-
-
 def tokens():
     return torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(5))
 

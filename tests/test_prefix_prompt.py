@@ -25,8 +25,6 @@ METHOD_PARAM_PREFIXES = ("layers.0.self_attn.kv_prefix.", "layers.1.self_attn.kv
                          "input_prefix.")
 
 
-
-
 def adapted(variant, seed=0):
     method, hyper = VARIANTS[variant]
     m = tiny(seed)
