@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minipeft.adapters import apply_method  # noqa: E402
 from minipeft.llama import Llama, LlamaConfig, rope_frequencies  # noqa: E402
-from minipeft.lora import LoRALinear  # noqa: E402
+from minipeft.methods.lora import LoRALinear  # noqa: E402
 
 LORA = dict(r=16, alpha=32.0)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -3,26 +3,31 @@
     from minipeft import Llama, apply_method, trainable_report
     model = Llama.from_pretrained("~/models/Llama-3.2-1B")
     apply_method(model, "lora", r=16, targets="all-linear")   # or lora.apply(model, LoRAConfig(...))
+
+The package, by layer: llama.py, tokenizer.py, safetensors_io.py (the model and its files); peft.py
+(the one injection mechanism); methods/ (one module per method, and the table of them); adapters.py,
+hf_peft.py (saving and loading adapters; the Hugging Face PEFT format); data.py, finetune.py,
+evaluate.py, compare.py, toy.py (the job); lab.py (the notebooks' helpers).
 """
 
-from . import (bitfit, dora, ia3, ia3pp, llama_adapter, lora, partially_tied_lora, prefix_tuning,
-               prompt_tuning, simple_dora, tensor_embedding, tied_lora, tied_lora_extra)
 from .adapters import METHODS, apply_method, load_adapter, save_adapter
-from .bitfit import BitFitConfig
-from .dora import DoRAConfig
-from .ia3 import IA3Config
-from .ia3pp import IA3PPConfig
 from .llama import Llama, LlamaConfig
-from .llama_adapter import LlamaAdapterConfig
-from .lora import LoRAConfig
-from .partially_tied_lora import PartiallyTiedLoRAConfig
+from .methods import (bitfit, dora, ia3, ia3pp, llama_adapter, lora, partially_tied_lora, prefix_tuning,
+                      prompt_tuning, simple_dora, tensor_embedding, tied_lora, tied_lora_extra)
+from .methods.bitfit import BitFitConfig
+from .methods.dora import DoRAConfig
+from .methods.ia3 import IA3Config
+from .methods.ia3pp import IA3PPConfig
+from .methods.llama_adapter import LlamaAdapterConfig
+from .methods.lora import LoRAConfig
+from .methods.partially_tied_lora import PartiallyTiedLoRAConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig
+from .methods.simple_dora import SimpleDoRAConfig
+from .methods.tensor_embedding import TensorEmbeddingConfig
+from .methods.tied_lora import TiedLoRAConfig
+from .methods.tied_lora_extra import TiedLoRAExtraConfig
 from .peft import count_parameters, merge, param_groups, trainable_report, unmerge
-from .prefix_tuning import PrefixTuningConfig
-from .prompt_tuning import PromptTuningConfig
-from .simple_dora import SimpleDoRAConfig
-from .tensor_embedding import TensorEmbeddingConfig
-from .tied_lora import TiedLoRAConfig
-from .tied_lora_extra import TiedLoRAExtraConfig
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"

@@ -9,11 +9,13 @@ refuses a base model whose fingerprint differs (naming the fields). Writes are a
 rename), the tensors first and the JSON last, so a directory with a JSON is always complete.
 
 A Hugging Face PEFT directory (adapter_config.json + adapter_model.safetensors) is recognised and
-handed to minipeft/hf_peft.py, which maps its key names and config onto the same methods.
+handed to minipeft/hf_peft.py, which maps its key names and config onto the same methods. The
+imports go one way: adapters -> hf_peft -> methods -> peft.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -22,27 +24,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .peft import applied_configs
+from .hf_peft import load_peft_adapter, save_peft_adapter
+from .methods import METHODS
+from .peft import applied_configs, check_base
 from .safetensors_io import atomic_write, load_file, save_file
 
 CONFIG_FILE, WEIGHTS_FILE = "minipeft_adapter.json", "adapter.safetensors"
 
-# method name -> (module, config class). Each module also has `apply(model, config)`.
-METHODS = {
-    "lora": ("minipeft.lora", "LoRAConfig"),
-    "dora": ("minipeft.dora", "DoRAConfig"),
-    "simple_dora": ("minipeft.simple_dora", "SimpleDoRAConfig"),
-    "tied_lora": ("minipeft.tied_lora", "TiedLoRAConfig"),
-    "partially_tied_lora": ("minipeft.partially_tied_lora", "PartiallyTiedLoRAConfig"),
-    "tied_lora_extra": ("minipeft.tied_lora_extra", "TiedLoRAExtraConfig"),
-    "tensor_embedding": ("minipeft.tensor_embedding", "TensorEmbeddingConfig"),
-    "ia3": ("minipeft.ia3", "IA3Config"),
-    "ia3pp": ("minipeft.ia3pp", "IA3PPConfig"),
-    "prefix_tuning": ("minipeft.prefix_tuning", "PrefixTuningConfig"),
-    "prompt_tuning": ("minipeft.prompt_tuning", "PromptTuningConfig"),
-    "llama_adapter": ("minipeft.llama_adapter", "LlamaAdapterConfig"),
-    "bitfit": ("minipeft.bitfit", "BitFitConfig"),
-}
+# Hugging Face PEFT's names for fields that minipeft's configs call otherwise
+PEFT_FIELD_NAMES = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                    "feedforward_modules": "feedforward_targets", "num_virtual_tokens": "prefix_len or prompt_len",
+                    "adapter_len": "prompt_len", "adapter_layers": "n_layers_adapted"}
 
 
 def method_module(name: str):
@@ -57,6 +49,13 @@ def method_module(name: str):
 def apply_method(model: nn.Module, name: str, **hyper) -> nn.Module:
     """`apply_method(model, "lora", r=8, targets=["q_proj", "v_proj"])`: build the config and apply it."""
     module, config_cls = method_module(name)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    for field in hyper:
+        if field not in known:
+            hint = (f"; '{field}' is Hugging Face PEFT's name, minipeft's is '{PEFT_FIELD_NAMES[field]}'"
+                    if field in PEFT_FIELD_NAMES else "")
+            raise TypeError(f"{name}: {config_cls.__name__} has no field '{field}'{hint}; "
+                            f"its fields are {sorted(known)}")
     try:
         config = config_cls(**hyper)
     except TypeError as e:
@@ -79,7 +78,6 @@ def save_adapter(model: nn.Module, path: str | Path, format: str = "minipeft") -
     """Write the adapter to directory `path` (format "minipeft", or "peft" for Hugging Face PEFT)."""
     path = Path(path)
     if format == "peft":
-        from .hf_peft import save_peft_adapter
         return save_peft_adapter(model, path)
     if format != "minipeft":
         raise ValueError(f"save_adapter: unknown format '{format}' (use 'minipeft' or 'peft')")
@@ -105,19 +103,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_base(model: nn.Module, expected: dict, source: Path) -> None:
-    have = model.config.fingerprint()
-    diff = {k: (v, have.get(k)) for k, v in expected.items() if have.get(k) != v}
-    if diff:
-        details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{source}: this adapter was trained on a different base model ({details})")
-
-
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply the methods recorded in `path` to `model` and load their weights (minipeft or HF PEFT dir)."""
     path = Path(path)
     if (path / "adapter_config.json").exists() and not (path / CONFIG_FILE).exists():
-        from .hf_peft import load_peft_adapter
         return load_peft_adapter(model, path)
     if not (path / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (minipeft) or adapter_config.json (Hugging Face PEFT)")

@@ -1,5 +1,8 @@
-"""Hugging Face PEFT adapter directories: load and save LoRA, rsLoRA and DoRA (and, through
-minipeft/ia3.py, (IA)^3) for a minipeft Llama, so adapters move both ways between the libraries.
+"""Hugging Face PEFT adapter directories: load and save LoRA, rsLoRA, DoRA and (IA)^3 for a minipeft
+Llama, so adapters move both ways between the libraries.
+
+This module sits below minipeft/adapters.py: it imports the method modules and the core (peft.py),
+never adapters.py, so saving an adapter goes adapters -> hf_peft -> methods -> peft, with no circle.
 
 The format, as written by peft's `save_pretrained` (key names from `get_peft_model_state_dict` in
 peft/utils/save_and_load.py, which drops the adapter name "default" and, for DoRA, the ".weight" of
@@ -26,7 +29,6 @@ that loading onto a different base fails clearly even when the shapes happen to 
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections import Counter
@@ -35,8 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import dora, lora, peft
-from .adapters import check_base
+from . import peft
+from .methods import dora, ia3, lora
+from .peft import check_base
 from .safetensors_io import atomic_write, load_file, save_file
 
 PREFIX = "base_model.model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM -> LlamaModel
@@ -61,7 +64,7 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     tensors = _read_tensors(path)
     kind = config.get("peft_type")
     if kind == "IA3":
-        importlib.import_module("minipeft.ia3").from_peft(model, config, tensors, str(path / WEIGHTS_FILE))
+        ia3_from_peft(model, config, tensors, str(path / WEIGHTS_FILE))
     elif kind == "LORA":
         _load_lora(model, config, tensors, path)
     else:
@@ -77,7 +80,7 @@ def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_pat
     if not methods:
         raise ValueError("save_peft_adapter: no PEFT method has been applied to this model")
     if methods == {"ia3"}:
-        config, tensors = importlib.import_module("minipeft.ia3").to_peft(model)
+        config, tensors = ia3_to_peft(model)
     elif methods in ({"lora"}, {"dora"}):
         config, tensors = _lora_to_peft(model)
     else:
@@ -139,12 +142,13 @@ def _lora_groups(model: nn.Module, config: dict, source: Path) -> dict[tuple[int
     return groups
 
 
-def _peft_match(spec, key: str) -> bool:
-    """PEFT's rule: a str is a regex that must match the whole name; a list entry matches the whole
-    name or a dotted tail of it."""
+def _peft_match(spec, key: str, rule: str = "target") -> bool:
+    """PEFT's name matching on the HF module name `key`: a str is a regex that must match the whole
+    name; a list entry matches the whole name or a dotted tail of it ("target"), or any tail of it
+    ("feedforward": IA3's `feedforward_modules` use `endswith`)."""
     if isinstance(spec, str):
         return spec == "all-linear" or re.fullmatch(spec, key) is not None
-    return any(key == t or key.endswith("." + t) for t in spec or [])
+    return any(key == t or key.endswith(t if rule == "feedforward" else "." + t) for t in spec or [])
 
 
 def _peft_targets(model: nn.Module, config: dict, source: Path) -> list[str]:
@@ -220,10 +224,71 @@ def _lora_to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _compact(model: nn.Module, names: list[str]) -> list[str]:
-    """Leaf names (["q_proj", "v_proj"]) when they pick exactly `names` in the model, else the full names."""
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    """Leaf names (["q_proj", "v_proj"], in model order) when they pick exactly `names` in the model,
+    else the full names."""
+    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
     picked = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
     return leaves if picked == set(names) else list(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# (IA)^3 (peft/tuners/ia3: layer.py stores `ia3_l`, model.py matches the names)
+
+
+def ia3_from_peft(model: nn.Module, adapter_config: dict, tensors: dict[str, torch.Tensor],
+                  source: str = WEIGHTS_FILE) -> nn.Module:
+    """Apply (IA)^3 as a PEFT `adapter_config.json` describes it and load its `ia3_l` tensors.
+
+    Everything is checked (keys both ways, shapes) before the model is touched."""
+    if adapter_config.get("peft_type") != "IA3":
+        raise ValueError(f"from_peft: peft_type is {adapter_config.get('peft_type')!r}, expected 'IA3'")
+    if adapter_config.get("modules_to_save"):
+        raise NotImplementedError(f"from_peft: modules_to_save={adapter_config['modules_to_save']} is not supported")
+    target_spec, ff_spec = adapter_config.get("target_modules"), adapter_config.get("feedforward_modules")
+    target_spec = ["k_proj", "v_proj", "down_proj"] if target_spec is None else target_spec  # PEFT's llama default
+    ff_spec = ["down_proj"] if ff_spec is None else ff_spec
+    exclude = adapter_config.get("exclude_modules") or []
+    linears = peft.match_targets(model, "all-linear")
+    targets = [n for n in linears if _peft_match(target_spec, "model." + n) and not _peft_match(exclude, "model." + n)]
+    ff = [n for n in targets if _peft_match(ff_spec, "model." + n, "feedforward")]
+    if not targets:
+        raise ValueError(f"from_peft: target_modules {target_spec!r} matched no linear layer of this model")
+    shapes = {}
+    for n in targets:
+        linear = model.get_submodule(n)
+        shapes[PREFIX + n + ".ia3_l"] = (1, linear.in_features) if n in ff else (linear.out_features, 1)
+    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        raise KeyError(f"{source}: IA3 tensors do not match the config: missing {missing[:3]}, "
+                       f"unexpected {unexpected[:3]}")
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{source}: '{key}' has shape {tuple(tensors[key].shape)}, this base model expects "
+                             f"{shape} (an adapter for a different base model?)")
+    ia3.apply(model, ia3.IA3Config(targets=tuple(_compact(model, targets)),
+                                   feedforward_targets=tuple(_compact(model, ff))))
+    with torch.no_grad():
+        for n in targets:
+            model.get_submodule(n).ia3_l.copy_(tensors[PREFIX + n + ".ia3_l"].reshape(-1))
+    return model
+
+
+def ia3_to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, tensors) in Hugging Face PEFT's IA3 layout for the model's (IA)^3 modules."""
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, ia3.IA3Linear) and m.peft_method == "ia3"]
+    if not mods:
+        raise ValueError("to_peft: the model has no (IA)^3 modules (apply the 'ia3' method first)")
+    names, ff = [n for n, _ in mods], [n for n, m in mods if m.feedforward]
+    leaf_targets, leaf_ff = _compact(model, names), _compact(model, ff)
+    # PEFT checks feedforward_modules is a subset of target_modules, so both lists use one style
+    short = leaf_targets != names and (not ff or leaf_ff != ff)
+    targets, ffs = (leaf_targets, leaf_ff) if short else (names, ff)
+    config = dict(peft_type="IA3", task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ffs,
+                  exclude_modules=None, fan_in_fan_out=False, modules_to_save=None, init_ia3_weights=True,
+                  inference_mode=True, base_model_name_or_path=None, revision=None)
+    tensors = {PREFIX + n + ".ia3_l": (m.ia3_l[None, :] if m.feedforward else m.ia3_l[:, None]).detach().clone()
+               for n, m in mods}
+    return config, tensors
 
 
 def _read_json(path: Path) -> dict:

@@ -23,7 +23,8 @@ What the core asks of adapter modules (duck-typed, no base class needed):
   * parameters may carry `lr_scale` (float) and `no_weight_decay` (bool) attributes, read by
     `param_groups` (LoRA+, the B learning-rate boost).
 
-Saving and loading live in minipeft/adapters.py; this file is only about putting methods in place.
+Saving and loading live in minipeft/adapters.py (minipeft's format) and minipeft/hf_peft.py (Hugging
+Face PEFT's); this file is about putting methods in place, plus `check_base`, which both use.
 """
 
 from __future__ import annotations
@@ -205,3 +206,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
             groups.setdefault(key, []).append(p)
     return [dict(params=ps, lr=lr * scale, weight_decay=0.0 if no_wd else weight_decay, lr_scale=scale)
             for (scale, no_wd), ps in sorted(groups.items())]
+
+
+def check_base(model: nn.Module, expected: dict, source) -> None:
+    """Refuse an adapter recorded for another base model: compare `model.config.fingerprint()` with
+    the fingerprint saved beside the adapter, naming each field that differs."""
+    have = model.config.fingerprint()
+    diff = {k: (v, have.get(k)) for k, v in expected.items() if have.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{source}: this adapter was trained on a different base model ({details})")

@@ -6,7 +6,7 @@ import torch
 
 from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
-from minipeft.bitfit import BitFitLinear
+from minipeft.methods.bitfit import BitFitLinear
 from minipeft.llama import Llama, LlamaConfig
 from helpers import tiny, assert_cached_decoding_equals_full_forward
 

@@ -8,16 +8,19 @@ import torch
 
 from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
-from minipeft.ia3 import PEFT_PREFIX, IA3Config, IA3Linear, from_peft, to_peft
-from minipeft.ia3 import apply as apply_ia3
-from minipeft.ia3pp import QKSkipNorm, merge_and_unload
+from minipeft.hf_peft import PREFIX as PEFT_PREFIX
+from minipeft.hf_peft import ia3_from_peft as from_peft
+from minipeft.hf_peft import ia3_to_peft as to_peft
+from minipeft.methods.ia3 import IA3Config, IA3Linear
+from minipeft.methods.ia3 import apply as apply_ia3
+from minipeft.methods.ia3pp import QKSkipNorm, merge_and_unload
 from minipeft.llama import Llama, LlamaConfig, apply_rope
 from minipeft.safetensors_io import save_file
 from helpers import tiny, assert_cached_decoding_equals_full_forward
 
 CASES = [
     ("ia3", {}),
-    ("ia3", dict(target_modules=("all-linear",), feedforward_modules=("down_proj",))),
+    ("ia3", dict(targets=("all-linear",), feedforward_targets=("down_proj",))),
     ("ia3pp", {}),
     ("ia3pp", dict(use_l_o=False)),
     ("ia3pp", dict(use_qk_norm=False)),
@@ -48,7 +51,7 @@ def rel_err(a, b):
 def closed_form(cfg: LlamaConfig, name: str, hyper: dict) -> int:
     """Trainable numbers from the docstrings' formulas."""
     L, kv, hd = cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim
-    if name == "ia3" and hyper.get("target_modules") == ("all-linear",):
+    if name == "ia3" and hyper.get("targets") == ("all-linear",):
         # outputs of q, k, v, o, gate, up; input of down
         return L * (cfg.n_heads * hd + 2 * kv + cfg.dim + 2 * cfg.ffn_dim + cfg.ffn_dim)
     if name == "ia3":
@@ -308,8 +311,8 @@ def test_from_peft_errors_leave_the_model_alone():
 
 @pytest.mark.parametrize("hyper,targets", [
     ({}, ["k_proj", "v_proj", "down_proj"]),
-    (dict(target_modules=("layers.0.self_attn.k_proj", "layers.1.mlp.down_proj"),
-          feedforward_modules=("layers.1.mlp.down_proj",)), ["layers.0.self_attn.k_proj", "layers.1.mlp.down_proj"]),
+    (dict(targets=("layers.0.self_attn.k_proj", "layers.1.mlp.down_proj"),
+          feedforward_targets=("layers.1.mlp.down_proj",)), ["layers.0.self_attn.k_proj", "layers.1.mlp.down_proj"]),
 ])
 def test_to_peft_from_peft_round_trip(hyper, targets):
     m = perturb(apply_ia3(tiny(), IA3Config(**hyper)))

@@ -8,7 +8,7 @@ import torch
 from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.llama import Llama, LlamaConfig, apply_rope
-from minipeft.llama_adapter import AdaptionPrompt, BiasScaleLinear, merge_bias_scale
+from minipeft.methods.llama_adapter import AdaptionPrompt, BiasScaleLinear, merge_bias_scale
 from helpers import tiny
 
 NORM_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight")

@@ -3,16 +3,15 @@ training run, closed-form parameter counts, the gamma reparameterisation, and th
 
 import json
 import math
-import sys
 import types
 
 import pytest
 import torch
 
-from minipeft import peft
+from minipeft import hf_peft, peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.llama import Llama, LlamaConfig
-from minipeft.dora import DoRAConfig, DoRALinear
+from minipeft.methods.dora import DoRAConfig, DoRALinear
 from minipeft.safetensors_io import load_file, save_file
 from helpers import tiny
 
@@ -467,13 +466,13 @@ def test_peft_dir_errors(tmp_path):
         load_adapter(tiny(), tmp_path / "bin")
 
 
-def test_peft_ia3_is_dispatched_to_ia3_module(tmp_path, monkeypatch):
+def test_peft_ia3_is_dispatched_to_the_ia3_converters(tmp_path, monkeypatch):
     calls = []
-    fake = types.SimpleNamespace(
-        from_peft=lambda model, config, tensors, source=None: calls.append(("from", config, sorted(tensors))),
-        to_peft=lambda model: (calls.append(("to",)) or ({"peft_type": "IA3", "target_modules": ["k_proj"]},
-                                                        {PREFIX + "layers.0.self_attn.k_proj.ia3_l": torch.ones(32, 1)})))
-    monkeypatch.setitem(sys.modules, "minipeft.ia3", fake)
+    monkeypatch.setattr(hf_peft, "ia3_from_peft", lambda model, config, tensors, source=None:
+                        calls.append(("from", config, sorted(tensors))))
+    monkeypatch.setattr(hf_peft, "ia3_to_peft", lambda model: (
+        calls.append(("to",)) or ({"peft_type": "IA3", "target_modules": ["k_proj"]},
+                                  {PREFIX + "layers.0.self_attn.k_proj.ia3_l": torch.ones(32, 1)})))
     model = tiny()
     model.peft_configs = [types.SimpleNamespace(method="ia3")]
     save_adapter(model, tmp_path, format="peft")

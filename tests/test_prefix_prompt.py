@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from minipeft import peft
 from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.llama import Llama, LlamaConfig
-from minipeft.prefix_tuning import LayerPrefix, PrefixTuningConfig, fold, tile
+from minipeft.methods.prefix_tuning import LayerPrefix, PrefixTuningConfig, fold, tile
 from minipeft.tokenizer import Tokenizer
 from helpers import tiny
 

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from . import peft
+from .. import peft
 from .tied_lora import TiedLoRALinear, check_slices, leaf_name, one_hot_mixing, shared_factors, uniform
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import peft
+from .. import peft
 
 WHY_NOT_MERGEABLE = "adds trainable keys/values (extra attention columns), which no weight change reproduces"
 

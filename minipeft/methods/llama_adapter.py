@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import peft
-from .llama import RMSNorm
+from .. import peft
+from ..llama import RMSNorm
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LlamaAdapterConfig:
     version: int = 1                      # 1: gated adaption prompts; 2: + bias/scale on linears, trainable norms
     prompt_len: int = 10                  # K: prompt positions per adapted layer (the paper: 10)
     n_layers_adapted: int | None = None   # L: the top L layers get prompts; None = all (the paper: 30 of LLaMA-7B's 32)
-    linear_targets: tuple[str, ...] = ("all-linear",)  # v2 only: linears that get the bias and scale
+    targets: tuple[str, ...] = ("all-linear",)  # v2 only: linears that get the bias and scale
 
 
 class AdaptionPrompt(nn.Module):
@@ -132,7 +132,7 @@ def apply(model: nn.Module, config: LlamaAdapterConfig) -> nn.Module:
     peft.fill_slot(model, "extra_branch", lambda i, attn: AdaptionPrompt(config.prompt_len, cfg.dim, cfg.n_heads, dev),
                    layers=list(range(n - L, n)))
     if config.version == 2:
-        peft.inject(model, config.linear_targets, lambda name, linear: BiasScaleLinear(linear))
+        peft.inject(model, config.targets, lambda name, linear: BiasScaleLinear(linear))
         for m in model.modules():
             if isinstance(m, BiasScaleLinear):
                 m.adapter_scale.no_weight_decay = m.adapter_bias.no_weight_decay = True

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from . import peft
+from .. import peft
 from .prefix_tuning import tile
 
 

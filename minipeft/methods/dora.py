@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import peft
+from .. import peft
 from .lora import LoRAConfig, LoRALinear
 
 

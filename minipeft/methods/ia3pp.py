@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from . import peft
+from .. import peft
 from .ia3 import IA3Linear
 
 

@@ -1,6 +1,6 @@
 """Tensor Embedding Adaptation: Tied-LoRA Extra whose per-layer cores come from a shared stack.
 
-Tied-LoRA Extra (minipeft/tied_lora_extra.py) gives each layer a free core M_i (r2, r1). Here the
+Tied-LoRA Extra (minipeft/methods/tied_lora_extra.py) gives each layer a free core M_i (r2, r1). Here the
 cores are themselves tied: a stack L (l, r2, r1) is shared per target name, and each layer keeps only
 an embedding vector w_i (l) that mixes it:
 
@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from . import peft
+from .. import peft
 from .tied_lora import LowRankDelta, check_slices, leaf_name, one_hot_mixing, shared_factors, uniform
 from .tied_lora_extra import TiedLoRAExtraLinear
 
