@@ -27,7 +27,8 @@ from .methods.simple_dora import SimpleDoRAConfig
 from .methods.tensor_embedding import TensorEmbeddingConfig
 from .methods.tied_lora import TiedLoRAConfig
 from .methods.tied_lora_extra import TiedLoRAExtraConfig
-from .peft import count_parameters, merge, param_groups, trainable_report, unmerge
+from .generate import generate_text
+from .peft import count_parameters, merge, merge_and_unload, param_groups, trainable_report, unmerge
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"

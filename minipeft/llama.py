@@ -147,7 +147,10 @@ PRESETS: dict[str, dict] = {
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (bf16 loses the small mean square)."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (bf16 loses the small mean square).
+
+    The output has x's dtype whatever the weight's: a trainable fp32 norm weight (LLaMA-Adapter v2's
+    master weights) on a bf16 model must not turn the next bf16 Linear's input into fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -157,7 +160,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (self.weight * xf.to(x.dtype)).to(x.dtype)  # HF's rounding order, then x's dtype
 
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -397,13 +400,18 @@ class Llama(nn.Module):
                 cache_start: int | None = None, return_logits: bool = True):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy when targets are given.
 
-        targets (B, T): the token to predict at each position (no shift inside), IGNORE_INDEX to skip.
+        targets (B, T): the token to predict at each position (no shift inside), IGNORE_INDEX to skip;
+            passing idx itself (the Hugging Face habit) is an error: use idx[:, :-1], idx[:, 1:].
         segment_ids (B, T): tokens attend only to earlier tokens with the same id (padding, packing);
-            positions then restart at 0 in each segment unless `positions` is given.
+            positions then restart at 0 in each segment unless `positions` is given (with a cache,
+            counted over the segment ids of the whole cache so far).
         cache_start: with a KV cache set up (setup_kv_cache), where in the cache idx begins.
         return_logits=False (with targets): returns (None, loss) and never builds the (B, T, vocab)
             logits (linear_cross_entropy): what training and evaluation of the loss use.
         """
+        if targets is idx:
+            raise ValueError("model(idx, targets): targets is idx itself. minipeft does not shift inside "
+                             "(targets[t] is the token after idx[t]); pass model(ids[:, :-1], ids[:, 1:])")
         mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
         cos, sin = self.rope(positions)
         x = self.embed_tokens(idx)  # (B, T, dim)
@@ -432,7 +440,11 @@ class Llama(nn.Module):
             mask = segment_mask(segment_ids, segment_ids)
         elif cache_start:
             mask = causal_mask(T, cache_start + T, idx.device)
-        if positions is None:
+        if positions is None and segment_ids is not None and cache_start:
+            # decoding: restart counting at each segment of everything in the cache so far, so a
+            # token continues its segment's positions instead of starting again at 0
+            positions = segment_positions(self.cache_segments[:, :cache_start + T])[:, cache_start:]
+        elif positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else torch.arange(T, device=idx.device).expand(B, T) + (cache_start or 0))
         return mask, positions

@@ -58,12 +58,34 @@ def freeze_base_once(model: nn.Module) -> None:
 
 
 def match_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Names of the nn.Linear modules that `targets` selects (in model order); error if none."""
+    """Names of the nn.Linear modules that `targets` selects (in model order); error if none.
+
+    Methods do not nest: the Linear inside a wrapper (`q_proj.base`) is never a candidate, and a
+    target that names an already wrapped Linear (or "all-linear" while any is wrapped) is refused
+    with "already has <method> on <name>", instead of wrapping the wrapper's inner Linear."""
     patterns = [targets] if isinstance(targets, str) else list(targets)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    if "all-linear" in patterns:
-        return linears
-    hits = [n for n in linears if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "*." + p) for p in patterns)]
+    adapters = {n for n, m in model.named_modules() if hasattr(m, "peft_method")}
+    wrapped = {n: m.peft_method for n, m in model.named_modules()
+               if n in adapters and isinstance(getattr(m, "base", None), nn.Linear)}
+
+    def inside_adapter(n: str) -> bool:  # a wrapper's .base, a prefix MLP's layers, ...
+        parts = n.split(".")
+        return parts[0] == "peft_shared" or any(".".join(parts[:i]) in adapters for i in range(1, len(parts)))
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
+               and not inside_adapter(n)]
+    candidates = [n for n, m in model.named_modules() if n in wrapped or n in linears]
+
+    def selected(n: str) -> bool:
+        return "all-linear" in patterns or any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "*." + p)
+                                               for p in patterns)
+
+    taken = [n for n in candidates if n in wrapped and selected(n)]
+    if taken:
+        raise ValueError(f"targets {patterns}: the model already has {wrapped[taken[0]]} on {taken[0]}"
+                         f"{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}; minipeft does not "
+                         "nest methods on one Linear: choose other targets, or load into a fresh base model")
+    hits = [n for n in linears if selected(n)]
     if not hits:
         examples = sorted({n.split(".")[-1] for n in linears})
         raise ValueError(f"targets {patterns} matched no linear module; names look like "
@@ -131,8 +153,9 @@ def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into the base weights (idempotent). Refuses, changing nothing, if any
-    adapter cannot be merged."""
+    """Fold every adapter into the base weights (idempotent). Transactional: it refuses, changing
+    nothing, if any adapter cannot be merged (checked first), and if a merge still fails midway the
+    modules merged so far are unmerged again before the error propagates."""
     mods = adapter_modules(model)
     blocked = [(n, m) for n, m in mods if not getattr(m, "mergeable", True)]
     if blocked:
@@ -140,20 +163,68 @@ def merge(model: nn.Module) -> None:
         raise NotImplementedError(f"cannot merge: {m.peft_method} at '{n}' " +
                                   getattr(m, "why_not_mergeable", "has no merge rule") +
                                   f" ({len(blocked)} such module(s)); nothing was merged")
-    for _, m in mods:
-        if not getattr(m, "merged", False):
-            with torch.no_grad():
-                m.merge()
-            m.merged = True
+    _switch(mods, to_merged=True)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo merge() (idempotent)."""
-    for _, m in adapter_modules(model):
-        if getattr(m, "merged", False):
+    """Undo merge() (idempotent; transactional like merge)."""
+    _switch(adapter_modules(model), to_merged=False)
+
+
+def _switch(mods: list[tuple[str, nn.Module]], to_merged: bool) -> None:
+    """Merge (or unmerge) each module not yet in that state; on an error, undo the ones done."""
+    done = []
+    try:
+        for _, m in mods:
+            if bool(getattr(m, "merged", False)) != to_merged:
+                with torch.no_grad():
+                    m.merge() if to_merged else m.unmerge()
+                m.merged = to_merged
+                done.append(m)
+    except BaseException:
+        for m in reversed(done):  # roll back, newest first
             with torch.no_grad():
-                m.unmerge()
-            m.merged = False
+                m.unmerge() if to_merged else m.merge()
+            m.merged = not to_merged
+        raise
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into the weights and put the plain nn.Linear modules back: a plain `Llama`
+    whose `save_pretrained` folder loads in minipeft and in Hugging Face transformers.
+
+    Only wrappers of a Linear (a module with `.base`) can be unloaded. A method that lives in a slot
+    (prefix/prompt tuning, LLaMA-Adapter's prompts, (IA)^3++'s QK skip-norm) or that a Llama checkpoint
+    cannot hold (a wrapper with `unloadable = False`, e.g. BitFit's new biases) is refused, with the
+    reason, before anything changes. Each wrapper's pre-merge copy (kept for an exact unmerge) is
+    dropped as soon as it is merged, so the peak extra memory is one weight matrix."""
+    mods = adapter_modules(model)
+    slots = [(n, m) for n, m in mods if not isinstance(getattr(m, "base", None), nn.Linear)]
+    if slots:
+        n, m = slots[0]
+        why = getattr(m, "why_not_unloadable", None) or getattr(m, "why_not_mergeable", "has no weight form")
+        raise NotImplementedError(f"merge_and_unload: {m.peft_method} at '{n}' {why} ({len(slots)} such "
+                                  "module(s)); it cannot become a plain Llama, nothing was changed")
+    blocked = [(n, m) for n, m in mods if not getattr(m, "mergeable", True) or not getattr(m, "unloadable", True)]
+    if blocked:
+        n, m = blocked[0]
+        why = (getattr(m, "why_not_unloadable", "") if getattr(m, "mergeable", True)
+               else getattr(m, "why_not_mergeable", "has no merge rule"))
+        raise NotImplementedError(f"merge_and_unload: {m.peft_method} at '{n}' {why} ({len(blocked)} such "
+                                  "module(s)); nothing was changed")
+    merge(model)
+    for name, m in mods:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.base)
+        if hasattr(m, "weight_before_merge"):
+            m.weight_before_merge = None  # the module is gone; free its copy now
+    for attr in ("peft_shared", "peft_configs"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    for p in model.parameters():
+        p.requires_grad_(False)  # a plain base model again, frozen as PEFT left it
+    model.peft_base_frozen = False
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +270,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
     A method raises one factor's learning rate by tagging its parameters: `p.lr_scale = 16.0`
     (LoRA+); norms and biases can opt out of decay with `p.no_weight_decay = True`.
     """
+    merged = [n for n, m in adapter_modules(model) if getattr(m, "merged", False)]
+    if merged:  # merged adapters are skipped by forward, so they would get no gradient at all
+        raise RuntimeError(f"the model is merged ('{merged[0]}' and {len(merged) - 1} more adapter module(s)): "
+                           "its adapters are folded into the weights and no longer train; call "
+                           "minipeft.unmerge(model) before training")
     groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -119,6 +119,8 @@ class atomic_write:
     """`with atomic_write(path) as f:` writes to a temp file beside `path`, renamed over it on success.
 
     A crash or exception mid-write leaves the previous file untouched (os.replace is atomic on POSIX).
+    mkstemp creates the temp file 0600; before the rename it gets the mode an ordinary open() would
+    give (0o666 & ~umask), so results on a shared machine stay readable by the group as usual.
     """
 
     def __init__(self, path: str | Path, mode: str = "wb"):
@@ -141,7 +143,15 @@ class atomic_write:
         finally:
             self.f.close()
             if exc_type is None:
+                os.chmod(self.tmp, 0o666 & ~current_umask())
                 os.replace(self.tmp, self.path)
             else:
                 os.unlink(self.tmp)
         return False
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -45,6 +45,7 @@ import torch
 
 from .data import NAMES, OBJECTS, synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl
 from .llama import Llama, LlamaConfig
+from .safetensors_io import current_umask
 from .tokenizer import Tokenizer
 
 # The toy base: the "toy" preset is 3.5x slower per token on 2 CPU cores for little gain here.
@@ -96,6 +97,7 @@ def _publish(build, final: Path) -> Path:
     """Run build(tmp_dir), then rename tmp_dir to `final` (atomic; a concurrent winner is kept)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; an ordinary mkdir would not
     try:
         build(tmp)
         os.replace(tmp, final)

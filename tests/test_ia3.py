@@ -77,7 +77,7 @@ def test_only_adapter_parameters_train(name, hyper):
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert all(n.endswith((".ia3_l", ".q_scale", ".k_scale")) for n in trainable)
     assert peft.count_parameters(m)[0] == closed_form(m.config, name, hyper)
-    _, loss = m(IDX, IDX)
+    _, loss = m(IDX[:, :-1], IDX[:, 1:])
     loss.backward()
     for n, p in m.named_parameters():
         if p.requires_grad:
@@ -119,7 +119,7 @@ def test_ia3pp_matches_the_design_card_equations():
 
 def test_qk_norm_scales_get_gradients_at_zero_init():
     m = adapted("ia3pp", {})
-    _, loss = m(IDX, IDX)
+    _, loss = m(IDX[:, :-1], IDX[:, 1:])
     loss.backward()
     norms = [mod for mod in m.modules() if isinstance(mod, QKSkipNorm)]
     assert len(norms) == m.config.n_layers

@@ -18,7 +18,8 @@ Trains: the biases, L * (n_heads*hd + 2*n_kv_heads*hd + 2*dim + 2*ffn_dim) numbe
 (376,832 for llama-3.2-1b, 0.0305% of its 1,235,814,400 weights).
 Merges: yes, as a bias. The base Linear has bias None, so merge() gives it a bias Parameter holding
 b (frozen) and unmerge() removes it again (exact); a base that already had a bias gets b added and
-subtracted.
+subtracted. Export (peft.merge_and_unload) refuses: minipeft's Llama and the config.json it writes
+have no `attention_bias`/`mlp_bias`, so a checkpoint could not hold the biases; keep the adapter.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class BitFitLinear(nn.Module):
     """A frozen Linear plus a trainable, zero-initialised bias on its output."""
 
     peft_method = "bitfit"
+    unloadable = False  # peft.merge_and_unload: a Llama checkpoint has no place for the biases
+    why_not_unloadable = ("adds biases, and minipeft's Llama checkpoint (config.json without attention_bias/"
+                          "mlp_bias) has no place for them; keep the adapter, or use peft.merge in memory")
 
     def __init__(self, base: nn.Linear):
         super().__init__()

@@ -15,6 +15,10 @@ Trains A, B (as LoRA, including its rsLoRA / gamma / LoRA+ options) and m (out,)
 Merges: W <- m / ||W0 + s B A|| * (W0 + s B A). Unmerging restores a copy of W0 kept at merge time
 (dividing the norm back out would be exact only up to rounding).
 
+LoRA+ (`loraplus_ratio`): the magnitude m gets the boosted learning rate ratio * lr, like B. This
+matches Hugging Face PEFT's `create_loraplus_optimizer`, which puts every 1-D trainable tensor (DoRA's
+`lora_magnitude_vector`, biases) in its "groupB" at lr * loraplus_lr_ratio.
+
 Dropout: we drop out only the LoRA branch's input, h = m/||.|| * (W0 x + s B A dropout(x)). PEFT
 instead also rescales W0 applied to the dropped-out input during training; both agree in eval mode.
 """
@@ -46,7 +50,7 @@ class DoRALinear(LoRALinear):
         super().__init__(base, config)
         with torch.no_grad():
             self.magnitude = nn.Parameter(self.weight_norm())  # m = ||W0 + s B A|| = ||W0|| (B = 0), (out,)
-        self.register_buffer("weight_before_merge", None, persistent=False)
+        self.magnitude.lr_scale = config.loraplus_ratio  # LoRA+ boosts m too, as PEFT does (docstring)
 
     def weight_norm(self) -> torch.Tensor:
         """||W0 + s B A|| per output row, (out,) fp32; W0 is the unmerged base weight."""

@@ -51,6 +51,8 @@ class QKSkipNorm(nn.Module):
     """q -> q + alpha_q ⊙ RMSNorm(q), k -> k + alpha_k ⊙ RMSNorm(k), per head over head_dim, alphas = 0."""
 
     peft_method = "ia3pp"
+    why_not_unloadable = ("is a QK skip-norm q + alpha * q / rms(q), a per-token nonlinearity that no weight "
+                          "matrix can hold (peft.merge folds the vectors and keeps it running)")
 
     def __init__(self, head_dim: int, eps: float, device: torch.device):
         super().__init__()

@@ -26,7 +26,12 @@ a scale towards 0 rather than 1).
 Merging: the prompt branch cannot merge (a second softmax over extra keys), so peft.merge refuses v1
 and v2 alike and changes nothing. For v2, `merge_bias_scale(model)` folds only the linear part into
 the weights (W <- scale * W, and the Linear gets bias scale * bias) with the prompts still active;
-peft.unmerge undoes it.
+peft.unmerge undoes it. peft.merge_and_unload refuses v1 and v2: the prompts have no weight form,
+and minipeft's Llama checkpoint has no biases.
+
+Known difference from Hugging Face PEFT's `adaption_prompt`: PEFT gates each layer with ONE scalar
+`adaption_gate` used as it is (no tanh); we keep the paper's code, one gate per head through tanh.
+PEFT's adapter weights therefore do not map onto this module.
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class BiasScaleLinear(nn.Module):
     """v2's y = scale * (W x + bias) around a frozen Linear; scale=1 and bias=0 at init."""
 
     peft_method = "llama_adapter"
+    unloadable = False
+    why_not_unloadable = "gives the Linear a bias, which minipeft's Llama checkpoint has no place for"
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -103,6 +110,15 @@ class BiasScaleLinear(nn.Module):
         if self.merged:  # the base Linear now holds scale * W and bias scale * bias
             return y
         return (self.adapter_scale * (y.float() + self.adapter_bias)).to(y.dtype)
+
+    @property
+    def mergeable(self) -> bool:  # checked by peft.merge before anything changes
+        return self.base.bias is None and bool((self.adapter_scale != 0).all())
+
+    @property
+    def why_not_mergeable(self) -> str:
+        return ("wraps a Linear that already has a bias" if self.base.bias is not None
+                else "has a scale of exactly 0, which unmerge could not divide back out")
 
     def merge(self) -> None:
         if self.base.bias is not None:

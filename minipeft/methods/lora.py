@@ -8,11 +8,16 @@ A frozen weight W (out, in) gets a trainable low-rank update:
 arXiv:2312.03732: s = alpha / sqrt(r), so the update does not shrink as r grows.)
 A starts Kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)), as in microsoft/LoRA and Hugging Face PEFT, and
 B starts at zero, so the model is unchanged at initialisation (section 4.1). Only A and B train.
-Merges: W <- W + s*gamma*B A (same logits to float rounding); unmerge subtracts the same product
-again, which restores W up to float rounding.
+Merges: W <- W + s*gamma*B A (same logits to float rounding). Unmerge restores W exactly, in every
+dtype: merge keeps a copy of W (in W's dtype) until unmerge, because subtracting the product again is
+off by rounding (in bf16 one merge + unmerge changed a third of the targeted weights). The cost is one
+extra copy of each targeted weight while merged; merge_and_unload drops each copy at once.
 
-`gamma`, the B learning-rate argument (write-up "Parameter Efficient Fine Tuning Ideas"). One factor
-starts at O(1), the other at zero. Adam moves every entry by about lr per step whatever the gradient's
+`gamma`, the boost of the RANDOM factor (write-up "Parameter Efficient Fine Tuning Ideas"). The two
+naming conventions, once: the write-up writes LoRA as x -> xW + xAB with A = 0, so ITS random factor
+is B, and it calls gamma the "B-boost"; Hugging Face PEFT, the LoRA paper and this file write
+h = W x + B A x with B = 0, so the random factor is A (`lora_A`). gamma always boosts the random
+factor: the write-up's B is our A. One factor starts at O(1), the other at zero. Adam moves every entry by about lr per step whatever the gradient's
 size, so over training the random factor A changes by O(lr * steps), little relative to itself: it
 stays close to a random projection. Multiply-divide reparameterisation: store A = A0 / gamma and
 multiply the branch by gamma, so the forward pass uses A_eff = gamma * A = A0.
@@ -80,6 +85,7 @@ class LoRALinear(nn.Module):
         self.scale = config.scaling * config.gamma
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
+        self.register_buffer("weight_before_merge", None, persistent=False)  # W while merged: exact unmerge
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads `q_proj.weight` keeps working
@@ -100,10 +106,13 @@ class LoRALinear(nn.Module):
         return y + self.lora(self.dropout(x)).to(y.dtype)
 
     def merge(self) -> None:
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        w = self.base.weight
+        self.weight_before_merge = w.detach().clone()
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))  # the sum in fp32, one rounding
 
     def unmerge(self) -> None:
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.base.weight.copy_(self.weight_before_merge)
+        self.weight_before_merge = None
 
     def extra_repr(self) -> str:
         return f"r={self.config.r}, scale={self.scale:g}, merged={self.merged}"

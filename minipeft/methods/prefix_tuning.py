@@ -24,6 +24,14 @@ study in section 7: better and more stable than random, especially with little d
 them become that layer's prefix. At init the model then behaves exactly as if those words were
 prepended to every input.
 
+Known differences from Hugging Face PEFT (so its prefix-tuning adapters do not load here as they are):
+  * positions: here the prefixes have no position and the real tokens keep RoPE positions 0, 1, ...;
+    PEFT passes the prefix as a past_key_values cache of length P, so the real tokens sit at
+    positions P, P+1, ... .
+  * `mlp_input_dim`, the width k of P', defaults here to the model dim; for a grouped-query model
+    PEFT's prefix encoder uses n_kv_heads * head_dim (the width of one position's keys) as its
+    token_dim. Set mlp_input_dim = n_kv_heads * head_dim to get PEFT's shape of P'.
+
 Merging: not possible. The prefixes add columns to every attention matrix; no change of the
 weights reproduces that.
 """

@@ -18,6 +18,10 @@ Trains: k * dim numbers. Initialisation (the paper compares three): embeddings o
 sample among the first `sample_vocab_top` ids, which in a BPE vocabulary are its earliest, most
 frequent merges (an approximation of "most common").
 
+Known difference from Hugging Face PEFT: PEFT concatenates the k soft tokens to the input embeddings,
+so the real tokens sit at positions k, k+1, ...; here they keep positions 0, 1, ... (the soft prompt at
+-k..-1): the same relative distances, other absolute RoPE angles.
+
 Merging: not possible; the prompt adds positions to the input, not a change to any weight.
 """
 

@@ -14,7 +14,8 @@ so w scales both the frozen direction and the update, and nothing is normalised 
 w = ||W|| and B = 0: the model is unchanged. We never materialise W^0: W^0 x = (W x) / ||W||, so the
 base weight stays untouched and h = (w / ||W||) * W x + w * s B A x (w / ||W|| is exactly 1 at init).
 
-Trains A, B (as LoRA, including its rsLoRA / gamma / LoRA+ options) and w.
+Trains A, B (as LoRA, including its rsLoRA / gamma / LoRA+ options) and w; with LoRA+ w gets B's
+boosted learning rate, as DoRA's magnitude does in minipeft/methods/dora.py and in Hugging Face PEFT.
 Merges: W <- diag(w) (W^0 + s B A) = diag(w / ||W||) W + diag(w) s B A; unmerge restores a copy of
 W kept at merge time.
 """
@@ -47,7 +48,7 @@ class SimpleDoRALinear(LoRALinear):
         row_norm = base.weight.detach().float().norm(dim=1)  # (out,): ||W||, so W^0 = W / row_norm
         self.register_buffer("row_norm", row_norm, persistent=False)  # frozen; recomputed from the base
         self.magnitude = nn.Parameter(row_norm.clone())  # w
-        self.register_buffer("weight_before_merge", None, persistent=False)
+        self.magnitude.lr_scale = config.loraplus_ratio  # LoRA+ boosts w too, as for DoRA (PEFT's choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

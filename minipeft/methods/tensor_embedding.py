@@ -17,7 +17,7 @@ uniform random from `seed`; every L[k] starts as the identity eye(r2, r1) and w_
 i * l // n_layers, so each M_i starts as the identity, as in Tied-LoRA Extra.
 
 Parameters: sum over targets t of r1*in_t + out_t*r2 + l*r2*r1 + n_t*l, n_t the number of layers
-wrapped. Merge: W_i += s B M_i A; unmerge subtracts it.
+wrapped. Merge: W_i += s B M_i A; unmerge restores W_i exactly (a copy kept while merged).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from `seed`, vectors start at 1, and a vector that does not train is fixed at 1 
 frozen random factor is not saved: load_adapter re-applies the config and the seed rebuilds it.
 
 Parameters (all four train): sum over targets t of r*(in_t + out_t) + n_t*(out_t + r), with n_t the
-number of layers wrapped; LoRA needs n_t*r*(in_t + out_t). Merge: W_i += s diag(v_i) B diag(u_i) A,
-unmerge subtracts it.
+number of layers wrapped; LoRA needs n_t*r*(in_t + out_t). Merge: W_i += s diag(v_i) B diag(u_i) A;
+unmerge restores a copy of W_i kept at merge time (exact in every dtype, as in lora.py; the same
+for the three methods below).
 
 The shared tensors live once, in `model.peft_shared["tied_lora__q_proj"]` (a ModuleDict key cannot
 hold "."); each wrapper keeps an unregistered reference, so parameters() and the saved adapter hold
@@ -66,6 +67,7 @@ class LowRankDelta(nn.Module):
         super().__init__()
         self.base, self.scale, self.merged = base, scale, False
         object.__setattr__(self, "shared", shared)  # NOT registered: it lives once in model.peft_shared
+        self.register_buffer("weight_before_merge", None, persistent=False)  # W while merged: exact unmerge
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads `q_proj.weight` keeps working (as lora.py)
@@ -78,11 +80,14 @@ class LowRankDelta(nn.Module):
         dtype = next(iter(self.shared.values())).dtype  # adapter dtype (float32), whatever the base's
         return y + self.delta(x.to(dtype)).to(y.dtype)
 
-    def merge(self) -> None:
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+    def merge(self) -> None:  # as LoRALinear: keep W, so that unmerge is exact in every dtype
+        w = self.base.weight
+        self.weight_before_merge = w.detach().clone()
+        w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
 
     def unmerge(self) -> None:
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.base.weight.copy_(self.weight_before_merge)
+        self.weight_before_merge = None
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}, merged={self.merged}"

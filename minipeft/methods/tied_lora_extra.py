@@ -16,7 +16,7 @@ uniform random from `seed`; M_i starts as the identity (eye(r2, r1)), so trainin
 as tied LoRA with B = 0 does.
 
 Parameters: sum over targets t of r1*in_t + out_t*r2 + n_t*r2*r1, n_t the number of layers wrapped.
-Merge: W_i += s B M_i A; unmerge subtracts it.
+Merge: W_i += s B M_i A; unmerge restores W_i exactly (a copy kept while merged).
 """
 
 from __future__ import annotations
