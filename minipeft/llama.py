@@ -411,7 +411,7 @@ class Llama(nn.Module):
         """
         if targets is idx:
             raise ValueError("model(idx, targets): targets is idx itself. minipeft does not shift inside "
-                             "(targets[t] is the token after idx[t]); pass model(ids[:, :-1], ids[:, 1:])")
+                             "(targets[t] is the token after idx[t]); pass model(idx[:, :-1], idx[:, 1:])")
         mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
         cos, sin = self.rope(positions)
         x = self.embed_tokens(idx)  # (B, T, dim)

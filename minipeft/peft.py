@@ -109,16 +109,21 @@ def fill_slot(model: nn.Module, slot: str, make: Callable[[int, nn.Module], nn.M
               layers: list[int] | None = None) -> None:
     """Freeze the base model and fill `slot` of the chosen layers' attention (all by default)
     with `make(layer_index, attention)`; slot "input_prefix" is the model's prompt slot."""
+    if slot == "input_prefix" and model.input_prefix is not None:
+        raise ValueError(f"the model's input_prefix slot is already filled by {type(model.input_prefix).__name__}")
     freeze_base_once(model)
     if slot == "input_prefix":
         model.input_prefix = make(-1, model).train(model.training)
         return
     if slot not in SLOTS:
         raise ValueError(f"unknown slot '{slot}'; the attention has {SLOTS} and the model 'input_prefix'")
-    for i in range(len(model.layers)) if layers is None else layers:
+    layers = range(len(model.layers)) if layers is None else layers
+    for i in layers:  # check every layer before filling any, so a refusal changes nothing
         attn = model.layers[i].self_attn
         if getattr(attn, slot) is not None:
             raise ValueError(f"layers.{i}.self_attn.{slot} is already filled by {type(getattr(attn, slot)).__name__}")
+    for i in layers:
+        attn = model.layers[i].self_attn
         setattr(attn, slot, make(i, attn).train(model.training))
 
 

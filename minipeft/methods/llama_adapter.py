@@ -145,6 +145,8 @@ def apply(model: nn.Module, config: LlamaAdapterConfig) -> nn.Module:
     if not 1 <= L <= n:
         raise ValueError(f"llama_adapter: n_layers_adapted={L}, the model has {n} layers")
     dev = model.embed_tokens.weight.device
+    if config.version == 2:
+        peft.match_targets(model, config.targets)  # refuse taken targets before filling any slot
     peft.fill_slot(model, "extra_branch", lambda i, attn: AdaptionPrompt(config.prompt_len, cfg.dim, cfg.n_heads, dev),
                    layers=list(range(n - L, n)))
     if config.version == 2:
