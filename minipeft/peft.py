@@ -17,8 +17,11 @@ above and `record(model, config)`.
 
 What the core asks of adapter modules (duck-typed, no base class needed):
   * `merge()` / `unmerge()`: fold the adapter into / out of the base weight; the core makes both
-    idempotent through the module's `merged` flag. A module that cannot merge sets
-    `mergeable = False` and may give a `why_not_mergeable` sentence.
+    idempotent through the module's `merged` flag and transactional (checks first, rolls back). A
+    module that cannot merge sets `mergeable = False` and may give a `why_not_mergeable` sentence;
+    one whose merged form a Llama checkpoint cannot hold sets `unloadable = False` and
+    `why_not_unloadable` (read by `merge_and_unload`). A Linear wrapper keeps its Linear in `.base`,
+    which `match_targets` never selects again: methods do not nest.
   * `peft_method` (str): the method name, used by the parameter report.
   * parameters may carry `lr_scale` (float) and `no_weight_decay` (bool) attributes, read by
     `param_groups` (LoRA+, the B learning-rate boost).
@@ -201,8 +204,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Only wrappers of a Linear (a module with `.base`) can be unloaded. A method that lives in a slot
     (prefix/prompt tuning, LLaMA-Adapter's prompts, (IA)^3++'s QK skip-norm) or that a Llama checkpoint
     cannot hold (a wrapper with `unloadable = False`, e.g. BitFit's new biases) is refused, with the
-    reason, before anything changes. Each wrapper's pre-merge copy (kept for an exact unmerge) is
-    dropped as soon as it is merged, so the peak extra memory is one weight matrix."""
+    reason, before anything changes. Then each wrapper is merged, its pre-merge copy of the weight
+    (kept by merge() for an exact unmerge) dropped at once, and the wrapper replaced by its Linear,
+    one module at a time: the peak extra memory is one weight matrix, not a copy of every targeted
+    weight. The price: this part is not rolled back; only an error such as running out of memory
+    could interrupt it, and the model is then meant to be discarded anyway."""
     mods = adapter_modules(model)
     slots = [(n, m) for n, m in mods if not isinstance(getattr(m, "base", None), nn.Linear)]
     if slots:
@@ -217,12 +223,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                else getattr(m, "why_not_mergeable", "has no merge rule"))
         raise NotImplementedError(f"merge_and_unload: {m.peft_method} at '{n}' {why} ({len(blocked)} such "
                                   "module(s)); nothing was changed")
-    merge(model)
     for name, m in mods:
+        if not getattr(m, "merged", False):
+            with torch.no_grad():
+                m.merge()
+            m.merged = True
+        if hasattr(m, "weight_before_merge"):
+            m.weight_before_merge = None  # no unmerge will come: free the copy before the next merge
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base)
-        if hasattr(m, "weight_before_merge"):
-            m.weight_before_merge = None  # the module is gone; free its copy now
     for attr in ("peft_shared", "peft_configs"):
         if hasattr(model, attr):
             delattr(model, attr)

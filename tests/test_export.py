@@ -139,3 +139,27 @@ def test_transformers_loads_the_merged_checkpoint(tmp_path):
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(IDX).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_and_unload_holds_one_pre_merge_copy_at_a_time():
+    m = perturbed("lora", dict(targets="all-linear"))
+    wrappers = [mod for mod in m.modules() if hasattr(mod, "weight_before_merge")]
+    live = []
+    for w in wrappers:
+        real = w.merge
+
+        def spy(real=real):
+            live.append(sum(x.weight_before_merge is not None for x in wrappers))
+            real()
+        w.merge = spy
+    merge_and_unload(m)
+    assert live == [0] * len(wrappers)  # each copy was dropped before the next merge began
+
+
+def test_export_cli_toy_base(tmp_path, monkeypatch):
+    import minipeft.toy
+    base = tiny_checkpoint(tmp_path / "toy")
+    monkeypatch.setattr(minipeft.toy, "toy_base", lambda: base)  # the real one pretrains for minutes
+    save_adapter(perturbed("ia3", dict()), tmp_path / "adapter")
+    assert export_main(["--toy", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.model").exists() and Llama.from_pretrained(tmp_path / "out")
