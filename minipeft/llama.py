@@ -532,6 +532,12 @@ class Llama(nn.Module):
 
     # ---------------------------------------------------------------- loading and saving
 
+    @staticmethod
+    def expected_keys(cfg: LlamaConfig) -> set[str]:
+        """The state-dict keys of a plain Llama with this config (built on the meta device: no memory)."""
+        with torch.device("meta"):
+            return set(Llama(cfg).state_dict())
+
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> Llama:
@@ -568,6 +574,11 @@ class Llama(nn.Module):
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write config.json + model.safetensors (or shards + index) in the Hugging Face layout."""
+        extra = [k for k in self.state_dict() if k not in Llama.expected_keys(self.config)]
+        if extra:  # a PEFT wrapper or slot: from_pretrained (and transformers) would reject the folder
+            raise ValueError(f"save_pretrained: the model carries modules a Llama checkpoint cannot hold "
+                             f"('{extra[0]}', {len(extra)} tensors): fold them with "
+                             "minipeft.merge_and_unload(model) first, or keep them apart with save_adapter")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v for k, v in self.state_dict().items()

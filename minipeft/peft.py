@@ -77,13 +77,12 @@ def match_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) 
 
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
                and not inside_adapter(n)]
-    candidates = [n for n, m in model.named_modules() if n in wrapped or n in linears]
 
     def selected(n: str) -> bool:
         return "all-linear" in patterns or any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "*." + p)
                                                for p in patterns)
 
-    taken = [n for n in candidates if n in wrapped and selected(n)]
+    taken = [n for n in wrapped if selected(n)]  # in model order
     if taken:
         raise ValueError(f"targets {patterns}: the model already has {wrapped[taken[0]]} on {taken[0]}"
                          f"{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}; minipeft does not "

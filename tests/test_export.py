@@ -163,3 +163,12 @@ def test_export_cli_toy_base(tmp_path, monkeypatch):
     save_adapter(perturbed("ia3", dict()), tmp_path / "adapter")
     assert export_main(["--toy", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer.model").exists() and Llama.from_pretrained(tmp_path / "out")
+
+
+def test_save_pretrained_of_an_adapted_model_points_to_merge_and_unload(tmp_path):
+    """Issue 12: merge() then save_pretrained wrote `...q_proj.base.weight` keys that from_pretrained rejects."""
+    m = apply_method(tiny(), "lora")
+    merge(m)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\..*merge_and_unload"):
+        m.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
