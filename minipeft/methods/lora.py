@@ -17,9 +17,11 @@ extra copy of each targeted weight while merged; merge_and_unload drops each cop
 naming conventions, once: the write-up writes LoRA as x -> xW + xAB with A = 0, so ITS random factor
 is B, and it calls gamma the "B-boost"; Hugging Face PEFT, the LoRA paper and this file write
 h = W x + B A x with B = 0, so the random factor is A (`lora_A`). gamma always boosts the random
-factor: the write-up's B is our A. One factor starts at O(1), the other at zero. Adam moves every entry by about lr per step whatever the gradient's
-size, so over training the random factor A changes by O(lr * steps), little relative to itself: it
-stays close to a random projection. Multiply-divide reparameterisation: store A = A0 / gamma and
+factor: the write-up's B is our A.
+
+One factor starts at O(1), the other at zero. Adam moves every entry by about lr per step whatever
+the gradient's size, so over training the random factor A changes by O(lr * steps), little relative
+to itself: it stays close to a random projection. Multiply-divide reparameterisation: store A = A0 / gamma and
 multiply the branch by gamma, so the forward pass uses A_eff = gamma * A = A0.
   * the function at init is unchanged (A_eff = A0), and so is B's gradient, which sees A only
     through A_eff: B trains as before;
