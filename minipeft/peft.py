@@ -6,7 +6,8 @@ A method plugs into a `Llama` in one (or both) of two ways:
    modules whose names match `targets` and replaces each by `wrap(name, linear)`. Targets are names
    or glob patterns over module names, matched against the full name or its tail:
    `["q_proj", "v_proj"]`, `"all-linear"` (every Linear in the decoder, not `lm_head`, as Hugging
-   Face PEFT does), `"layers.1[0-5].*.down_proj"`.
+   Face PEFT does), `"layers.1[0-5].*.down_proj"`. `wrap_modules(model, targets, wrap)` does the
+   same for modules of any kind, e.g. a whole `mlp` (the parallel adapter reads its input).
 2. Slots. `fill_slot(model, slot, make)` puts `make(layer_index, attention)` in one of the
    attention's named slots (`qk_adapter`, `kv_prefix`, `extra_branch`), or the model's
    `input_prefix`; see minipeft/llama.py.
@@ -80,6 +81,26 @@ def inject(model: nn.Module, targets, wrap: Callable[[str, nn.Linear], nn.Module
         parent = model.get_submodule(parent_name)
         # new modules start in training mode; follow the model's mode (dropout off in an eval model)
         setattr(parent, child, wrap(name, getattr(parent, child)).train(model.training))
+    return names
+
+
+def wrap_modules(model: nn.Module, targets, wrap: Callable[[str, nn.Module], nn.Module]) -> list[str]:
+    """Like inject, for modules of any kind (a method that must see a whole sub-layer's input and
+    output, e.g. the parallel adapter around `mlp`): names or globs as in match_targets. Every
+    wrapper is built before any is swapped in, so a wrap that raises leaves the model unchanged."""
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    names = [n for n, _ in model.named_modules()
+             if n and any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "*." + p) for p in patterns)]
+    if not names:
+        raise ValueError(f"targets {patterns} matched no module; module names look like 'layers.0.mlp'")
+    nested = [n for n in names if any(n.startswith(m + ".") for m in names)]
+    if nested:
+        raise ValueError(f"targets {patterns} match '{nested[0]}' and a module that contains it; pick one level")
+    wrapped = {name: wrap(name, model.get_submodule(name)) for name in names}
+    freeze_base_once(model)
+    for name, new in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new.train(model.training))
     return names
 
 

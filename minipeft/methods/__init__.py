@@ -20,4 +20,5 @@ METHODS = {
     "prompt_tuning": ("minipeft.methods.prompt_tuning", "PromptTuningConfig"),
     "llama_adapter": ("minipeft.methods.llama_adapter", "LlamaAdapterConfig"),
     "bitfit": ("minipeft.methods.bitfit", "BitFitConfig"),
+    "bottleneck_adapter": ("minipeft.methods.bottleneck_adapter", "BottleneckAdapterConfig"),
 }
