@@ -192,3 +192,95 @@ def test_bottleneck_bf16_base_keeps_fp32_adapters():
     assert logits.dtype == torch.bfloat16
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+
+
+# ================================================================ full fine-tuning
+
+FULL_CASES = [dict(), dict(targets=("layers.1.*", "norm.weight"))]
+FULL_IDS = ["everything", "top-block-and-final-norm"]
+
+
+def full_model(hyper, seed=0, **overrides):
+    return apply_method(tiny(seed, **overrides), "full", **hyper)
+
+
+def layer_weights(cfg) -> int:
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return 2 * cfg.dim * q + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
+
+
+@pytest.mark.parametrize("hyper", FULL_CASES, ids=FULL_IDS)
+def test_full_identity_at_init(hyper):
+    assert torch.equal(full_model(hyper)(IDX), tiny()(IDX))
+
+
+@pytest.mark.parametrize("hyper", FULL_CASES, ids=FULL_IDS)
+def test_full_gradients_only_on_chosen_weights(hyper):
+    m = full_model(hyper)
+    cfg = m.config
+    expected = sum(p.numel() for p in m.parameters()) if not hyper else layer_weights(cfg) + cfg.dim
+    assert peft.count_parameters(m)[0] == expected
+    assert_only_trainable_change(m)
+
+
+def test_full_tied_embedding_is_one_tensor_and_vectors_skip_decay():
+    m = full_model(dict(targets=("lm_head.weight",)))
+    assert m.embed_tokens.weight.requires_grad and peft.count_parameters(m)[0] == 512 * 64
+    m = full_model({})
+    assert all(getattr(p, "no_weight_decay", False) == (p.ndim == 1) for p in m.parameters())
+    with pytest.raises(ValueError, match=r"full: targets \['mlp'\] matched no parameter"):
+        apply_method(tiny(), "full", targets=("mlp",))
+
+
+@pytest.mark.parametrize("hyper", FULL_CASES, ids=FULL_IDS)
+def test_full_merge_is_trivially_a_no_op(hyper):
+    m = perturb(full_model(hyper))
+    before, state = m(IDX), {k: v.clone() for k, v in m.state_dict().items()}
+    peft.merge(m)  # nothing to fold: no adapter module, the trained weights already are the weights
+    assert torch.equal(m(IDX), before)
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    peft.unmerge(m)
+    assert torch.equal(m(IDX), before)
+
+
+@pytest.mark.parametrize("hyper", FULL_CASES, ids=FULL_IDS)
+def test_full_cached_decoding_equals_full_forward(hyper):
+    assert_cached_decoding_equals_full_forward(perturb(full_model(hyper)), IDX)
+
+
+@pytest.mark.parametrize("hyper", FULL_CASES, ids=FULL_IDS)
+def test_full_save_load_round_trip_and_wrong_base(hyper, tmp_path):
+    from minipeft.adapters import WEIGHTS_FILE
+    from minipeft.safetensors_io import load_file
+    m = perturb(full_model(hyper))
+    save_adapter(m, tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_FILE)
+    assert set(saved) == {n for n, p in m.named_parameters() if p.requires_grad}  # the changed weights only
+    loaded = load_adapter(tiny(), tmp_path)
+    assert torch.equal(loaded(IDX), m(IDX))
+    with pytest.raises(ValueError, match="different base model.*dim: adapter 64 vs model 32"):
+        load_adapter(tiny(dim=32), tmp_path)
+
+
+def test_full_short_training_run_lowers_the_loss():
+    losses = train_losses(full_model({}), lr=3e-3)
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_full_parameter_counts_and_memory_llama_1b_on_meta(capsys):
+    cfg = LlamaConfig.from_name("llama-3.2-1b")
+    lines = []
+    for hyper, expected in ((dict(), BASE_1B), (dict(targets=("layers.15.*",)), layer_weights(cfg))):
+        with torch.device("meta"):
+            m = Llama(cfg)
+        apply_method(m, "full", **hyper)
+        assert peft.count_parameters(m) == (expected, BASE_1B)
+        lines.append(f"llama-3.2-1b full {hyper}: {peft.trainable_report(m).splitlines()[0]}")
+    # the memory figures in full.py's docstring
+    assert round(BASE_1B * (2 + 12) / 1e9, 1) == 17.3 and round(BASE_1B * 14 / 2**30, 1) == 16.1
+    assert round(BASE_1B * 16 / 1e9, 1) == 19.8 and round(BASE_1B * 16 / 2**30, 1) == 18.4
+    from minipeft.toy import TOY_BASE
+    with torch.device("meta"):
+        assert peft.count_parameters(apply_method(Llama(LlamaConfig(**TOY_BASE)), "full"))[0] == 853_120
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

@@ -21,4 +21,5 @@ METHODS = {
     "llama_adapter": ("minipeft.methods.llama_adapter", "LlamaAdapterConfig"),
     "bitfit": ("minipeft.methods.bitfit", "BitFitConfig"),
     "bottleneck_adapter": ("minipeft.methods.bottleneck_adapter", "BottleneckAdapterConfig"),
+    "full": ("minipeft.methods.full", "FullConfig"),
 }
