@@ -139,6 +139,19 @@ def record(model: nn.Module, config) -> None:
     model.peft_configs.append(config)
 
 
+def add_extra_loss(model: nn.Module, fn: Callable) -> None:
+    """Register a training-loss term a method contributes (AdaMix's consistency regulariser).
+
+    finetune.train_step adds `fn(model, forward, batch, logits)` to each micro-batch's loss, where
+    batch = (idx, targets, segment_ids) and `forward` is what computed the loss (the model, or its
+    compiled form), so the term may run a second forward. `logits` is that forward's (B, T, vocab)
+    output if any registered term sets `needs_logits = True`, else None (the loss is then computed
+    without ever building the logits). The term is trained on, never reported: the logged loss stays the cross-entropy."""
+    if not hasattr(model, "peft_extra_losses"):
+        model.peft_extra_losses = []
+    model.peft_extra_losses.append(fn)
+
+
 def applied_configs(model: nn.Module) -> list[dict]:
     return [dict(method=c.method, **asdict(c)) for c in getattr(model, "peft_configs", [])]
 

@@ -284,3 +284,40 @@ def test_full_parameter_counts_and_memory_llama_1b_on_meta(capsys):
         assert peft.count_parameters(apply_method(Llama(LlamaConfig(**TOY_BASE)), "full"))[0] == 853_120
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# ================================================================ the extra-loss hook in finetune.train_step
+
+
+def test_extra_loss_hook_adds_its_gradient_and_sees_the_logits():
+    """A term 0.5 ||w||^2 on one weight adds exactly w to that weight's gradient (SGD, lr 1: the step
+    moves it by -w more) and nothing elsewhere; the reported loss stays the cross-entropy; a term
+    with needs_logits makes the forward return its logits (to every term), else they get None."""
+    from minipeft.finetune import train_step
+    batch = (IDX[:, :-1], IDX[:, 1:], torch.ones_like(IDX[:, :-1]))
+    runs, seen = [], []
+
+    def penalty(model, forward, b, logits):
+        seen.append(logits)
+        return 0.5 * model.layers[1].mlp.down_proj.weight.square().sum()
+
+    def peek(model, forward, b, logits):
+        seen.append(logits)
+        return logits.new_zeros(())
+    peek.needs_logits = True
+
+    for hooks in ((), (penalty,), (penalty, peek)):
+        m = full_model(dict(targets=("layers.1.*",)))
+        for fn in hooks:
+            peft.add_extra_loss(m, fn)
+        before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+        bits, *_ = train_step(m, m, torch.optim.SGD(peft.param_groups(m, 1.0)), [batch], 0.0, torch.device("cpu"))
+        runs.append((bits, before, {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}))
+    (bits0, before, plain), *hooked_runs = runs
+    w = "layers.1.mlp.down_proj.weight"
+    for bits, _, hooked in hooked_runs:
+        assert bits == pytest.approx(bits0, rel=1e-6)  # with logits built, the loss goes through F.cross_entropy
+        for n in plain:
+            expected = -before[n] if n == w else torch.zeros_like(before[n])
+            torch.testing.assert_close(hooked[n] - plain[n], expected, rtol=1e-5, atol=1e-6)
+    assert seen[0] is None and seen[1] is seen[2] and torch.equal(seen[1], tiny()(batch[0]))
