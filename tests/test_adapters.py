@@ -321,3 +321,161 @@ def test_extra_loss_hook_adds_its_gradient_and_sees_the_logits():
             expected = -before[n] if n == w else torch.zeros_like(before[n])
             torch.testing.assert_close(hooked[n] - plain[n], expected, rtol=1e-5, atol=1e-6)
     assert seen[0] is None and seen[1] is seen[2] and torch.equal(seen[1], tiny()(batch[0]))
+
+
+# ================================================================ AdaMix
+
+from minipeft.methods import adamix  # noqa: E402
+from minipeft.methods.adamix import ConsistencyLoss, MixtureBottleneck, symmetric_kl  # noqa: E402
+
+ADAMIX_CASES = [dict(), dict(placement="parallel", share_up=True, n_experts=3)]
+ADAMIX_IDS = ["houlsby-M4", "parallel-shared-up-M3"]
+
+
+def adamix_model(hyper, seed=0, **overrides):
+    return apply_method(tiny(seed, **overrides), "adamix", bottleneck=8, **hyper)
+
+
+def mixtures(model):
+    return [m for m in model.modules() if isinstance(m, MixtureBottleneck)]
+
+
+def adamix_closed_form(cfg, placement="houlsby", k=64, M=4, share_up=False):
+    d = cfg.dim
+    per = M * (d * k + k) + (1 if share_up else M) * (d * k + d)
+    return cfg.n_layers * (2 if placement == "houlsby" else 1) * per
+
+
+@pytest.mark.parametrize("hyper", ADAMIX_CASES, ids=ADAMIX_IDS)
+def test_adamix_identity_at_init_in_train_and_eval_mode(hyper):
+    m, ref = adamix_model(hyper), tiny()(IDX)
+    assert torch.equal(m(IDX), ref)
+    assert torch.equal(m.train()(IDX), ref)  # every routed copy of W_up is 0 too
+    mix = mixtures(m)[0]
+    assert all(torch.equal(p[0], p[i]) for p in mix.parameters() for i in range(len(p)))  # copies start equal
+
+
+def test_adamix_routes_at_random_in_training_and_averages_in_eval():
+    m = perturb(adamix_model({}), scale=0.2).train()
+    torch.manual_seed(3)
+    a = m(IDX)
+    torch.manual_seed(4)
+    assert not torch.allclose(m(IDX), a)  # another draw, another pair of copies
+    torch.manual_seed(3)
+    assert torch.equal(m(IDX), a)
+    # one training forward sends gradient to exactly one copy of each projection per mixture
+    m.zero_grad()
+    m(IDX).sum().backward()
+    for mix in mixtures(m):
+        for p in (mix.down_weight, mix.up_weight):
+            assert sum(bool(g.abs().sum() > 0) for g in p.grad) == 1
+    # eval: s f(h mean(W_down) + mean(b_down)) mean(W_up) + mean(b_up), the same for every call
+    mix, h = mixtures(m.eval())[0], torch.randn(3, 64)
+    wd, bd, wu, bu = (p.mean(0) for p in (mix.down_weight, mix.down_bias, mix.up_weight, mix.up_bias))
+    torch.testing.assert_close(mix(h), F.gelu(h @ wd.T + bd) @ wu.T + bu)
+
+
+@pytest.mark.parametrize("hyper", ADAMIX_CASES, ids=ADAMIX_IDS)
+def test_adamix_gradients_only_on_the_mixtures(hyper):
+    m = perturb(adamix_model(hyper))
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapter." in n for n in trainable)
+    M, share = hyper.get("n_experts", 4), hyper.get("share_up", False)
+    assert peft.count_parameters(m)[0] == adamix_closed_form(m.config, hyper.get("placement", "houlsby"), 8, M, share)
+    assert_only_trainable_change(m)
+
+
+@pytest.mark.parametrize("hyper", ADAMIX_CASES, ids=ADAMIX_IDS)
+def test_adamix_merge_refuses_but_average_makes_one_adapter(hyper, tmp_path):
+    m = perturb(adamix_model(hyper))
+    out = m(IDX)
+    with pytest.raises(NotImplementedError, match="cannot merge: adamix.*nonlinearity.*nothing was merged"):
+        peft.merge(m)
+    adamix.average(m)
+    assert not mixtures(m) and not m.peft_extra_losses
+    assert peft.count_parameters(m)[0] == bottleneck_closed_form(m.config, hyper.get("placement", "houlsby"), 8)
+    torch.testing.assert_close(m(IDX), out, rtol=0, atol=1e-6)  # eval mode already used the averages
+    save_adapter(m, tmp_path)  # saved and loaded as a plain bottleneck adapter
+    loaded = load_adapter(tiny(), tmp_path)
+    assert [c.method for c in loaded.peft_configs] == ["bottleneck_adapter"]
+    assert torch.equal(loaded(IDX), m(IDX))
+
+
+@pytest.mark.parametrize("hyper", ADAMIX_CASES, ids=ADAMIX_IDS)
+def test_adamix_cached_decoding_equals_full_forward(hyper):
+    assert_cached_decoding_equals_full_forward(perturb(adamix_model(hyper)), IDX)
+
+
+@pytest.mark.parametrize("hyper", ADAMIX_CASES, ids=ADAMIX_IDS)
+def test_adamix_save_load_round_trip_and_wrong_base(hyper, tmp_path):
+    m = perturb(adamix_model({**hyper, "consistency_weight": 10.0}))
+    save_adapter(m, tmp_path)
+    loaded = load_adapter(tiny(), tmp_path)
+    assert loaded.peft_configs == m.peft_configs
+    assert [f.weight for f in loaded.peft_extra_losses] == [10.0]
+    assert torch.equal(loaded(IDX), m(IDX))
+    with pytest.raises(ValueError, match="different base model.*n_layers: adapter 2 vs model 3"):
+        load_adapter(tiny(n_layers=3), tmp_path)
+
+
+def test_symmetric_kl_by_hand():
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1).mean()  # noqa: E731
+    torch.testing.assert_close(symmetric_kl(a, b), 0.5 * (kl(pa, pb) + kl(pb, pa)))
+    assert symmetric_kl(a, a) == 0
+    a.requires_grad_(True)
+    symmetric_kl(a, b).backward()  # only a's log_softmax terms carry gradient (the targets are detached)
+    a2 = a.detach().clone().requires_grad_(True)
+    (0.5 * F.kl_div(F.log_softmax(a2, -1), pb, reduction="batchmean")).backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+
+
+def test_adamix_consistency_term_compares_two_routings_on_answer_tokens():
+    m = perturb(adamix_model(dict(consistency_weight=2.0)), scale=0.2).train()
+    idx, targets = IDX[:, :-1], IDX[:, 1:].clone()
+    targets[:, :4] = -100  # prompt tokens: left out
+    (term,) = m.peft_extra_losses
+    torch.manual_seed(7)
+    first = m(idx)
+    value = term(m, m, (idx, targets, torch.ones_like(idx)), first)
+    torch.manual_seed(7)
+    a = m(idx)
+    b = m(idx)  # the draw the term made
+    keep = targets != -100
+    torch.testing.assert_close(value, 2.0 * symmetric_kl(a[keep], b[keep]))
+    assert value > 0
+    one = perturb(adamix_model(dict(n_experts=1)), scale=0.2).train()  # one copy: both forwards agree
+    assert one.peft_extra_losses[0](one, one, (idx, targets, None), one(idx)) < 1e-7  # 0 up to rounding
+    assert not adamix_model(dict(consistency_weight=0.0)).__dict__.get("peft_extra_losses")
+
+
+def test_adamix_trains_through_train_step_with_the_consistency_term():
+    from minipeft.finetune import train_step
+    data = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(11))
+    batch = (data[:, :-1], data[:, 1:], torch.ones_like(data[:, :-1]))
+    m = adamix_model(dict(placement="parallel")).train()
+    calls = []
+    real = m.peft_extra_losses[0]
+    m.peft_extra_losses = [lambda *args: calls.append(1) or real(*args)]
+    m.peft_extra_losses[0].needs_logits = True
+    opt = torch.optim.AdamW(peft.param_groups(m, 1e-2))
+    torch.manual_seed(0)
+    losses = [train_step(m, m, opt, [batch], 1.0, torch.device("cpu"))[0] for _ in range(20)]
+    assert len(calls) == 20 and losses[-1] < losses[0] - 0.4, losses  # bits/token
+
+
+def test_adamix_parameter_counts_llama_1b_on_meta(capsys):
+    cfg = LlamaConfig.from_name("llama-3.2-1b")
+    lines = []
+    for hyper in (dict(), dict(share_up=True), dict(placement="parallel")):
+        with torch.device("meta"):
+            m = Llama(cfg)
+        apply_method(m, "adamix", **hyper)
+        trainable, total = peft.count_parameters(m)
+        assert trainable == adamix_closed_form(cfg, hyper.get("placement", "houlsby"), 64, 4, hyper.get("share_up", False))
+        assert total == BASE_1B + trainable
+        lines.append(f"llama-3.2-1b adamix M=4 k=64 {hyper}: {peft.trainable_report(m).splitlines()[0]}")
+    assert adamix_closed_form(cfg) == 33_824_768 == 4 * 8_456_192  # adamix.py's docstring; served: one adapter
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

@@ -22,4 +22,5 @@ METHODS = {
     "bitfit": ("minipeft.methods.bitfit", "BitFitConfig"),
     "bottleneck_adapter": ("minipeft.methods.bottleneck_adapter", "BottleneckAdapterConfig"),
     "full": ("minipeft.methods.full", "FullConfig"),
+    "adamix": ("minipeft.methods.adamix", "AdaMixConfig"),
 }
