@@ -23,4 +23,5 @@ METHODS = {
     "bottleneck_adapter": ("minipeft.methods.bottleneck_adapter", "BottleneckAdapterConfig"),
     "full": ("minipeft.methods.full", "FullConfig"),
     "adamix": ("minipeft.methods.adamix", "AdaMixConfig"),
+    "adamix_lora": ("minipeft.methods.adamix_lora", "AdaMixLoRAConfig"),
 }
