@@ -121,8 +121,22 @@ def test_bottleneck_config_errors():
         apply_method(m, "bottleneck_adapter", placement="parallel", targets=("mlp", "self_attn"))
     with pytest.raises(ValueError, match="matched no module"):
         apply_method(m, "bottleneck_adapter", placement="parallel", targets=("ffn",))
+    with pytest.raises(ValueError, match="match 'layers.0.mlp.down_proj' and a module that contains it"):
+        peft.wrap_modules(m, ("layers.0.mlp", "layers.0.mlp.down_proj"), lambda name, mod: mod)
     assert all(p.requires_grad for p in m.parameters())  # nothing frozen or swapped on error
     assert not any(isinstance(mod, ParallelAdapter) for mod in m.modules())
+
+
+def test_parallel_adapter_stacks_with_other_methods(tmp_path):
+    """He et al.'s MAM adapter: prefix tuning in the attention + a scaled parallel adapter on the FFN;
+    here also over LoRA on the FFN's Linears. Saved and loaded in the order applied."""
+    m = apply_method(tiny(), "lora", r=4, targets=("down_proj", "up_proj"))
+    apply_method(m, "prefix_tuning", prefix_len=3)
+    apply_method(m, "bottleneck_adapter", placement="parallel", bottleneck=8, scaling=4.0)
+    perturb(m)
+    assert isinstance(m.layers[0].mlp, ParallelAdapter) and hasattr(m.layers[0].mlp.base.down_proj, "lora_A")
+    save_adapter(m, tmp_path)
+    assert torch.equal(load_adapter(tiny(), tmp_path)(IDX), m(IDX))
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

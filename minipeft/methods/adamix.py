@@ -63,7 +63,7 @@ class AdaMixConfig(BottleneckAdapterConfig):  # placement, bottleneck, activatio
 
 class MixtureBottleneck(nn.Module):
     """M stacked W_down and W_up (1 W_up with share_up): one random pair per training forward, the
-    average in eval mode; the same s * f(h W_down + b_down) W_up + b_up as Bottleneck, in fp32."""
+    average in eval mode; the same s (f(h W_down + b_down) W_up + b_up) as Bottleneck, in fp32."""
 
     def __init__(self, dim: int, config: AdaMixConfig, device=None):
         super().__init__()

@@ -4,11 +4,12 @@ Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", arXiv:1902
 two-layer network with a skip connection, inserted after each sub-layer's output projection and
 before the residual add (section 2.1, Figure 2):
 
-    h <- h + s * f(h W_down + b_down) W_up + b_up,    W_down: (d, k),  W_up: (k, d),  k << d
+    h <- h + s (f(h W_down + b_down) W_up + b_up),    W_down: (d, k),  W_up: (k, d),  k << d
 
 f is a nonlinearity (GELU as in the lecture; `activation` also takes relu or silu). W_up and b_up
 start at zero, so each adapter is exactly the identity and the model starts as the base model;
-W_down starts Kaiming-uniform (as nn.Linear, and as He et al.'s code), b_down at zero.
+W_down starts Kaiming-uniform (nn.Linear's init; He et al.'s code does the same with its "lora"
+init option), b_down at zero.
 
 Placements (`placement`), for this pre-norm decoder:
   * "houlsby": on the outputs of o_proj and down_proj, i.e. before each residual add (two per layer).
@@ -73,7 +74,7 @@ class BottleneckAdapterConfig:
 
 
 class Bottleneck(nn.Module):
-    """s * f(h W_down + b_down) W_up + b_up, in fp32; W_up, b_up = 0 so it starts at 0."""
+    """s (f(h W_down + b_down) W_up + b_up), in fp32; W_up, b_up = 0 so it starts at 0."""
 
     def __init__(self, dim: int, bottleneck: int, activation: str, scaling: float, device=None):
         super().__init__()
@@ -129,7 +130,7 @@ def place(model: nn.Module, config, make: Callable[[int], nn.Module]) -> list[st
         if not hasattr(module, "down_proj"):  # an MLP has one; self_attn returns (y, kv) and holds the cache
             raise ValueError(f"{config.method}: the parallel placement wraps feed-forward modules ('mlp'); "
                              f"'{name}' is a {type(module).__name__}")
-        return ParallelAdapter(module, make(module.down_proj.out_features), config.method)
+        return ParallelAdapter(module, make(model.config.dim), config.method)  # the MLP maps dim -> dim
 
     return peft.wrap_modules(model, config.targets, wrap)
 
