@@ -146,7 +146,8 @@ def add_extra_loss(model: nn.Module, fn: Callable) -> None:
     batch = (idx, targets, segment_ids) and `forward` is what computed the loss (the model, or its
     compiled form), so the term may run a second forward. `logits` is that forward's (B, T, vocab)
     output if any registered term sets `needs_logits = True`, else None (the loss is then computed
-    without ever building the logits). The term is trained on, never reported: the logged loss stays the cross-entropy."""
+    without ever building the logits). The term is trained on, never reported: the logged loss
+    stays the cross-entropy."""
     if not hasattr(model, "peft_extra_losses"):
         model.peft_extra_losses = []
     model.peft_extra_losses.append(fn)

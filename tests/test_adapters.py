@@ -117,7 +117,7 @@ def test_bottleneck_config_errors():
     with pytest.raises(ValueError, match="activation must be one of"):
         adapter_model("houlsby", activation="tanh")
     m = tiny()
-    with pytest.raises(ValueError, match="parallel placement wraps feed-forward modules.*'layers.0.self_attn' is a Attention"):
+    with pytest.raises(ValueError, match="parallel placement wraps feed-forward.*'layers.0.self_attn' is a Attention"):
         apply_method(m, "bottleneck_adapter", placement="parallel", targets=("mlp", "self_attn"))
     with pytest.raises(ValueError, match="matched no module"):
         apply_method(m, "bottleneck_adapter", placement="parallel", targets=("ffn",))
@@ -434,6 +434,22 @@ def test_adamix_save_load_round_trip_and_wrong_base(hyper, tmp_path):
         load_adapter(tiny(n_layers=3), tmp_path)
 
 
+@pytest.mark.parametrize("method", ["adamix", "adamix_lora"])
+def test_adamix_routing_survives_gradient_checkpointing(method):
+    """Checkpointing re-runs each block in backward; it restores the RNG state first, so the
+    recomputation draws the same copies and the gradients equal those without checkpointing."""
+    grads = []
+    for ckpt in (False, True):
+        m = perturb(adamix_model({}) if method == "adamix" else adamix_lora_model({}), scale=0.2).train()
+        m.grad_checkpoint = ckpt
+        torch.manual_seed(5)
+        _, loss = m(IDX[:, :-1], IDX[:, 1:])
+        loss.backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_symmetric_kl_by_hand():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
@@ -492,7 +508,8 @@ def test_adamix_parameter_counts_llama_1b_on_meta(capsys):
             m = Llama(cfg)
         apply_method(m, "adamix", **hyper)
         trainable, total = peft.count_parameters(m)
-        assert trainable == adamix_closed_form(cfg, hyper.get("placement", "houlsby"), 64, 4, hyper.get("share_up", False))
+        placement, share = hyper.get("placement", "houlsby"), hyper.get("share_up", False)
+        assert trainable == adamix_closed_form(cfg, placement, 64, 4, share)
         assert total == BASE_1B + trainable
         lines.append(f"llama-3.2-1b adamix M=4 k=64 {hyper}: {peft.trainable_report(m).splitlines()[0]}")
     assert adamix_closed_form(cfg) == 33_824_768 == 4 * 8_456_192  # adamix.py's docstring; served: one adapter
@@ -526,7 +543,8 @@ def test_adamix_lora_identity_at_init_and_counts(hyper):
     m, ref = adamix_lora_model(hyper), tiny()(IDX)
     assert torch.equal(m(IDX), ref) and torch.equal(m.train()(IDX), ref)
     M = hyper.get("n_experts", 4)
-    expected = adamix_lora_closed_form(m.config, 4, M, hyper.get("targets", ("q_proj", "v_proj")), hyper.get("share_a", False))
+    targets = hyper.get("targets", ("q_proj", "v_proj"))
+    expected = adamix_lora_closed_form(m.config, 4, M, targets, hyper.get("share_a", False))
     assert peft.count_parameters(m)[0] == expected
 
 
