@@ -480,7 +480,12 @@ def test_adamix_consistency_term_compares_two_routings_on_answer_tokens():
     assert value > 0
     one = perturb(adamix_model(dict(n_experts=1)), scale=0.2).train()  # one copy: both forwards agree
     assert one.peft_extra_losses[0](one, one, (idx, targets, None), one(idx)) < 1e-7  # 0 up to rounding
-    assert not adamix_model(dict(consistency_weight=0.0)).__dict__.get("peft_extra_losses")
+    no_term = adamix_model(dict(consistency_weight=0.0))
+    assert not no_term.__dict__.get("peft_extra_losses")
+    adamix.average(no_term)  # nothing to drop
+    both = apply_method(adamix_model({}), "adamix_lora", r=4)
+    adamix.average(both)  # adamix_lora still trains with the term
+    assert len(both.peft_extra_losses) == 1 and isinstance(both.peft_extra_losses[0], ConsistencyLoss)
 
 
 def test_adamix_trains_through_train_step_with_the_consistency_term():

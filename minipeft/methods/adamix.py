@@ -6,7 +6,8 @@ equation h <- h + s f(h W_down) W_up) gets M copies of W_down and M copies of W_
 
   * training, stochastic routing (3.1): every forward picks one W_down_i and one W_up_j per adapter,
     uniformly at random (i and j independent, as in the authors' MixtureSoup: one draw per
-    projection per forward, shared by the whole batch);
+    projection per forward, shared by the whole batch). The copies are stacked in one tensor, so
+    the copies not drawn get a zero gradient: AdamW's momentum and weight decay still move them;
   * consistency regularisation (3.2): two forwards of the same batch with different random routings
     give logits z_A, z_B; the loss adds, over the answer tokens,
         lambda * 1/2 (KL(softmax z_A || softmax z_B) + KL(softmax z_B || softmax z_A))
@@ -127,15 +128,18 @@ def apply(model: nn.Module, config: AdaMixConfig) -> nn.Module:
     return model
 
 
+def plain_config(c: AdaMixConfig) -> BottleneckAdapterConfig:
+    return BottleneckAdapterConfig(placement=c.placement, bottleneck=c.bottleneck, activation=c.activation,
+                                   scaling=c.scaling, targets=c.targets)
+
+
 @torch.no_grad()
 def average(model: nn.Module) -> nn.Module:
     """Adaptation merging for good: every mixture becomes ONE bottleneck_adapter holding the averaged
     weights (eval-mode outputs unchanged), the consistency term is dropped, and the recorded config
     becomes a BottleneckAdapterConfig, so save_adapter writes an adapter that costs what one costs."""
-    configs = [c for c in getattr(model, "peft_configs", []) if isinstance(c, AdaMixConfig)]
-    if not configs:
+    if not any(isinstance(c, AdaMixConfig) for c in getattr(model, "peft_configs", [])):
         raise ValueError("average: this model has no AdaMix adapters (apply 'adamix' first)")
-    config = configs[0]
     for _, wrapper in peft.adapter_modules(model):
         if isinstance(getattr(wrapper, "adapter", None), MixtureBottleneck):
             mix = wrapper.adapter
@@ -144,8 +148,8 @@ def average(model: nn.Module) -> nn.Module:
             for p, value in ((one.down.weight, wd), (one.down.bias, bd), (one.up.weight, wu), (one.up.bias, bu)):
                 p.copy_(value)
             wrapper.adapter, wrapper.peft_method = one, "bottleneck_adapter"
-    model.peft_extra_losses = [f for f in getattr(model, "peft_extra_losses", []) if not isinstance(f, ConsistencyLoss)]
-    plain = BottleneckAdapterConfig(placement=config.placement, bottleneck=config.bottleneck,
-                                    activation=config.activation, scaling=config.scaling, targets=config.targets)
-    model.peft_configs = [plain if isinstance(c, AdaMixConfig) else c for c in model.peft_configs]
+    model.peft_configs = [plain_config(c) if isinstance(c, AdaMixConfig) else c for c in model.peft_configs]
+    if not any(getattr(c, "consistency_weight", 0) > 0 for c in model.peft_configs):  # adamix_lora may need it
+        terms = getattr(model, "peft_extra_losses", [])
+        model.peft_extra_losses = [f for f in terms if not isinstance(f, ConsistencyLoss)]
     return model
