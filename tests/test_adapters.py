@@ -295,6 +295,7 @@ def test_full_parameter_counts_and_memory_llama_1b_on_meta(capsys):
     # the memory figures in full.py's docstring
     assert round(BASE_1B * (2 + 12) / 1e9, 1) == 17.3 and round(BASE_1B * 14 / 2**30, 1) == 16.1
     assert round(BASE_1B * 16 / 1e9, 1) == 19.8 and round(BASE_1B * 16 / 2**30, 1) == 18.4
+    assert round(BASE_1B * 4 / 1e9, 1) == 4.9 and round(BASE_1B * 12 / 1e9, 1) == 14.8  # adapter/, train_state.pt
     from minipeft.toy import TOY_BASE
     with torch.device("meta"):
         assert peft.count_parameters(apply_method(Llama(LlamaConfig(**TOY_BASE)), "full"))[0] == 853_120

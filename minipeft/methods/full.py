@@ -27,6 +27,8 @@ It does not fit on 8, 12 or 16 GB GPUs (T4, V100-16GB, RTX 4060/4070/4080), and 
 (RTX 3090/4090, A10) without gradient checkpointing and short sequences, if then; it fits on
 40/80 GB A100s, H100s and H200s. On a CPU it needs ~20 GB of RAM and is very slow. The toy base
 (minipeft/toy.py, 853,120 weights) trains fully on a CPU.
+Disk, for a finetune run folder on 1B with ("*",): adapter/ holds the fp32 weights (4.9 GB) and
+train_state.pt (for --resume) holds them again plus AdamW's two moments (14.8 GB).
 """
 
 from __future__ import annotations
