@@ -29,7 +29,8 @@ copies trained from a common start (the "model soup" argument of section 3.5), n
 random ones.
 
 Trains: M (2 d k + k + d) numbers per adapter, M (d k + k) + d k + d with share_up. llama-3.2-1b,
-houlsby placement, k = 64, M = 4: 33,824,768 (2.74%); served after averaging: 8,456,192.
+houlsby placement, k = 64, M = 4: 33,824,768 (2.74% of the base's weights); served after averaging:
+8,456,192.
 Merges into the base weights: no (the adapters are nonlinear; peft.merge refuses). The M copies
 do merge into ONE adapter (adaptation merging, `average`).
 """

@@ -15,7 +15,8 @@ two forwards with different routings, is adamix.py's ConsistencyLoss, through pe
 `share_a` / `share_b` keep one shared A (or B), as section 3.4's module sharing.
 
 Trains: per target, (M or 1) * r * in + (M or 1) * out * r. llama-3.2-1b, q_proj and v_proj, r = 8,
-M = 4: 4 * 851,968 = 3,407,872 (0.276%); served: 851,968, what one LoRA costs.
+M = 4: 4 * 851,968 = 3,407,872 (0.276% of the base's weights); served: 851,968, what one
+LoRA costs.
 Merges: yes, after averaging: W <- W + s B_bar A_bar (eval-mode outputs, to float rounding); the
 LoRA options (alpha, use_rslora, gamma, loraplus_ratio, dropout) behave as in lora.py.
 """
