@@ -218,17 +218,21 @@ def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Bat
                device: torch.device) -> tuple[float, int, int, float]:
     """One optimiser step over `batches` (gradient accumulation); returns (loss in bits per answer
     token, input tokens processed, answer tokens, gradient norm). Raises Diverged, before touching
-    any weight, if the loss or the gradient norm is not finite."""
+    any weight, if the loss or the gradient norm is not finite. Loss terms a method registered with
+    peft.add_extra_loss are added to each micro-batch's loss (trained on, not reported)."""
     n_answer = sum(int((t != -100).sum()) for _, t, _ in batches)
     loss_sum, tokens = 0.0, 0
+    extra_losses = getattr(model, "peft_extra_losses", [])  # loss terms a method adds (peft.add_extra_loss)
+    want_logits = any(getattr(fn, "needs_logits", False) for fn in extra_losses)
     for idx, targets, seg in batches:
         idx, targets, seg = idx.to(device), targets.to(device), seg.to(device)
         n = int((targets != -100).sum())
         if n == 0:
             continue
         with autocast(device):
-            _, loss = forward(idx, targets, segment_ids=seg, return_logits=False)
-        (loss * (n / n_answer)).backward()  # token-weighted: the same gradient as one big batch
+            logits, loss = forward(idx, targets, segment_ids=seg, return_logits=want_logits)
+            extra = sum(fn(model, forward, (idx, targets, seg), logits) for fn in extra_losses)
+        ((loss + extra) * (n / n_answer)).backward()  # token-weighted: the same gradient as one big batch
         loss_sum += loss.item() * n
         tokens += int((seg != 0).sum())
     params = [p for g in opt.param_groups for p in g["params"]]

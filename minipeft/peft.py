@@ -6,7 +6,8 @@ A method plugs into a `Llama` in one (or both) of two ways:
    modules whose names match `targets` and replaces each by `wrap(name, linear)`. Targets are names
    or glob patterns over module names, matched against the full name or its tail:
    `["q_proj", "v_proj"]`, `"all-linear"` (every Linear in the decoder, not `lm_head`, as Hugging
-   Face PEFT does), `"layers.1[0-5].*.down_proj"`.
+   Face PEFT does), `"layers.1[0-5].*.down_proj"`. `wrap_modules(model, targets, wrap)` does the
+   same for modules of any kind, e.g. a whole `mlp` (the parallel adapter reads its input).
 2. Slots. `fill_slot(model, slot, make)` puts `make(layer_index, attention)` in one of the
    attention's named slots (`qk_adapter`, `kv_prefix`, `extra_branch`), or the model's
    `input_prefix`; see minipeft/llama.py.
@@ -107,6 +108,26 @@ def inject(model: nn.Module, targets, wrap: Callable[[str, nn.Linear], nn.Module
     return names
 
 
+def wrap_modules(model: nn.Module, targets, wrap: Callable[[str, nn.Module], nn.Module]) -> list[str]:
+    """Like inject, for modules of any kind (a method that must see a whole sub-layer's input and
+    output, e.g. the parallel adapter around `mlp`): names or globs as in match_targets. Every
+    wrapper is built before any is swapped in, so a wrap that raises leaves the model unchanged."""
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    names = [n for n, _ in model.named_modules()
+             if n and any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "*." + p) for p in patterns)]
+    if not names:
+        raise ValueError(f"targets {patterns} matched no module; module names look like 'layers.0.mlp'")
+    nested = [n for n in names if any(n.startswith(m + ".") for m in names)]
+    if nested:
+        raise ValueError(f"targets {patterns} match '{nested[0]}' and a module that contains it; pick one level")
+    wrapped = {name: wrap(name, model.get_submodule(name)) for name in names}
+    freeze_base_once(model)
+    for name, new in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new.train(model.training))
+    return names
+
+
 def fill_slot(model: nn.Module, slot: str, make: Callable[[int, nn.Module], nn.Module],
               layers: list[int] | None = None) -> None:
     """Freeze the base model and fill `slot` of the chosen layers' attention (all by default)
@@ -145,6 +166,20 @@ def record(model: nn.Module, config) -> None:
     if not hasattr(model, "peft_configs"):
         model.peft_configs = []
     model.peft_configs.append(config)
+
+
+def add_extra_loss(model: nn.Module, fn: Callable) -> None:
+    """Register a training-loss term a method contributes (AdaMix's consistency regulariser).
+
+    finetune.train_step adds `fn(model, forward, batch, logits)` to each micro-batch's loss, where
+    batch = (idx, targets, segment_ids) and `forward` is what computed the loss (the model, or its
+    compiled form), so the term may run a second forward. `logits` is that forward's (B, T, vocab)
+    output if any registered term sets `needs_logits = True`, else None (the loss is then computed
+    without ever building the logits). The term is trained on, never reported: the logged loss
+    stays the cross-entropy."""
+    if not hasattr(model, "peft_extra_losses"):
+        model.peft_extra_losses = []
+    model.peft_extra_losses.append(fn)
 
 
 def applied_configs(model: nn.Module) -> list[dict]:

@@ -20,4 +20,8 @@ METHODS = {
     "prompt_tuning": ("minipeft.methods.prompt_tuning", "PromptTuningConfig"),
     "llama_adapter": ("minipeft.methods.llama_adapter", "LlamaAdapterConfig"),
     "bitfit": ("minipeft.methods.bitfit", "BitFitConfig"),
+    "bottleneck_adapter": ("minipeft.methods.bottleneck_adapter", "BottleneckAdapterConfig"),
+    "full": ("minipeft.methods.full", "FullConfig"),
+    "adamix": ("minipeft.methods.adamix", "AdaMixConfig"),
+    "adamix_lora": ("minipeft.methods.adamix_lora", "AdaMixLoRAConfig"),
 }
