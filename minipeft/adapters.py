@@ -185,7 +185,7 @@ def value_has_type(value, t) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if t is str:
         return isinstance(value, str)
-    return t is typing.Any
+    return t is typing.Any or (isinstance(t, type) and isinstance(value, t))
 
 
 def type_name(t) -> str:
