@@ -18,13 +18,20 @@ The run folder (--out):
                          "final" (or "stopped")
     adapter/             the adapter (adapters.save_adapter), refreshed at every save point
     train_state.pt       optimiser, scheduler, RNG states, step and the adapter tensors, in ONE atomic
-                         file: --resume continues from it exactly, with the same data order
+                         file: --resume continues from it exactly, with the same data order. Plain data
+                         only, read with torch.load(weights_only=True) (a state file from elsewhere can
+                         never run code), and tied to this run by the hash of its config.json
     predictions.jsonl    the final greedy answers (predictions_base.jsonl: the base model's)
     loss.png             train and test bits/token against the step
     summary.json         before/after numbers, wall time, tokens/s, peak memory
 
 Every file is written atomically (temp file + rename), state before adapter, so a killed process
 loses at most the steps since the last save point and never leaves a torn adapter behind.
+
+A new run needs a new or empty --out: an existing run folder is refused unless --resume (continue it)
+or --overwrite (delete it whole and start over), so a finished run is never wiped by running the
+same command again, and two runs never mix their records. Every setting's range is checked up front
+(`check_config`), with the flag's name. Ctrl-C prints the command that resumes.
 """
 from __future__ import annotations
 
