@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -456,3 +457,15 @@ def test_help_lists_methods_and_defaults(capsys):
         out = capsys.readouterr().out
         assert out.startswith(f"usage: python -m minipeft.{prog}") and "(default: 256)" in out or \
             "(default: 160)" in out
+
+
+def test_no_answer_token_is_undefined_not_zero_and_such_examples_are_skipped():
+    from minipeft.evaluate import bits_per_token
+    assert math.isnan(bits_per_token(tiny(), [([1, 2, 3], [-100, -100, -100])]))
+    kept, skipped = finetune.with_answer_tokens([([1, 2], [-100, -100]), ([1, 2], [-100, 5])], max_len=2)
+    assert kept == [([1, 2], [-100, 5])] and skipped == 1
+    with pytest.raises(ValueError, match="--max-len 2: no training example keeps an answer token"):
+        finetune.with_answer_tokens([([1, 2], [-100, -100])], max_len=2)
+    with pytest.raises(ValueError, match="no answer token"):
+        finetune.train_step(tiny(), tiny(), None, [(torch.ones(1, 2, dtype=torch.long),
+                                                    torch.full((1, 2), -100), torch.ones(1, 2))], 1.0, "cpu")
