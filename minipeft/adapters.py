@@ -15,21 +15,28 @@ imports go one way: adapters -> hf_peft -> methods -> peft.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
+import types
+import typing
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .hf_peft import load_peft_adapter, save_peft_adapter
+from .hf_peft import BASE_FILE as PEFT_BASE_FILE
+from .hf_peft import CONFIG_FILE as PEFT_CONFIG_FILE
+from .hf_peft import WEIGHTS_FILE as PEFT_WEIGHTS_FILE
+from .hf_peft import load_peft_adapter, read_json, save_peft_adapter
 from .methods import METHODS
 from .peft import applied_configs, check_base
 from .safetensors_io import atomic_write, load_file, save_file
 
 CONFIG_FILE, WEIGHTS_FILE = "minipeft_adapter.json", "adapter.safetensors"
+PEFT_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_BASE_FILE)
 
 # Hugging Face PEFT's names for fields that minipeft's configs call otherwise
 PEFT_FIELD_NAMES = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -87,6 +94,8 @@ def save_adapter(model: nn.Module, path: str | Path, format: str = "minipeft") -
     meta = {"format": "minipeft", "methods": methods, "base_model": model.config.fingerprint()}
     json.dumps(meta)  # fail before touching any file if the config cannot be written
     path.mkdir(parents=True, exist_ok=True)
+    for stale in PEFT_FILES:  # an earlier Hugging Face PEFT save here: leave one adapter, this one
+        (path / stale).unlink(missing_ok=True)
     save_file(adapter_state(model), path / WEIGHTS_FILE)
     # the JSON names the exact tensors file it belongs to: a crash between the two renames leaves
     # a pair that load_adapter recognises as mismatched instead of loading silently
@@ -104,24 +113,108 @@ def sha256_file(path: Path) -> str:
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply the methods recorded in `path` to `model` and load their weights (minipeft or HF PEFT dir)."""
-    path = Path(path)
-    if (path / "adapter_config.json").exists() and not (path / CONFIG_FILE).exists():
-        return load_peft_adapter(model, path)
-    if not (path / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (minipeft) or adapter_config.json (Hugging Face PEFT)")
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    check_base(model, meta["base_model"], path / CONFIG_FILE)
-    if "weights_sha256" in meta and sha256_file(path / WEIGHTS_FILE) != meta["weights_sha256"]:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE} (sha256 differs): "
-                         "the files come from different saves (interrupted save?)")
-    for entry in meta["methods"]:
-        entry = dict(entry)
-        apply_method(model, entry.pop("method"), **{k: tuple(v) if isinstance(v, list) else v
-                                                     for k, v in entry.items()})
-    tensors = load_file(path / WEIGHTS_FILE)
-    load_adapter_state(model, tensors, path / WEIGHTS_FILE)
+    """Apply the methods recorded in `path` to `model` and load their weights (minipeft or HF PEFT dir).
+
+    Transactional: on any error (a bad file, a wrong shape, a truncated tensor file) the model is left
+    exactly as it was, with no half-built method in it."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: adapter folder does not exist (no {CONFIG_FILE} or {PEFT_CONFIG_FILE})")
+    with rollback_on_error(model):
+        if (path / PEFT_CONFIG_FILE).exists() and not (path / CONFIG_FILE).exists():
+            return load_peft_adapter(model, path)
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (minipeft) or {PEFT_CONFIG_FILE} (Hugging Face PEFT)")
+        source = path / CONFIG_FILE
+        meta = read_json(source)
+        for key, kind in (("base_model", dict), ("methods", list), ("weights_sha256", str)):
+            if not isinstance(meta.get(key), kind):
+                why = ("missing: the pin of the tensors file is required, so that a changed or swapped "
+                       f"{WEIGHTS_FILE} cannot load silently (re-save the adapter with save_adapter)"
+                       if key == "weights_sha256" and key not in meta else f"must be a JSON {kind.__name__}")
+                raise ValueError(f"{source}: field '{key}' {why}")
+        check_base(model, meta["base_model"], source)
+        if sha256_file(path / WEIGHTS_FILE) != meta["weights_sha256"]:
+            raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE} (sha256 differs): the files "
+                             "come from different saves (interrupted save?), or the tensors file was changed")
+        entries = [checked_hyper(entry, f"{source} methods[{i}]") for i, entry in enumerate(meta["methods"])]
+        tensors = load_file(path / WEIGHTS_FILE)
+        for name, hyper in entries:
+            apply_method(model, name, **hyper)
+        load_adapter_state(model, tensors, path / WEIGHTS_FILE)
     return model
+
+
+def checked_hyper(entry, where: str) -> tuple[str, dict]:
+    """(method name, hyper-parameters) of one recorded method, each value's type checked against the
+    method's config dataclass: "false" is not a bool, 4.7 is not an int, an unknown field is an error."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+        raise ValueError(f"{where}: expected an object with a 'method' name, got {entry!r:.80}")
+    entry = dict(entry)
+    name = entry.pop("method")
+    _, config_cls = method_module(name)
+    hints = typing.get_type_hints(config_cls)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    for key, value in entry.items():
+        if key not in known:
+            raise ValueError(f"{where}: {config_cls.__name__} has no field '{key}'; its fields are {sorted(known)}")
+        if not value_has_type(value, hints[key]):
+            raise ValueError(f"{where}: field '{key}' must be {type_name(hints[key])}, got {value!r} "
+                             f"({type(value).__name__})")
+    return name, {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+
+
+def value_has_type(value, t) -> bool:
+    """Whether a JSON value fits a config field's type hint (bool, int, float, str, Literal, tuple/list,
+    unions, Optional). Strict: a bool is not an int, an int is a float, a JSON list is a tuple."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        return any(value_has_type(value, a) for a in args)
+    if t is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (tuple, list):
+        item = args[0] if args else typing.Any
+        return isinstance(value, (list, tuple)) and all(value_has_type(v, item) for v in value)
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is str:
+        return isinstance(value, str)
+    return t is typing.Any or (isinstance(t, type) and isinstance(value, t))
+
+
+def type_name(t) -> str:
+    return getattr(t, "__name__", None) if typing.get_origin(t) is None else str(t).replace("typing.", "")
+
+
+@contextlib.contextmanager
+def rollback_on_error(model: nn.Module):
+    """On an exception inside the block, put back every submodule, parameter, buffer, model attribute
+    and requires_grad flag as they were before it: applying a method only adds modules and attributes
+    and swaps children, so this undoes a half-done load exactly (and costs no tensor copy)."""
+    modules = list(model.modules())
+    saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), dict(m.__dict__)) for m in modules]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    configs = list(getattr(model, "peft_configs", []))
+    try:
+        yield
+    except BaseException:
+        for m, children, params, buffers, attrs in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for store, old in ((m._modules, children), (m._parameters, params), (m._buffers, buffers)):
+                store.clear()
+                store.update(old)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if hasattr(model, "peft_configs"):
+            model.peft_configs[:] = configs
+        raise
 
 
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:

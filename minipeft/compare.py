@@ -183,20 +183,22 @@ def say(progress: bool, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Compare PEFT methods with a matched budget.")
-    p.add_argument("--methods", help="comma-separated names (default: every method that exists)")
+    p = argparse.ArgumentParser(prog="python -m minipeft.compare",
+                                description="Compare PEFT methods with a matched budget.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", help="comma-separated names; when not given: every method that exists")
     p.add_argument("--steps", type=int, default=375, help="optimiser steps per method (375 = the toy default's 3 epochs)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default="runs/compare")
-    p.add_argument("--checkpoint", help="base model folder (default: the toy base)")
-    p.add_argument("--data", help="GSM8K-format folder (default: the toy task)")
-    p.add_argument("--limit", type=int, default=0, help="first N train and test examples")
-    p.add_argument("--eval-limit", type=int, default=0, help="first N test examples")
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step (at most 8 with --throughput)")
+    p.add_argument("--out", default="runs/compare", help="folder for compare.md, .png, .json and the runs")
+    p.add_argument("--checkpoint", help="base model folder; when not given: the toy base")
+    p.add_argument("--data", help="GSM8K-format folder; when not given: the toy task")
+    p.add_argument("--limit", type=int, default=0, help="first N train and test examples (0: all)")
+    p.add_argument("--eval-limit", type=int, default=0, help="first N test examples (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget for accuracy")
     p.add_argument("--throughput", action="store_true", help="measure tokens/s and memory on --preset instead")
-    p.add_argument("--preset", default="llama-3.2-1b")
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--preset", default="llama-3.2-1b", help="model shape for --throughput (random weights)")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per packed row for --throughput")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (--throughput)")
     args = p.parse_args(argv)
     methods = args.methods.split(",") if args.methods else available_methods()
     unknown = [m for m in methods if m not in METHODS]

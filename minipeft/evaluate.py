@@ -30,7 +30,7 @@ from .data import (Example, answers_match, collate, encode_example, encode_promp
                    extract_prediction, load_split)
 from .llama import Llama, LlamaConfig
 from .safetensors_io import atomic_write
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_utf8
 
 LN2 = math.log(2)
 
@@ -38,7 +38,19 @@ LN2 = math.log(2)
 # ----------------------------------------------------------------------------- models and data
 
 def pick_device(name: str = "auto") -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    """"auto" (CUDA if there is one, else the CPU) or a device name this machine has; else a ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:1, mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ValueError(f"--device {name!r}: {device.type} is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def autocast(device: torch.device):
@@ -65,19 +77,36 @@ def load_base(checkpoint: str | None = None, preset: str | None = None,
         checkpoint = str(toy_base(progress=progress))
     path = Path(checkpoint).expanduser()
     model = Llama.from_pretrained(path, dtype=dtype, device=device)
-    return model, Tokenizer.from_file(path), str(path)
+    tok = Tokenizer.from_file(path)
+    tok.check_model_vocab(model.config.vocab_size, str(path))  # ids past the embedding fail only later
+    return model, tok, str(path)
 
 
 def load_task(data: str | None = None, limit: int = 0) -> tuple[list[dict], list[dict], str]:
     """(train, test, description): `data`/{train,test}.jsonl, or the synthetic toy task; the first
     `limit` examples of each split when limit > 0."""
+    if limit < 0:
+        raise ValueError(f"--limit {limit}: must be >= 0 (0: all)")
     if not data:
         from .toy import toy_task
         data = str(toy_task())
-    train, test = load_split(data, "train"), load_split(data, "test")
+    train, test = _load_split(data, "train"), _load_split(data, "test")
     if limit:
         train, test = train[:limit], test[:limit]
     return train, test, data
+
+
+def _load_split(data: str, split: str) -> list[dict]:
+    """load_split, with a non-UTF-8 byte named by file and line, and an empty split refused."""
+    path = Path(data).expanduser() / f"{split}.jsonl"
+    try:
+        examples = load_split(Path(data).expanduser(), split)
+    except UnicodeDecodeError:
+        read_utf8(path)  # raises, naming the file, line and column of the first bad byte
+        raise
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty or blank)")
+    return examples
 
 
 def encode_all(tok: Tokenizer, examples: Sequence[dict], fmt: str, max_len: int) -> list[Example]:
@@ -89,7 +118,8 @@ def encode_all(tok: Tokenizer, examples: Sequence[dict], fmt: str, max_len: int)
 @torch.no_grad()
 def bits_per_token(model: Llama, encoded: Sequence[Example], batch_size: int = 32,
                    pad_id: int = 0) -> float:
-    """Mean cross-entropy over every answer token of `encoded`, in bits (batches sorted by length)."""
+    """Mean cross-entropy over every answer token of `encoded`, in bits (batches sorted by length);
+    NaN when there is no answer token at all (every answer cut off by max_len)."""
     was_training, device = model.training, model.embed_tokens.weight.device
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
@@ -104,7 +134,7 @@ def bits_per_token(model: Llama, encoded: Sequence[Example], batch_size: int = 3
             _, loss = model(idx, targets, segment_ids=seg, return_logits=False)
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
-    return total / max(count, 1) / LN2
+    return total / count / LN2 if count else float("nan")  # no answer token: undefined, not 0
 
 
 def cut_after_answer(text: str) -> str:
@@ -168,21 +198,43 @@ def adapter_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: neither a run folder with adapter/{CONFIG_FILE} nor an adapter folder")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Bits per answer token and accuracy of a base model or an adapter.")
-    p.add_argument("--checkpoint", help="HF or Meta checkpoint folder (default: the run's base, else the toy base)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minipeft.evaluate",
+                                description="Bits per answer token and accuracy of a base model or an adapter.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="HF or Meta checkpoint folder ; when not given: the run's base, else the toy base")
     p.add_argument("--adapter", help="a finetune run folder, or an adapter folder (minipeft or HF PEFT)")
-    p.add_argument("--data", help="folder with test.jsonl (default: the run's data, else the toy task)")
+    p.add_argument("--data", help="folder with test.jsonl ; when not given: the run's data, else the toy task")
     p.add_argument("--format", choices=("plain", "chat"), default=None,
-                   help="prompt format (default: the run's, else plain)")
-    p.add_argument("--limit", type=int, default=0, help="first N test examples only")
-    p.add_argument("--max-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="where to write predictions.jsonl (default: not written)")
-    args = p.parse_args(argv)
+                   help="prompt format; when not given: the run's, else plain")
+    p.add_argument("--limit", type=int, default=0, help="first N test examples only (0: all)")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per example; when not given: the run's, else 512")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", help="where to write predictions.jsonl; when not given: not written")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for flag, value, low in (("--limit", args.limit, 0), ("--max-len", args.max_len, 2),
+                                 ("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} {value}: must be >= {low}")
+        result = run_evaluation(args)
+    except (ValueError, KeyError, OSError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_evaluation(args: argparse.Namespace) -> dict:
     run = {}
+    if args.adapter and not Path(args.adapter).expanduser().exists():
+        raise FileNotFoundError(f"{args.adapter}: --adapter folder does not exist")
     if args.adapter and (Path(args.adapter) / "config.json").exists():  # a finetune run: reuse its settings
         run = json.loads((Path(args.adapter) / "config.json").read_text()).get("train", {})
     device = pick_device(args.device)
@@ -194,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     test = test[:args.limit] if args.limit else test
     fmt, max_len = args.format or run.get("format", "plain"), args.max_len or run.get("max_len", 512)
     result = evaluate(model, tok, test, fmt, max_len, args.batch_size, args.max_new_tokens, args.out)
-    print(json.dumps(dict(base=base, adapter=args.adapter, data=data, **result), indent=2))
-    return 0
+    return dict(base=base, adapter=args.adapter, data=data, **result)
 
 
 if __name__ == "__main__":

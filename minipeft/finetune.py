@@ -18,32 +18,43 @@ The run folder (--out):
                          "final" (or "stopped")
     adapter/             the adapter (adapters.save_adapter), refreshed at every save point
     train_state.pt       optimiser, scheduler, RNG states, step and the adapter tensors, in ONE atomic
-                         file: --resume continues from it exactly, with the same data order
+                         file: --resume continues from it exactly, with the same data order. Plain data
+                         only, read with torch.load(weights_only=True) (a state file from elsewhere can
+                         never run code), and tied to this run by the hash of its config.json
     predictions.jsonl    the final greedy answers (predictions_base.jsonl: the base model's)
     loss.png             train and test bits/token against the step
     summary.json         before/after numbers, wall time, tokens/s, peak memory
 
 Every file is written atomically (temp file + rename), state before adapter, so a killed process
 loses at most the steps since the last save point and never leaves a torn adapter behind.
+
+A new run needs a new or empty --out: an existing run folder is refused unless --resume (continue it)
+or --overwrite (delete it whole and start over), so a finished run is never wiped by running the
+same command again, and two runs never mix their records. Every setting's range is checked up front
+(`check_config`), with the flag's name. Ctrl-C prints the command that resumes.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 import types
 import typing
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .adapters import adapter_state, apply_method, load_adapter_state, method_module, save_adapter
+from .adapters import (METHODS, adapter_state, apply_method, checked_hyper, load_adapter_state, method_module,
+                       save_adapter, value_has_type)
 from .data import Batch, Example, bucket_batches, collate, pack
 from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load_base, load_task,
                        pick_device)
@@ -90,6 +101,36 @@ class TrainConfig:
 
 class Diverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the last saved adapter is kept."""
+
+
+# Every numeric setting's allowed range, in one place: (field, test, what the flag needs)
+RANGES = [
+    ("epochs", lambda v: v >= 1, ">= 1"), ("max_steps", lambda v: v >= 0, ">= 0 (0: use --epochs)"),
+    ("lr", lambda v: 0 < v < math.inf, "> 0"), ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("warmup", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"), ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("batch_size", lambda v: v >= 1, ">= 1"), ("grad_accum", lambda v: v >= 1, ">= 1"),
+    ("max_len", lambda v: v >= 2, ">= 2"), ("clip", lambda v: 0 <= v < math.inf, ">= 0 (0: off)"),
+    ("seed", lambda v: v >= 0, ">= 0"), ("eval_every", lambda v: v >= 0, ">= 0 (0: per epoch)"),
+    ("save_every", lambda v: v >= 0, ">= 0 (0: with evaluations)"), ("limit", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("eval_limit", lambda v: v >= 0, ">= 0 (0: all)"), ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval_batch_size", lambda v: v >= 1, ">= 1"),
+]
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a setting out of range (or of the wrong type), naming its command-line flag and value."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if not value_has_type(getattr(cfg, f.name), hints[f.name]):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be {_type_name(hints[f.name])}, "
+                             f"got {getattr(cfg, f.name)!r}")
+    for name, ok, need in RANGES:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {need}")
+    if cfg.format not in ("plain", "chat"):
+        raise ValueError(f"--format {cfg.format!r}: must be 'plain' or 'chat'")
+    pick_device(cfg.device)  # raises for an unknown device or one this machine lacks
 
 
 # ----------------------------------------------------------------------------- method arguments
@@ -221,6 +262,8 @@ def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Bat
     any weight, if the loss or the gradient norm is not finite. Loss terms a method registered with
     peft.add_extra_loss are added to each micro-batch's loss (trained on, not reported)."""
     n_answer = sum(int((t != -100).sum()) for _, t, _ in batches)
+    if n_answer == 0:  # train() drops examples without answer tokens, so this is a caller's mistake
+        raise ValueError("train_step: the step's batches hold no answer token (all targets are -100)")
     loss_sum, tokens = 0.0, 0
     extra_losses = getattr(model, "peft_extra_losses", [])  # loss terms a method adds (peft.add_extra_loss)
     want_logits = any(getattr(fn, "needs_logits", False) for fn in extra_losses)
@@ -263,21 +306,73 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run: Path, model, opt, sched, step: int) -> None:
-    """The training state (one atomic file), then the adapter folder (atomic files)."""
-    state = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_state(),
+    """The training state (one atomic file), then the adapter folder (atomic files).
+
+    The state holds only tensors, numbers, strings, lists and dicts, so `load_state` reads it with
+    torch.load(weights_only=True): a state file from elsewhere can never run code. It carries the
+    run's identity (the hash of its config.json), checked on resume."""
+    state = dict(format=STATE_FORMAT, step=step, config_sha256=run_identity(run), optimizer=opt.state_dict(),
+                 scheduler=sched.state_dict(), rng=rng_state(),
                  adapter={k: v.clone().cpu() for k, v in adapter_state(model).items()})
-    with atomic_write(run / STATE_FILE) as f:
-        torch.save(state, f)
-    save_adapter(model, run / "adapter")
+    try:
+        with atomic_write(run / STATE_FILE) as f:
+            torch.save(state, f)
+        save_adapter(model, run / "adapter")
+    except BaseException:
+        remove_temp_files(run)  # a full disk can fail the temp file's close too, before its removal
+        raise
+
+
+STATE_FORMAT = "minipeft-train-state-2"
+
+
+def run_identity(run: Path) -> str:
+    """sha256 of the run's config.json (which holds a random run_id): what a state file must match."""
+    path = run / "config.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def remove_temp_files(run: Path) -> None:
+    """The `.NAME.*.tmp` files atomic_write leaves if even its clean-up fails (disk full)."""
+    for tmp in [*run.glob(".*.tmp"), *run.glob("adapter/.*.tmp")]:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(run: Path) -> dict:
+    """RUN/train_state.pt, read without unpickling code, checked for its fields and its run."""
+    path = run / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (the run never reached a save point)") from None
+    except Exception as e:  # truncated, corrupt, or holding objects other than plain data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot be read as a training state ({first[:300]}); it is corrupt, "
+                         "truncated, or not plain data (only tensors, numbers and strings are loaded). "
+                         "The adapter of the last good save is in adapter/") from None
+    need = {"format": str, "step": int, "config_sha256": str, "optimizer": dict, "scheduler": dict,
+            "rng": dict, "adapter": dict}
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a {STATE_FORMAT} training state (written by another minipeft version?)")
+    for key, kind in need.items():
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"{path}: field '{key}' is missing or not a {kind.__name__}")
+    if state["config_sha256"] != run_identity(run):
+        raise ValueError(f"{path} belongs to another run: its config hash {state['config_sha256'][:12]} differs "
+                         f"from {run / 'config.json'}'s {run_identity(run)[:12]}")
+    return state
 
 
 def load_checkpoint(run: Path, model, opt, sched) -> int:
     """Restore what save_checkpoint wrote; returns the step to continue from."""
-    state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    state = load_state(run)
     load_adapter_state(model, state["adapter"], run / STATE_FILE)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{run / STATE_FILE}: the optimiser, schedule or RNG state does not fit this run ({e})") from None
     return state["step"]
 
 
@@ -319,15 +414,24 @@ class Metrics:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) a fine-tuning job; returns the summary written to RUN/summary.json."""
-    run, device, t_start = Path(cfg.out), pick_device(cfg.device), time.time()
+    check_config(cfg)
+    run, device, t_start = Path(cfg.out).expanduser(), pick_device(cfg.device), time.time()
     run.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(run)  # left by an earlier run that died on a full disk
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
     train_set, test_set, data_name = load_task(cfg.data, cfg.limit)
     test_set = test_set[:cfg.eval_limit] if cfg.eval_limit else test_set
     test_enc = encode_all(tok, test_set, cfg.format, cfg.max_len)
-    plan = DataPlan(encode_all(tok, train_set, cfg.format, cfg.max_len), cfg, tok.pad_id)
+    if not any(t != -100 for _, targets in test_enc for t in targets):
+        raise ValueError(f"--max-len {cfg.max_len}: no test example keeps an answer token (the prompts fill the "
+                         "whole length), so bits/token is undefined; raise --max-len")
+    train_enc, n_no_answer = with_answer_tokens(encode_all(tok, train_set, cfg.format, cfg.max_len), cfg.max_len)
+    if n_no_answer:
+        say(progress, f"skipping {n_no_answer} of {len(train_set)} training examples: no answer token within "
+                      f"--max-len {cfg.max_len}")
+    plan = DataPlan(train_enc, cfg, tok.pad_id)
 
     def full_eval(tag: str) -> dict:
         return evaluate(model, tok, test_set, cfg.format, cfg.max_len, cfg.eval_batch_size, cfg.max_new_tokens,
@@ -346,6 +450,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     trainable, total = count_parameters(model)
     if not resume:
         _write_json(run / "config.json", dict(
+            run_id=uuid.uuid4().hex, n_train_skipped_no_answer=n_no_answer,
             train=asdict(cfg), method_config=applied_configs(model), base=base_name, data=data_name,
             trainable_params=trainable, total_params=total, trainable_report=trainable_report(model),
             steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, n_train=len(train_set),
@@ -382,6 +487,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     plot_losses(metrics.records, run / "loss.png", cfg.method)
     say(progress, _summary_line(summary))
     return summary
+
+
+def with_answer_tokens(encoded: list, max_len: int) -> tuple[list, int]:
+    """The examples that keep at least one answer token after the cut at max_len, and how many did not
+    (a step of only such examples has no loss: it would log 0 and divide by zero later)."""
+    kept = [ex for ex in encoded if any(t != -100 for t in ex[1])]
+    if not kept:
+        raise ValueError(f"--max-len {max_len}: no training example keeps an answer token (the prompts fill the "
+                         "whole length); raise --max-len")
+    return kept, len(encoded) - len(kept)
 
 
 def prepare_model(model: Llama, cfg: TrainConfig, total_steps: int, device: torch.device):
@@ -437,9 +552,7 @@ def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, 
 
 
 def _saved_step(run: Path) -> int:
-    if not (run / STATE_FILE).exists():
-        return 0
-    return torch.load(run / STATE_FILE, map_location="cpu", weights_only=False)["step"]
+    return load_state(run)["step"] if (run / STATE_FILE).exists() else 0
 
 
 def _peak_memory(device: torch.device) -> float | None:
@@ -504,15 +617,22 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m minipeft.finetune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minipeft.finetune", description=__doc__.split("\n")[0],
+                                epilog=f"methods: {', '.join(METHODS)}. See a method's fields, types and defaults "
+                                       "with --list-methods, or --method NAME --set help.")
     p.add_argument("--checkpoint", help="HF or Meta checkpoint folder (tokenizer inside); default: the toy base")
     p.add_argument("--preset", help="a LlamaConfig preset with random weights and the byte-level tokenizer")
     p.add_argument("--data", help="folder with train.jsonl and test.jsonl; default: the synthetic toy task")
-    p.add_argument("--method", default=d.method, help="a name in minipeft.adapters.METHODS (default lora)")
+    p.add_argument("--method", default=d.method, metavar="NAME",
+                   help=f"the PEFT method, one of: {', '.join(METHODS)} (default {d.method})")
     p.add_argument("--set", dest="method_args", action="append", default=[], metavar="NAME=VALUE",
-                   help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj")
+                   help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj; "
+                        "--set help lists the method's fields (default: the method's defaults)")
+    p.add_argument("--list-methods", action="store_true", help="list every method with its fields and exit")
     p.add_argument("--out", default=d.out, help="run folder (default runs/latest)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved config and state")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run folder --out if it holds a run, and start over (default: refuse)")
     for name, kind, help_ in [
             ("epochs", int, "passes over the training set"), ("max-steps", int, "> 0: this many optimiser steps"),
             ("lr", float, "peak learning rate"), ("weight-decay", float, "AdamW weight decay"),
@@ -548,27 +668,98 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def describe_method(name: str) -> str:
+    """'lora (LoRAConfig): r: int = 8, alpha: float = 16.0, ...' for --list-methods and --set help."""
+    _, config_cls = method_module(name)
+    hints = typing.get_type_hints(config_cls)
+    fields = ", ".join(f"{f.name}: {_type_name(hints[f.name])} = {f.default if f.default is not dataclasses.MISSING else '?'}"
+                       for f in dataclasses.fields(config_cls))
+    return f"{name} ({config_cls.__name__}): {fields}"
+
+
+def prepare_run_folder(run: Path, overwrite: bool) -> None:
+    """A new run starts in a new or empty folder: running the same command twice must not wipe a
+    finished run's metrics, and a forgotten --resume must not mix two runs' records. --overwrite
+    deletes the folder whole, but only a folder that holds a run (never an arbitrary --out)."""
+    if not run.exists() or (run.is_dir() and not any(run.iterdir())):
+        return
+    is_run = run.is_dir() and any((run / n).exists() for n in ("config.json", "metrics.jsonl", STATE_FILE, "adapter"))
+    if not overwrite:
+        raise ValueError(f"{run} already exists and is not empty: continue it with --resume {run}, start over "
+                         "with --overwrite, or choose another --out")
+    if not is_run:
+        raise ValueError(f"{run} holds no run (no config.json, metrics.jsonl or {STATE_FILE}); --overwrite deletes "
+                         "only run folders: choose another --out")
+    shutil.rmtree(run)
+
+
+def resume_config(run: Path, device: str) -> TrainConfig:
+    """The TrainConfig saved in RUN/config.json, every field checked, with --out = RUN."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is {run} a run folder?)")
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    train_cfg = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(train_cfg, dict):
+        raise ValueError(f"{path}: no 'train' section (an object with the run's settings)")
+    hints, known = typing.get_type_hints(TrainConfig), {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in train_cfg.items():
+        if key not in known:
+            raise ValueError(f"{path}: train.{key} is not a setting of this minipeft version")
+        if not value_has_type(value, hints[key]):
+            raise ValueError(f"{path}: train.{key} must be {_type_name(hints[key])}, got {value!r}")
+    cfg = TrainConfig(**dict(train_cfg, out=str(run), device=device))
+    _, args = checked_hyper(dict(cfg.method_args, method=cfg.method), f"{path} train.method_args")
+    return dataclasses.replace(cfg, method_args=args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    run = None
     try:
+        if args.list_methods or args.method_args == ["help"]:
+            names = list(METHODS) if args.list_methods else [args.method]
+            print("\n".join(describe_method(m) for m in names))
+            return 0
         if args.resume:
             extra = [a.split("=")[0] for a in argv if a.startswith("--")
                      and a.split("=")[0] not in ("--resume", "--device", "--quiet")]
             if extra:
                 raise ValueError(f"--resume takes the configuration from {args.resume}/config.json; "
                                  f"drop {', '.join(extra)}")
-            saved = json.loads((Path(args.resume) / "config.json").read_text())["train"]
-            cfg = TrainConfig(**dict(saved, out=args.resume, device=args.device))
-            if not (Path(args.resume) / STATE_FILE).exists():
-                raise FileNotFoundError(f"{args.resume}: no {STATE_FILE} yet (the run never reached a save point)")
+            run = Path(args.resume).expanduser()
+            cfg = resume_config(run, args.device)
+            if not (run / STATE_FILE).exists():
+                raise FileNotFoundError(f"{run}: no {STATE_FILE} yet (the run never reached a save point); "
+                                        f"start it again with --overwrite")
             train(cfg, resume=True, progress=not args.quiet)
         else:
-            train(config_from_args(args), progress=not args.quiet)
-    except (Diverged, ValueError, KeyError, FileNotFoundError) as e:
+            cfg = config_from_args(args)
+            check_config(cfg)
+            run = Path(cfg.out).expanduser()
+            prepare_run_folder(run, args.overwrite)
+            train(cfg, progress=not args.quiet)
+    except (Diverged, ValueError, KeyError, OSError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        step = _saved_step_or_none(run)
+        print(f"\ninterrupted. " + (f"The last save is step {step}; continue with: python -m minipeft.finetune "
+                                     f"--resume {run}" if step else
+                                     f"No save point was reached; start over with --overwrite."), file=sys.stderr)
+        return 130
     return 0
+
+
+def _saved_step_or_none(run: Path | None) -> int | None:
+    try:
+        return _saved_step(run) if run is not None else None
+    except (ValueError, OSError):
+        return None
 
 
 if __name__ == "__main__":

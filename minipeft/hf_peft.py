@@ -45,6 +45,7 @@ from .safetensors_io import atomic_write, load_file, save_file
 PREFIX = "base_model.model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM -> LlamaModel
 CONFIG_FILE, WEIGHTS_FILE, BASE_FILE = "adapter_config.json", "adapter_model.safetensors", "minipeft_base_model.json"
 MAGNITUDE = "lora_magnitude_vector"
+MINIPEFT_FILES = ("minipeft_adapter.json", "adapter.safetensors")  # adapters.py's format (JSON first)
 # adapter_config.json fields read below or that never change the forward pass; every other field
 # (fan_in_fan_out, modules_to_save, lora_bias, layer_replication, use_bdlora, ... and those of future
 # PEFT versions) must be unset, false or empty, and bias must be "none"
@@ -55,15 +56,53 @@ UNDERSTOOD = {"peft_type", "task_type", "base_model_name_or_path", "revision", "
 PLAIN_INITS = (True, False, "gaussian")  # pissa, olora, loftq, corda, eva: the adapter needs a modified base
 
 
+# The type of every adapter_config.json field minipeft reads (PEFT's LoraConfig / IA3Config types);
+# a value of another type (a string "false" for a bool, 4.7 for an int) is an error, not a guess.
+_STR_LIST = (str, list)
+FIELD_TYPES = {"r": int, "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": bool,
+               "use_dora": bool, "rank_pattern": dict, "alpha_pattern": dict, "target_modules": _STR_LIST,
+               "exclude_modules": _STR_LIST, "feedforward_modules": _STR_LIST, "layers_to_transform": (int, list),
+               "layers_pattern": _STR_LIST, "init_lora_weights": (bool, str), "init_ia3_weights": bool,
+               "fan_in_fan_out": bool, "inference_mode": bool, "peft_type": str, "bias": str}
+IA3_UNDERSTOOD = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                  "peft_version", "target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights"}
+
+
+def check_field_types(config: dict, source: Path) -> None:
+    for key, kinds in FIELD_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if ok and isinstance(value, list):
+            item = int if key == "layers_to_transform" else str
+            ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+        if ok and isinstance(value, dict):
+            item = int if key == "rank_pattern" else (int, float)
+            ok = all(isinstance(k, str) and isinstance(v, item) and not isinstance(v, bool) for k, v in value.items())
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"{source}: field '{key}' must be {names}, got {value!r} ({type(value).__name__})")
+    for key in ("r", "lora_alpha"):
+        if config.get(key) is not None and config[key] <= 0:
+            raise ValueError(f"{source}: field '{key}' must be > 0, got {config[key]!r}")
+
+
 def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply the adapter in a Hugging Face PEFT directory to `model` (LoRA / rsLoRA / DoRA, or IA3)."""
     path = Path(path)
     config = _read_json(path / CONFIG_FILE)
+    check_field_types(config, path / CONFIG_FILE)
     if (path / BASE_FILE).exists():
         check_base(model, _read_json(path / BASE_FILE), path / BASE_FILE)
     tensors = _read_tensors(path)
     kind = config.get("peft_type")
     if kind == "IA3":
+        bad = {k: v for k, v in config.items() if v and k not in IA3_UNDERSTOOD}
+        if bad:
+            raise NotImplementedError(f"{path / CONFIG_FILE}: minipeft does not implement the IA3 fields {bad}; "
+                                      "they must be unset, false or empty")
         ia3_from_peft(model, config, tensors, str(path / WEIGHTS_FILE))
     elif kind == "LORA":
         _load_lora(model, config, tensors, path)
@@ -89,6 +128,8 @@ def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_pat
     config["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None)
     text, base = json.dumps(config, indent=2), json.dumps(model.config.fingerprint(), indent=2)
     path.mkdir(parents=True, exist_ok=True)  # tensors first, config last (each write atomic)
+    for stale in MINIPEFT_FILES:  # a minipeft adapter saved here earlier would be loaded instead of this one
+        (path / stale).unlink(missing_ok=True)
     save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
     for name, content in ((BASE_FILE, base), (CONFIG_FILE, text)):
         with atomic_write(path / name, "w") as f:
@@ -291,13 +332,24 @@ def ia3_to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found")
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; not found, not UTF-8, invalid JSON or not an object: an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found" if not path.exists() else f"{path}: not a regular file")
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+_read_json = read_json
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -65,6 +66,9 @@ class LlamaConfig:
     tie_embeddings: bool = True  # lm_head shares embed_tokens' weight (1B and 3B do)
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"LlamaConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
@@ -77,40 +81,70 @@ class LlamaConfig:
         return cls(**PRESETS[name])
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> LlamaConfig:
-        """From a Hugging Face `config.json` dict."""
-        scaling = cfg.get("rope_scaling")
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
-            raise ValueError(f"config.json: rope_scaling type {scaling.get('rope_type')!r} is not supported (only 'llama3')")
-        return cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-                   n_heads=cfg["num_attention_heads"],
-                   n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                   ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
-                   norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
-                   rope_scaling=None if scaling is None else {k: scaling[k] for k in LLAMA3_SCALING_KEYS},
-                   max_seq_len=cfg.get("max_position_embeddings", 8192),
-                   tie_embeddings=cfg.get("tie_word_embeddings", False))
+    def from_hf(cls, cfg: dict, source: str | Path = "config.json") -> LlamaConfig:
+        """From a Hugging Face `config.json` dict, as transformers 4.x or 5.x writes it.
+
+        RoPE comes in two forms: 4.x's top-level `rope_theta` + `rope_scaling` ({"rope_type": "llama3",
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}), or 5.x's
+        `rope_parameters` ({"rope_theta": ..., "rope_type": "default" | "llama3", the same four keys}).
+        rope_type "default" (or no scaling) means plain RoPE. Both forms at once must agree.
+
+        Missing fields take transformers' documented LlamaConfig defaults: vocab_size 32000,
+        hidden_size 4096, intermediate_size 11008, num_hidden_layers 32, num_attention_heads 32,
+        num_key_value_heads = num_attention_heads, head_dim = hidden_size // num_attention_heads,
+        rms_norm_eps 1e-6, rope_theta 10000.0 (no scaling), max_position_embeddings 2048,
+        tie_word_embeddings false, hidden_act "silu", attention_bias false, mlp_bias false.
+
+        Every field is type- and range-checked; anything that would change the computed function and
+        that minipeft does not implement (another model_type, hidden_act, biases, rope_type, a partial
+        rotary factor) is an error naming `source` and the field, never silently ignored.
+        """
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(cfg)}")
+        # transformers types these `int | None` (null = derived); 5.x writers may leave rope_theta null
+        # beside rope_parameters
+        nullable = ("num_key_value_heads", "head_dim") + (("rope_theta",) if cfg.get("rope_parameters") else ())
+        get = _ConfigReader(cfg, source, nullable)
+        for key, allowed in (("model_type", ("llama",)), ("hidden_act", ("silu",))):
+            value = get.str(key, allowed[0])
+            if value not in allowed:
+                raise ValueError(f"{source}: {key} {value!r} is not supported (minipeft implements {allowed[0]!r})")
+        for key in ("attention_bias", "mlp_bias"):
+            if get.bool(key, False):
+                raise ValueError(f"{source}: {key} true is not supported (Llama 3 has no biases)")
+        heads = get.int("num_attention_heads", 32)
+        dim = get.int("hidden_size", 4096)
+        theta, scaling = _read_rope(cfg, get, source)
+        return _build(cls, source, vocab_size=get.int("vocab_size", 32000), dim=dim, n_layers=get.int("num_hidden_layers", 32),
+                   n_heads=heads, n_kv_heads=get.int("num_key_value_heads", heads),
+                   ffn_dim=get.int("intermediate_size", 11008), head_dim=get.int("head_dim", dim // heads),
+                   norm_eps=get.float("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                   max_seq_len=get.int("max_position_embeddings", 2048),
+                   tie_embeddings=get.bool("tie_word_embeddings", False))
 
     @classmethod
-    def from_meta(cls, params: dict) -> LlamaConfig:
+    def from_meta(cls, params: dict, source: str | Path = "params.json") -> LlamaConfig:
         """From Meta's `params.json`, computing the FFN width as Meta's reference does."""
-        dim = params["dim"]
+        if not isinstance(params, dict):
+            raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(params)}")
+        get = _ConfigReader(params, source, nullable=("n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor"))
+        dim = get.int("dim")
         hidden = int(2 * (4 * dim) / 3)
-        if params.get("ffn_dim_multiplier") is not None:
-            hidden = int(params["ffn_dim_multiplier"] * hidden)
-        multiple_of = params.get("multiple_of", 256)
+        if params.get("ffn_dim_multiplier") is not None:  # null: no multiplier, as Meta's reference
+            hidden = int(get.float("ffn_dim_multiplier") * hidden)
+        multiple_of = get.int("multiple_of", 256)
         hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)  # round up
         # Meta's reference hard-codes factor 8 in apply_scaling; the 3.2 models were trained with 32.
         # params.json does not say which, so take the factor Meta's own 3.2 releases use by size.
         scaling = None
-        if params.get("use_scaled_rope"):
-            scaling = dict(factor=params.get("rope_scaling_factor", 32.0 if dim <= 3072 else 8.0),
+        if get.bool("use_scaled_rope", False):
+            scaling = dict(factor=get.float("rope_scaling_factor", 32.0 if dim <= 3072 else 8.0),
                            low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-        return cls(vocab_size=params["vocab_size"], dim=dim, n_layers=params["n_layers"],
-                   n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-                   ffn_dim=hidden, norm_eps=params.get("norm_eps", 1e-5),
-                   rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
-                   max_seq_len=params.get("max_seq_len", 131072))
+        heads = get.int("n_heads")
+        return _build(cls, source, vocab_size=get.int("vocab_size"), dim=dim, n_layers=get.int("n_layers"),
+                   n_heads=heads, n_kv_heads=get.int("n_kv_heads", heads), ffn_dim=hidden,
+                   norm_eps=get.float("norm_eps", 1e-5), rope_theta=get.float("rope_theta", 10000.0),
+                   rope_scaling=scaling, max_seq_len=get.int("max_seq_len", 131072))
 
     def to_hf(self) -> dict:
         cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=self.vocab_size,
@@ -128,6 +162,99 @@ class LlamaConfig:
 
 
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _build(cls, source, **fields) -> LlamaConfig:
+    try:
+        return cls(**fields)
+    except ValueError as e:  # a cross-field check of __post_init__ (heads vs key/value heads)
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+class _ConfigReader:
+    """Typed reads of a config dict: each error names the file, the field and the bad value."""
+
+    def __init__(self, cfg: dict, source, nullable: tuple[str, ...] = ()):
+        self.cfg, self.source, self.nullable = cfg, source, nullable
+
+    def _get(self, key: str, default, kinds: tuple, what: str):
+        # null counts as missing only where transformers' own type allows it (`int | None`)
+        if key not in self.cfg or (self.cfg[key] is None and key in self.nullable):
+            if default is _REQUIRED:
+                raise ValueError(f"{self.source}: field '{key}' is missing")
+            return default
+        value = self.cfg[key]
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ValueError(f"{self.source}: field '{key}' must be {what}, got {value!r} ({_json_kind(value)})")
+        return value
+
+    def int(self, key: str, default=None) -> int:
+        value = self._get(key, _REQUIRED if default is None else default, (int,), "a positive integer")
+        if value <= 0:
+            raise ValueError(f"{self.source}: field '{key}' must be a positive integer, got {value!r}")
+        return value
+
+    def float(self, key: str, default=None) -> float:
+        value = self._get(key, _REQUIRED if default is None else default, (int, float), "a positive number")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{self.source}: field '{key}' must be a positive number, got {value!r}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._get(key, default, (bool,), "true or false")
+
+    def str(self, key: str, default: str) -> str:
+        return self._get(key, default, (str,), "a string")
+
+
+_REQUIRED = object()
+
+
+def _read_rope(cfg: dict, get: _ConfigReader, source) -> tuple[float, dict | None]:
+    """(rope_theta, llama3 scaling or None) from either the 4.x or the 5.x form (see from_hf)."""
+    params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{source}: field '{key}' must be an object or null, got {value!r}")
+    theta = get.float("rope_theta", 10000.0)
+    if params is not None:  # transformers 5.x
+        inner = _ConfigReader(params, f"{source} rope_parameters")
+        p_theta = inner.float("rope_theta", theta)
+        if "rope_theta" in cfg and cfg["rope_theta"] is not None and p_theta != theta:
+            raise ValueError(f"{source}: rope_theta {theta} contradicts rope_parameters.rope_theta {p_theta}")
+        theta, from_params = p_theta, _read_scaling(params, f"{source} rope_parameters")
+        if scaling is not None and _read_scaling(scaling, f"{source} rope_scaling") != from_params:
+            raise ValueError(f"{source}: rope_scaling {scaling} contradicts rope_parameters {params}")
+        return theta, from_params
+    return theta, None if scaling is None else _read_scaling(scaling, f"{source} rope_scaling")
+
+
+def _read_scaling(spec: dict, where: str) -> dict | None:
+    """None for rope_type "default" (or none given), the four llama3 numbers for "llama3"."""
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    factor = spec.get("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {factor!r} is not supported (Llama rotates every dimension)")
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(f"{where}: rope_type {kind!r} is not supported (minipeft implements 'default' and 'llama3')")
+    missing = [k for k in LLAMA3_SCALING_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"{where}: rope_type 'llama3' needs {list(LLAMA3_SCALING_KEYS)}; missing {missing}")
+    read = _ConfigReader(spec, where)
+    out = {k: read.float(k) for k in LLAMA3_SCALING_KEYS[:3]}
+    out["original_max_position_embeddings"] = read.int("original_max_position_embeddings")
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor {out['high_freq_factor']} must exceed low_freq_factor "
+                         f"{out['low_freq_factor']}")
+    return out
+
 _LLAMA3_SCALING_32 = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 PRESETS: dict[str, dict] = {
     "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
@@ -499,8 +626,7 @@ class Llama(nn.Module):
         nucleus sampling over the smallest set of tokens with probability >= top_p. A row stops at its
         first stop token (not included in the output) or after max_new_tokens.
         """
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
+        self._check_generate_args(prompts, max_new_tokens, temperature, top_p)
         B, T0, dev = len(prompts), max(map(len, prompts)), self.embed_tokens.weight.device
         idx = torch.zeros(B, T0, dtype=torch.long, device=dev)
         seg = torch.zeros(B, T0, dtype=torch.long, device=dev)
@@ -530,6 +656,32 @@ class Llama(nn.Module):
             out.append(row[:cut])
         return out
 
+    def _check_generate_args(self, prompts, max_new_tokens, temperature, top_p) -> None:
+        """Clear errors for what torch would report as a shape or device-side error, or not at all."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"generate: prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}"
+                             + (" (convert a tensor with .tolist())" if isinstance(prompts, torch.Tensor) else ""))
+        vocab, longest = self.config.vocab_size, 0
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple)) or not p:
+                raise ValueError(f"generate: prompt {i} must be a non-empty list of token ids, got {p!r:.60}"
+                                 + (" (one prompt goes in a list: [ids])" if isinstance(p, int) else ""))
+            bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), ())
+            if bad != ():
+                raise ValueError(f"generate: prompt {i} holds token id {bad!r}; ids must be integers in "
+                                 f"[0, {vocab}) (the model's vocabulary size is {vocab})")
+            longest = max(longest, len(p))
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
+        if longest + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the model's max_seq_len {self.config.max_seq_len} "
+                             "(max_position_embeddings): shorten the prompt or generate fewer tokens")
+
     # ---------------------------------------------------------------- loading and saving
 
     @staticmethod
@@ -542,15 +694,21 @@ class Llama(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> Llama:
         """Load a Hugging Face (config.json + *.safetensors) or Meta (params.json + consolidated.00.pth) checkpoint."""
-        path = Path(path)
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: not a folder (give the checkpoint folder, not a file in it)")
         if (path / "config.json").exists():
-            cfg = LlamaConfig.from_hf(_read_json(path / "config.json"))
+            cfg = LlamaConfig.from_hf(_read_json(path / "config.json"), path / "config.json")
             state, origin = _load_hf_state(path)
+            _check_tied(cfg, state, origin, path / "config.json")
         elif (path / "params.json").exists():
-            cfg = LlamaConfig.from_meta(_read_json(path / "params.json"))
+            cfg = LlamaConfig.from_meta(_read_json(path / "params.json"), path / "params.json")
             source = path / "consolidated.00.pth"
             if not source.exists():
                 raise FileNotFoundError(f"{path}: params.json found but {source.name} is missing")
+            source = _regular_file(path, source.name, source)
             raw = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
             # params.json does not say whether the head is tied: the weights do
             out, emb = raw.get("output.weight"), raw.get("tok_embeddings.weight")
@@ -564,6 +722,7 @@ class Llama(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         check_state(model, state, origin, path)
+        check_finite(state, origin)
         state = {k: v.to(device=device or "cpu", dtype=dtype or v.dtype) for k, v in state.items()}
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -579,7 +738,7 @@ class Llama(nn.Module):
             raise ValueError(f"save_pretrained: the model carries modules a Llama checkpoint cannot hold "
                              f"('{extra[0]}', {len(extra)} tensors): fold them with "
                              "minipeft.merge_and_unload(model) first, or keep them apart with save_adapter")
-        path = Path(path)
+        path = Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v for k, v in self.state_dict().items()
                  if not (self.config.tie_embeddings and k == "lm_head.weight")}
@@ -593,6 +752,9 @@ class Llama(nn.Module):
                 shards, size = shards + [[]], 0
             shards[-1].append(k)
             size += nbytes
+        # the files of an earlier save in another layout would shadow (index, config.json over params.json)
+        # or mix with this one (old shards): remove them first, the index before its shards
+        _remove_weight_files(path)
         if len(shards) == 1:
             save_file(state, path / "model.safetensors", metadata={"format": "pt"})
         else:
@@ -623,8 +785,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
 
 
 def _read_json(path: Path) -> dict:
+    path = _regular_file(path.parent, path.name, path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
@@ -634,26 +799,93 @@ def _write_json(path: Path, obj: dict) -> None:
         json.dump(obj, f, indent=2)
 
 
+def _regular_file(folder: Path, name, named_in: Path) -> Path:
+    """folder / name, where `name` (read from `named_in`) must stay inside the folder and be a regular
+    file: no absolute path, no '..', no FIFO or device (opening /dev/stdin or a FIFO would hang)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{named_in}: file name {name!r} must be a relative path inside {folder}")
+    path = folder / name
+    try:
+        mode = path.stat().st_mode  # follows symlinks (the Hugging Face cache links into blobs/)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: named by {named_in.name} but missing" if named_in != path
+                                else f"{path}: not found") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file")
+    return path
+
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "config.json", "params.json",
+                "consolidated.00.pth")
+
+
+def _remove_weight_files(path: Path) -> None:
+    shards = tuple(sorted(p.name for p in path.glob("model-*-of-*.safetensors")))
+    for name in WEIGHT_FILES[:2] + shards + WEIGHT_FILES[2:]:  # the index before the shards it names
+        if (path / name).is_file() or (path / name).is_symlink():
+            (path / name).unlink()
+
+
 def _load_hf_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     """Tensors of a HF checkpoint (single file or shards), names without the "model." prefix,
-    and the file each came from (for error messages)."""
+    and the file each came from (for error messages). With shards, each tensor comes from the shard
+    the index names; a tensor in another shard too, or in none the index lists, is an error."""
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: missing 'weight_map'")
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: config.json found but no model.safetensors or model.safetensors.index.json")
+    if not index.exists():
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(f"{path}: config.json found but no model.safetensors or "
+                                    "model.safetensors.index.json")
+        source = _regular_file(path, "model.safetensors", path / "model.safetensors")
+        tensors = load_file(source)
+        return _strip_prefix(tensors, dict.fromkeys(tensors, source), source)
+    meta = _read_json(index)
+    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: missing or empty 'weight_map'")
+    shards = {fname: load_file(_regular_file(path, fname, index)) for fname in sorted(set(weight_map.values()))}
     state, origin = {}, {}
-    for fname in files:
-        if not (path / fname).exists():
-            raise FileNotFoundError(f"{index}: shard {fname} is listed but missing")
-        for k, v in load_file(path / fname).items():
-            state[k.removeprefix("model.")], origin[k.removeprefix("model.")] = v, path / fname
-    return state, origin
+    for fname, tensors in shards.items():
+        for k in tensors:
+            if k not in weight_map:
+                raise KeyError(f"{path / fname}: tensor '{k}' is not listed in {index.name}")
+            if weight_map[k] != fname:
+                raise ValueError(f"{path / fname}: tensor '{k}' is also in {weight_map[k]}, the shard {index.name} "
+                                 "names for it (a tensor must be in one shard only)")
+            state[k], origin[k] = tensors[k], path / fname
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise KeyError(f"{index}: names {path / weight_map[absent[0]]} for '{absent[0]}', but that shard has no "
+                       f"such tensor ({len(absent)} such)")
+    return _strip_prefix(state, origin, index)
+
+
+def _strip_prefix(state: dict, origin: dict, source: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    out, where = {}, {}
+    for k, v in state.items():
+        name = k.removeprefix("model.")
+        if name in out:
+            raise ValueError(f"{source}: '{k}' and '{name}' name the same tensor")
+        out[name], where[name] = v, origin[k]
+    return out, where
+
+
+def _check_tied(cfg: LlamaConfig, state: dict, origin: dict, config_path: Path) -> None:
+    """A tied config must not come with a DIFFERENT lm_head.weight: one of the two is wrong."""
+    head, emb = state.get("lm_head.weight"), state.get("embed_tokens.weight")
+    if cfg.tie_embeddings and head is not None and emb is not None and not (
+            head.shape == emb.shape and torch.equal(head, emb)):
+        raise ValueError(f"{config_path}: tie_word_embeddings is true, but {origin['lm_head.weight']} holds an "
+                         "lm_head.weight that differs from embed_tokens.weight; set tie_word_embeddings to false "
+                         "to use that head, or remove it")
+
+
+def check_finite(state: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:
+    """NaN or inf in a weight makes every output NaN: refuse it at load, naming the tensor."""
+    for k, v in state.items():
+        # in chunks of 4M elements: a whole-tensor mask would add half the embedding's bytes to the peak
+        if v.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in v.reshape(-1).split(1 << 22)):
+            n = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"{origin[k]}: tensor '{k}' holds {n} NaN or inf value(s)")
 
 
 def check_state(model: Llama, state: dict[str, torch.Tensor], origin: dict[str, Path], path: Path) -> None:
@@ -727,8 +959,9 @@ def meta_to_hf(raw: dict[str, torch.Tensor], cfg: LlamaConfig, source: Path) -> 
 
 def save_meta(model: Llama, path: str | Path) -> None:
     """Write params.json + consolidated.00.pth in Meta's layout (interleaved q/k rows)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
+    _remove_weight_files(path)  # config.json would shadow params.json: an HF save in the folder goes
     cfg, hf_to_meta = model.config, {v: k for k, v in META_TO_HF.items()}
     raw = {}
     for name, t in model.state_dict().items():

@@ -45,22 +45,46 @@ def read_header(path: str | Path) -> tuple[dict, int]:
             raise ValueError(f"{path}: corrupt safetensors header: header length {n} bytes "
                              f"but the file has {size} bytes")
         raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise ValueError(f"{path}: corrupt safetensors header: it must start with '{{'")
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt safetensors header: invalid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
     data_start, data_len = 8 + n, size - 8 - n
     for name, info in header.items():
         _check_entry(path, name, info, data_len)
+    _check_layout(path, header, data_len)
     return header, data_start
+
+
+def _check_layout(path: Path, header: dict, data_len: int) -> None:
+    """As the reference reader validates: the tensors, in offset order, tile the data section exactly,
+    from byte 0 to its end, with no gap and no overlap. Overlapping tensors would load as views of one
+    storage (two layers sharing a weight); a gap or a short end means a shifted header length."""
+    at = 0
+    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, end = info["data_offsets"]
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes"
+            raise ValueError(f"{path}: tensor '{name}' starts at byte {begin} of the data section and {what} "
+                             f"(the tensors must be contiguous from byte 0, in order)")
+        at = end
+    if at != data_len:
+        raise ValueError(f"{path}: the tensors cover {at} bytes but the data section has {data_len} "
+                         "(corrupt header length or trailing bytes)")
 
 
 def _check_entry(path: Path, name: str, info: dict, data_len: int) -> None:
     try:
         dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, begin, end]):
+            raise ValueError
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{path}: corrupt safetensors header entry for tensor '{name}': {info!r}") from None
     numel = 1

@@ -43,6 +43,17 @@ MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is an error naming the file, line and column."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col})") from None
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character (how tokenizer.json spells bytes)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
@@ -131,7 +142,7 @@ class Tokenizer:
         canonical = {name: base + i for i, name in enumerate(SPECIAL_NAMES)}
         self.special_tokens: dict[str, int] = dict(special_tokens or canonical)
         _check(ranks, self.special_tokens, source)
-        self.mergeable_ranks = ranks
+        self.mergeable_ranks, self.source = ranks, source
         self.model = tiktoken.Encoding(name=Path(source).name, pat_str=PAT_STR,
                                        mergeable_ranks=ranks, special_tokens=self.special_tokens)
         self.vocab_size: int = base + len(self.special_tokens)
@@ -154,10 +165,16 @@ class Tokenizer:
             path = found[0]
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
         if text.lstrip().startswith("{"):  # JSON; a base64 line can never start with "{"
             return cls(*_read_tokenizer_json(text, path), source=str(path))
         return cls(_read_tiktoken_model(text, path), source=str(path))
+
+    def check_model_vocab(self, vocab_size: int, model_source: str = "the model") -> None:
+        """Every id this tokenizer can produce must have a row in the model's embedding."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"{self.source}: the tokenizer has {self.vocab_size} ids (ranks + specials) but "
+                             f"{model_source} has an embedding for only {vocab_size}: they do not belong together")
 
     @classmethod
     def byte_level(cls) -> Tokenizer:
