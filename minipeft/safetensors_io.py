@@ -157,20 +157,27 @@ class atomic_write:
         return self.f
 
     def __exit__(self, exc_type, exc, tb):
+        ok = exc_type is None
         try:
-            if exc_type is None:
+            if ok:
                 self.f.flush()
                 os.fsync(self.f.fileno())  # data on disk before the rename makes it visible
-        except BaseException:
-            exc_type = True  # a failed flush is a failed write: remove the temp file below
-            raise
-        finally:
-            self.f.close()
-            if exc_type is None:
+            self.f.close()  # on a full disk close() itself can fail: then the write failed too
+            if ok:
                 os.chmod(self.tmp, 0o666 & ~current_umask())
                 os.replace(self.tmp, self.path)
-            else:
-                os.unlink(self.tmp)
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            if not ok:
+                if not self.f.closed:
+                    try:
+                        self.f.close()
+                    except OSError:
+                        pass  # the error that brought us here is the one to report
+                if os.path.exists(self.tmp):
+                    os.unlink(self.tmp)
         return False
 
 
