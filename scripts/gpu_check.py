@@ -46,10 +46,15 @@ def pip(*args: str) -> int:
 
 def install_cuda_torch() -> None:
     """Only when run with --device cuda on a machine whose current torch cannot see the GPU."""
-    import torch
-    if torch.cuda.is_available() or os.environ.get("MINIPEFT_GPU_CHECK_INSTALLED"):
+    if os.environ.get("MINIPEFT_GPU_CHECK_INSTALLED"):
         return
-    print(f"torch {torch.__version__} sees no GPU: installing the CUDA build from PyPI", flush=True)
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return
+        print(f"torch {torch.__version__} sees no GPU: installing the CUDA build from PyPI", flush=True)
+    except ImportError:  # a bare venv (make gpu-check on a fresh clone)
+        print("no torch here: installing the CUDA build from PyPI", flush=True)
     pip("--upgrade", "--force-reinstall", "--no-cache-dir", "torch")
     pip("-e", f"{ROOT}[dev]")
     if pip("-e", f"{ROOT}[bench]"):
