@@ -1,10 +1,10 @@
 # minipeft — every command a user needs. `make install` then `make test`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch: any release >= 2.4. A wheel already on this machine (pip's find-links) is preferred,
+# torch: any release >= 2.5 (SDPA enable_gqa; see pyproject.toml). A wheel already on this machine (pip's find-links) is preferred,
 # so no multi-GB CUDA build is downloaded where a local CPU wheel exists; otherwise PyPI.
 # `--no-deps` there because the local folder holds only torch; the next pip call resolves the rest.
-TORCH  ?= torch>=2.4
+TORCH  ?= torch>=2.5
 
 .PHONY: install test test-slow notebooks data finetune compare evaluate bench gpu-check clean
 

@@ -129,3 +129,15 @@ def test_flex_training_step_equals_dense_on_cuda():
     torch.testing.assert_close(out[0][0], out[1][0], atol=1e-4, rtol=1e-4)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_the_torch_floor_is_the_release_that_added_sdpa_enable_gqa():
+    """pyproject's floor: torch 2.5 added `enable_gqa` to SDPA, which every attention call passes;
+    FlexAttention (also 2.5) is optional (the dense fallback above). Not run here on 2.5 itself: this
+    machine has only torch 2.13 (README, Performance)."""
+    import re
+    from pathlib import Path
+    import torch.nn.functional as F
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"torch>=([\d.]+)"', text).group(1) == "2.5"
+    assert "enable_gqa" in F.scaled_dot_product_attention.__doc__
