@@ -116,7 +116,8 @@ def main(argv=None) -> list[dict]:
         for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--variant", variant, "--seq-len", str(T), "--device", args.device,
                    "--doc-len", str(args.doc_len), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
-                   "--head-dim", str(args.head_dim), "--reps", str(args.reps)] + ["--forward-only"] * args.forward_only
+                   "--head-dim", str(args.head_dim), "--reps", str(args.reps)]
+            cmd += ["--forward-only"] * args.forward_only
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
