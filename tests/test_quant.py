@@ -126,3 +126,30 @@ def test_quantize_refuses_a_model_that_already_has_adapters_and_unknown_kinds():
     apply_method(m, "lora")
     with pytest.raises(ValueError, match="quantise the base first"):
         quantize_model(m, "nf4")
+
+
+def test_backward_keeps_the_quantised_state_not_the_dense_weight():
+    """QLoRA's memory saving: autograd saves no (out, in) dense weight for backward."""
+    lin = nn.Linear(256, 128, bias=False)
+    q = NF4Linear(lin)
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+
+    def keep(t):
+        saved.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = q(x)
+    assert 256 * 128 not in saved
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        torch.nn.functional.linear(x, q.weight)  # what a plain dequantise-then-matmul would keep
+    assert 256 * 128 in saved
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_finetune_takes_a_quantize_flag():
+    from minipeft.finetune import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["--preset", "tiny", "--quantize", "nf4"]))
+    assert cfg.quantize == "nf4"
+    assert config_from_args(build_parser().parse_args(["--preset", "tiny"])).quantize is None
