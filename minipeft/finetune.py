@@ -45,11 +45,11 @@ import torch
 
 from .adapters import adapter_state, apply_method, load_adapter_state, method_module, save_adapter
 from .data import Batch, Example, attention_segments, bucket_batches, collate, pack
-from .quant import quantize_model
 from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load_base, load_task,
                        pick_device)
 from .llama import Llama
 from .peft import applied_configs, count_parameters, param_groups, trainable_report
+from .quant import quantize_model
 from .safetensors_io import atomic_write
 from .toy import TOY_TRAINING
 
