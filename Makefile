@@ -1,12 +1,12 @@
 # minipeft — every command a user needs. `make install` then `make test`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch: any release >= 2.4. A wheel already on this machine (pip's find-links) is preferred,
+# torch: any release >= 2.5 (SDPA enable_gqa; see pyproject.toml). A wheel already on this machine (pip's find-links) is preferred,
 # so no multi-GB CUDA build is downloaded where a local CPU wheel exists; otherwise PyPI.
 # `--no-deps` there because the local folder holds only torch; the next pip call resolves the rest.
-TORCH  ?= torch>=2.4
+TORCH  ?= torch>=2.5
 
-.PHONY: install test test-slow notebooks data finetune compare evaluate bench clean
+.PHONY: install test test-slow notebooks data finetune compare evaluate bench gpu-check clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,13 @@ notebooks:
 # optional: needs `$(PY) -m pip install -e ".[bench]"` (transformers + peft); never part of `make test`
 bench:
 	$(PY) bench/bench.py $(ARGS)
+
+# on a GPU machine, from a fresh clone: installs a CUDA torch there if this one sees no GPU (never in
+# `make install`), runs the gpu tests, compare --throughput and bench.py; figures in $(GPU_OUT)/gpu_check.json
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) scripts/gpu_check.py --device cuda --out $(GPU_OUT) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

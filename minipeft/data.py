@@ -210,6 +210,18 @@ def collate(examples: Sequence[Example], pad_id: int = 0) -> Batch:
     return _to_tensors([[i] for i in range(len(examples))], examples, T, pad_id)
 
 
+def attention_segments(targets: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor | None:
+    """The segment ids the model needs for attention, or None when plain causal attention gives the
+    same loss and gradients: every row is ONE example (segment 1) followed by padding (segment 0)
+    whose targets are all IGNORE. Causal attention never lets a real token see a later pad, and the
+    pads' own outputs carry no loss, so no (B, 1, T, T) mask is needed and SDPA can take its
+    `is_causal=True` path (the flash kernel on CUDA). Packed rows (segments 2, 3, ...) keep their ids.
+    Call it on CPU tensors (as collate makes them): on a GPU tensor the check is a host sync."""
+    one_then_pads = (segment_ids[:, 1:] <= segment_ids[:, :-1]).all() and segment_ids.max() <= 1
+    pads_ignored = bool((targets[segment_ids == 0] == IGNORE).all())
+    return None if bool(one_then_pads) and pads_ignored else segment_ids
+
+
 def pack(examples: Sequence[Example], max_len: int, pad_id: int = 0) -> Batch:
     """Pack whole examples into rows of `max_len` (best-fit decreasing); within a row, examples keep
     their input order and get segment ids 1, 2, ...; the tail is padding (segment 0, target -100).

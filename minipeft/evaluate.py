@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .adapters import CONFIG_FILE, load_adapter
-from .data import (Example, answers_match, collate, encode_example, encode_prompt, extract_gold,
+from .data import (Example, answers_match, attention_segments, collate, encode_example, encode_prompt, extract_gold,
                    extract_prediction, load_split)
 from .llama import Llama, LlamaConfig
 from .safetensors_io import atomic_write
@@ -126,7 +126,8 @@ def bits_per_token(model: Llama, encoded: Sequence[Example], batch_size: int = 3
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         batch = collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
-        idx, targets, seg = (t.to(device) for t in batch)
+        seg = attention_segments(batch[1], batch[2])  # None: right-padded rows need no mask
+        idx, targets, seg = (None if t is None else t.to(device) for t in (batch[0], batch[1], seg))
         n = int((targets != -100).sum())
         if n == 0:  # every answer cut off by max_len
             continue

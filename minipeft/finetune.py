@@ -55,11 +55,12 @@ import torch
 
 from .adapters import (METHODS, adapter_state, apply_method, checked_hyper, load_adapter_state, method_module,
                        save_adapter, value_has_type)
-from .data import Batch, Example, bucket_batches, collate, pack
+from .data import Batch, Example, attention_segments, bucket_batches, collate, pack
 from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load_base, load_task,
                        pick_device)
 from .llama import Llama
 from .peft import applied_configs, count_parameters, param_groups, trainable_report
+from .quant import quantize_model
 from .safetensors_io import atomic_write
 from .toy import TOY_TRAINING
 
@@ -97,6 +98,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     baseline: bool = True          # evaluate the base model before training
     device: str = "auto"
+    quantize: str | None = None    # "nf4" (QLoRA) or "int8": a frozen quantised base (minipeft/quant.py)
 
 
 class Diverged(RuntimeError):
@@ -268,12 +270,13 @@ def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Bat
     extra_losses = getattr(model, "peft_extra_losses", [])  # loss terms a method adds (peft.add_extra_loss)
     want_logits = any(getattr(fn, "needs_logits", False) for fn in extra_losses)
     for idx, targets, seg in batches:
+        masked = attention_segments(targets, seg) is not None  # False: right-padded, unpacked -> no mask
         idx, targets, seg = idx.to(device), targets.to(device), seg.to(device)
         n = int((targets != -100).sum())
         if n == 0:
             continue
         with autocast(device):
-            logits, loss = forward(idx, targets, segment_ids=seg, return_logits=want_logits)
+            logits, loss = forward(idx, targets, segment_ids=seg if masked else None, return_logits=want_logits)
             extra = sum(fn(model, forward, (idx, targets, seg), logits) for fn in extra_losses)
         ((loss + extra) * (n / n_answer)).backward()  # token-weighted: the same gradient as one big batch
         loss_sum += loss.item() * n
@@ -421,6 +424,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
+    if cfg.quantize:  # QLoRA: a frozen NF4 (or int8) base, quantised before the method wraps it
+        quantize_model(model, cfg.quantize)
     train_set, test_set, data_name = load_task(cfg.data, cfg.limit)
     test_set = test_set[:cfg.eval_limit] if cfg.eval_limit else test_set
     test_enc = encode_all(tok, test_set, cfg.format, cfg.max_len)
@@ -653,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the base model evaluation")
     p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument("--quantize", choices=("nf4", "int8"), help="quantise the frozen base (QLoRA: nf4)")
     return p
 
 

@@ -41,6 +41,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .safetensors_io import atomic_write, load_file, save_file
 
+try:  # FlexAttention (torch >= 2.5): document masks as a block mask instead of a dense (B, 1, T, T) tensor
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # older torch: the dense mask is used (Llama.attention_kernel has no effect)
+    BlockMask = create_block_mask = flex_attention = None
+
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (prompt tokens, padding)
 
 
@@ -369,7 +374,10 @@ class Attention(nn.Module):
             k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _ in prefixes] + [k], dim=2)
             v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv in prefixes] + [v], dim=2)
             mask = F.pad(mask, (k.shape[2] - mask.shape[-1], 0), value=True)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if BlockMask is not None and isinstance(mask, BlockMask):  # packed rows, no prefixes, no cache
+            y = _flex(q, k, v, block_mask=mask, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         if self.extra_branch is not None:
             y = y + self.extra_branch(q, self)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
@@ -414,6 +422,30 @@ def segment_mask(q_seg: torch.Tensor, k_seg: torch.Tensor) -> torch.Tensor:
     T, S = q_seg.shape[1], k_seg.shape[1]
     same = q_seg[:, :, None] == k_seg[:, None, :]  # (B, T, S)
     return same[:, None] & causal_mask(T, S, q_seg.device)
+
+
+def document_block_mask(seg: torch.Tensor, block: int = 128):
+    """FlexAttention's BlockMask equal to segment_mask(seg, seg): causal within each segment. Blocks of
+    block x block (query, key) pairs that no query may see are skipped, not computed and masked."""
+    B, T = seg.shape
+
+    def same_segment_causal(b, h, q_idx, kv_idx):
+        return (seg[b, q_idx] == seg[b, kv_idx]) & (kv_idx <= q_idx)
+    return create_block_mask(same_segment_causal, B=B, H=None, Q_LEN=T, KV_LEN=T, device=seg.device,
+                             BLOCK_SIZE=block)
+
+
+def _flex(q, k, v, **kwargs):
+    """flex_attention, compiled on CUDA (eager it is a dense reference implementation)."""
+    global _FLEX_COMPILED
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, **kwargs)
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED(q, k, v, **kwargs)
+
+
+_FLEX_COMPILED = None
 
 
 def segment_positions(seg: torch.Tensor) -> torch.Tensor:
@@ -504,6 +536,10 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # ONE shared Parameter
         self.input_prefix: nn.Module | None = None  # prompt-tuning slot, see module docstring
         self.grad_checkpoint = False  # recompute each block in backward to save activation memory
+        # packed rows' document mask: "flex" (a FlexAttention block mask), "dense" (a (B, 1, T, T) bool
+        # mask), "auto" = flex on CUDA where available, dense elsewhere (eager flex on CPU is slower;
+        # README, Performance: bench/bench_masks.py)
+        self.attention_kernel = "auto"
         self.cache_segments: torch.Tensor | None = None
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, computed on first use
         self._input_prefix_kvs: list | None = None  # soft-prompt keys/values kept for one generation
@@ -564,7 +600,7 @@ class Llama(nn.Module):
             self.cache_segments[:, cache_start:cache_start + T] = segment_ids
             mask = segment_mask(segment_ids, self.cache_segments[:, :cache_start + T])
         elif segment_ids is not None:
-            mask = segment_mask(segment_ids, segment_ids)
+            mask = self.document_mask(segment_ids)
         elif cache_start:
             mask = causal_mask(T, cache_start + T, idx.device)
         if positions is None and segment_ids is not None and cache_start:
@@ -575,6 +611,21 @@ class Llama(nn.Module):
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else torch.arange(T, device=idx.device).expand(B, T) + (cache_start or 0))
         return mask, positions
+
+    def document_mask(self, segment_ids: torch.Tensor):
+        """segment_mask(seg, seg), as a FlexAttention BlockMask where attention_kernel asks for it, no slot
+        adds prefix keys (their columns are not in the block mask) and, on CPU, no gradient is needed
+        (torch has no FlexAttention backward on CPU)."""
+        kernel = self.attention_kernel
+        if kernel == "auto":
+            kernel = "flex" if segment_ids.device.type == "cuda" else "dense"
+        if kernel not in ("flex", "dense"):
+            raise ValueError(f"Llama.attention_kernel: {self.attention_kernel!r}; expected 'auto', 'flex' or 'dense'")
+        prefixed = self.input_prefix is not None or any(l.self_attn.kv_prefix is not None for l in self.layers)
+        no_backward = segment_ids.device.type == "cpu" and torch.is_grad_enabled()  # CPU flex: forward only
+        if kernel == "flex" and create_block_mask is not None and not prefixed and not no_backward:
+            return document_block_mask(segment_ids)
+        return segment_mask(segment_ids, segment_ids)
 
     def input_prefix_kvs(self, cache_start: int | None) -> list:
         """Per-layer soft-prompt keys/values (or Nones). In cached generation they are computed at
@@ -692,8 +743,9 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> Llama:
-        """Load a Hugging Face (config.json + *.safetensors) or Meta (params.json + consolidated.00.pth) checkpoint."""
+                        device: str | torch.device | None = None, quantize: str | None = None) -> Llama:
+        """Load a Hugging Face (config.json + *.safetensors) or Meta (params.json + consolidated.00.pth) checkpoint.
+        quantize="nf4" | "int8": then replace the blocks' Linear layers by frozen quantised ones (minipeft/quant.py)."""
         path = Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
@@ -729,6 +781,9 @@ class Llama(nn.Module):
         model.load_state_dict(state, assign=True)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
+        if quantize:  # after loading, apart from it: QLoRA's frozen 4-bit base (or int8)
+            from .quant import quantize_model
+            quantize_model(model, quantize)
         return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:

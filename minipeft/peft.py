@@ -199,6 +199,7 @@ def merge(model: nn.Module) -> None:
     nothing, if any adapter cannot be merged (checked first), and if a merge still fails midway the
     modules merged so far are unmerged again before the error propagates."""
     mods = adapter_modules(model)
+    _refuse_quantized_base(mods, "merge")
     blocked = [(n, m) for n, m in mods if not getattr(m, "mergeable", True)]
     if blocked:
         n, m = blocked[0]
@@ -206,6 +207,16 @@ def merge(model: nn.Module) -> None:
                                   getattr(m, "why_not_mergeable", "has no merge rule") +
                                   f" ({len(blocked)} such module(s)); nothing was merged")
     _switch(mods, to_merged=True)
+
+
+def _refuse_quantized_base(mods: list[tuple[str, nn.Module]], what: str) -> None:
+    """A quantised base (minipeft/quant.py) has no dense weight to add the update to: refuse."""
+    quantized = [n for n, m in mods if getattr(getattr(m, "base", None), "quantized", False)]
+    if quantized:
+        raise NotImplementedError(
+            f"cannot {what}: the base at '{quantized[0]}' ({len(quantized)} module(s)) is quantised (NF4/int8); "
+            "adding the update there would round it away to 4/8 bits. Call minipeft.quant.dequantize_model(model) "
+            "first (a bf16 base carrying the quantisation error), then merge; nothing was merged")
 
 
 def unmerge(model: nn.Module) -> None:
@@ -244,6 +255,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     weight. The price: this part is not rolled back; only an error such as running out of memory
     could interrupt it, and the model is then meant to be discarded anyway."""
     mods = adapter_modules(model)
+    _refuse_quantized_base(mods, "merge_and_unload")
     slots = [(n, m) for n, m in mods if not isinstance(getattr(m, "base", None), nn.Linear)]
     if slots:
         n, m = slots[0]

@@ -1,0 +1,206 @@
+"""A frozen 4-bit NF4 (or 8-bit) base under LoRA: QLoRA's storage format, from scratch, in torch only.
+
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314):
+
+  * NormalFloat (NF4), eq. 4: the 2^k levels are midpoints of quantiles of N(0, 1),
+        q_i = 1/2 (Q_X(i / (2^k + 1)) + Q_X((i + 1) / (2^k + 1))),
+    built asymmetrically so that zero is exact: 2^(k-1) levels for the negative half and 2^(k-1) + 1
+    for the positive half, the two zeros merged into one; then divided by the largest so they span
+    [-1, 1]. The quantile endpoints sit at `NF4_OFFSET` instead of 0 and 1 (whose quantiles are
+    infinite), as in bitsandbytes' `create_normal_map`; `nf4_levels()` reproduces bitsandbytes'
+    published 16 values to 1e-7 (tests/test_quant.py).
+  * Block-wise absmax: each block of 64 weights is divided by its largest |w| (its "constant") and
+    each value is stored as the index of the nearest level: 4 bits, two per byte.
+  * Double quantisation: the fp32 constants (32 bits / 64 weights = 0.5 bits per weight) are
+    themselves quantised, minus their mean, to 8 bits in blocks of 256 with an fp32 constant each:
+    8/64 + 32/(64 * 256) = 0.127 bits per weight (the paper's figure). The paper quantises them to
+    FP8; here a plain int8 absmax code (the constants are positive and smooth, so the difference is
+    small; measured in README).
+  * Compute: the base stays frozen; forward dequantises the weight to the compute dtype (bf16) on
+    the fly, and backward dequantises it again instead of keeping it (`_DequantLinearFn`), so the
+    dense weight lives only for one matmul at a time.
+
+`Int8Linear` is the `Linear8bitLt`-style option without its outlier decomposition (LLM.int8(),
+arXiv:2208.07339): one absmax scale per output row, int8 codes.
+
+Both are nn.Linear subclasses whose `weight` is a read-only dequantised view, so every Linear-wrapper
+method (LoRA, DoRA, (IA)^3, ...) wraps them unchanged; merging into them is refused (peft.merge), as
+there is no 4-bit weight to add B A to: dequantise with `dequantize_model` first (bf16 result).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NF4_OFFSET = 0.9677083  # (1 - 1/(2*15) + 1 - 1/(2*16)) / 2: bitsandbytes' endpoint for the 4-bit quantiles
+NF4_BLOCK = 64          # weights per absmax constant (QLoRA)
+DQ_BLOCK = 256          # constants per second-level constant (double quantisation)
+
+
+def nf4_levels(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """The 16 NF4 levels (fp32, ascending, exactly one 0, min -1, max 1), eq. 4 of arXiv:2305.14314."""
+    ppf = lambda p: torch.special.ndtri(p)  # noqa: E731  the quantile function Q_X of N(0, 1)
+    positive = ppf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])    # 8 levels > 0
+    negative = -ppf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])   # 7 levels < 0
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (levels / levels.max()).float()
+
+
+NF4 = nf4_levels()
+
+
+def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    flat = w.reshape(-1)
+    if flat.numel() % block:
+        raise ValueError(f"quantize: {flat.numel()} values is not a multiple of the block size {block}")
+    return flat.view(-1, block)  # (n_blocks, block)
+
+
+def quantize_absmax_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes round(127 x / absmax) per block of `block` values, and the fp32 absmax per block."""
+    b = _blocks(x.float(), block)
+    scale = b.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (n_blocks,)
+    return torch.round(b * (127 / scale[:, None])).to(torch.int8), scale
+
+
+def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = True) -> dict[str, torch.Tensor]:
+    """w -> {"codes": uint8 (numel/2,) two 4-bit level indices per byte, and the constants}:
+    without double quantisation "absmax" fp32 (numel/block,); with it "absmax_q" int8, "absmax_scale"
+    fp32 (one per DQ_BLOCK constants) and "absmax_mean" fp32 ()."""
+    b = _blocks(w.detach().float(), block)
+    absmax = b.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (n_blocks,)
+    normed = b / absmax[:, None]                                             # in [-1, 1]
+    levels = NF4.to(w.device)
+    codes = torch.bucketize(normed, (levels[1:] + levels[:-1]) / 2).to(torch.uint8).view(-1)  # nearest level
+    out = {"codes": codes[0::2] << 4 | codes[1::2]}                          # (numel / 2,) uint8
+    if not double_quant:
+        return dict(out, absmax=absmax)
+    mean = absmax.mean()
+    centred = F.pad(absmax - mean, (0, -absmax.numel() % DQ_BLOCK))  # a last partial block padded with 0
+    q, scale = quantize_absmax_int8(centred, DQ_BLOCK)
+    return dict(out, absmax_q=q.view(-1)[:absmax.numel()], absmax_scale=scale, absmax_mean=mean)
+
+
+def dequantize_nf4(state: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype = torch.float32,
+                   block: int = NF4_BLOCK) -> torch.Tensor:
+    """The inverse of quantize_nf4 (up to the rounding): a (shape) tensor of `dtype`."""
+    if "absmax" in state:
+        absmax = state["absmax"]
+    else:
+        q = state["absmax_q"].float()
+        scale = state["absmax_scale"].repeat_interleave(DQ_BLOCK)[:q.numel()]  # each constant's own scale
+        absmax = q * (scale / 127) + state["absmax_mean"]
+    packed = state["codes"]
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1, block).long()  # (n_blocks, block)
+    w = NF4.to(packed.device)[codes] * absmax[:, None]
+    return w.view(shape).to(dtype)
+
+
+class _DequantLinearFn(torch.autograd.Function):
+    """y = x W^T with W dequantised in forward AND again in backward, so that autograd keeps the small
+    quantised state instead of the dense weight (QLoRA's memory saving needs this: plain F.linear
+    would keep every layer's dequantised W alive until backward)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        w = layer.dequantize(x.dtype)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w = ctx.layer.dequantize(grad_y.dtype)
+        return grad_y @ w, None  # the base is frozen: no weight gradient
+
+
+class QuantLinear(nn.Linear):
+    """Shared by NF4Linear and Int8Linear: a frozen, bias-free Linear stored quantised. `weight` is a
+    read-only dequantised copy (in `dtype`, the original weight's) so wrappers that read it still work."""
+    quantized = True
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight Parameter is ever allocated
+        if linear.bias is not None:
+            raise ValueError("quantize: Linear layers with a bias are not supported (Llama has none)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
+        self.bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.dequantize(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _DequantLinearFn.apply(x, self)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored weight and its constants."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class NF4Linear(QuantLinear):
+    """A frozen NF4 Linear (block 64, double-quantised constants)."""
+
+    def __init__(self, linear: nn.Linear, double_quant: bool = True):
+        super().__init__(linear)
+        for k, v in quantize_nf4(linear.weight, double_quant=double_quant).items():
+            self.register_buffer(k, v)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        state = {k: b for k, b in self.named_buffers()}
+        return dequantize_nf4(state, torch.Size((self.out_features, self.in_features)), dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, block={NF4_BLOCK}"
+
+
+class Int8Linear(QuantLinear):
+    """A frozen int8 Linear: one absmax scale per output row (Linear8bitLt's storage, no outlier split)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        q, scale = quantize_absmax_int8(linear.weight.detach(), linear.in_features)
+        self.register_buffer("codes", q)        # (out, in) int8
+        self.register_buffer("row_scale", scale)  # (out,) fp32
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.codes.float() * (self.row_scale[:, None] / 127)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 row-wise"
+
+
+QUANTIZERS = {"nf4": NF4Linear, "int8": Int8Linear}
+
+
+def quantize_model(model: nn.Module, kind: str = "nf4") -> list[str]:
+    """Replace every nn.Linear of the decoder blocks (not lm_head, which may be tied to the embedding,
+    nor anything a PEFT method added) by its frozen quantised form; returns the names replaced."""
+    if kind not in QUANTIZERS:
+        raise ValueError(f"quantize: unknown kind {kind!r}; choose one of {sorted(QUANTIZERS)}")
+    if any(hasattr(m, "peft_method") for m in model.modules()):
+        raise ValueError("quantize: the model already carries PEFT modules; quantise the base first, "
+                         "then apply the method (as QLoRA does)")
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith("layers.")]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, QUANTIZERS[kind](getattr(owner, child)))
+    return names
+
+
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Put plain nn.Linear modules (in the original dtype) back for every QuantLinear: the bf16 model
+    to merge adapters into and save (it carries the quantisation error, not the original weights)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner, q = model.get_submodule(parent), model.get_submodule(name)
+        plain = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
+        plain.weight = nn.Parameter(q.weight, requires_grad=False)
+        setattr(owner, child, plain)
+    return names
