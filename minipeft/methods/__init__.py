@@ -24,4 +24,5 @@ METHODS = {
     "full": ("minipeft.methods.full", "FullConfig"),
     "adamix": ("minipeft.methods.adamix", "AdaMixConfig"),
     "adamix_lora": ("minipeft.methods.adamix_lora", "AdaMixLoRAConfig"),
+    "adalora": ("minipeft.methods.adalora", "AdaLoRAConfig"),
 }
