@@ -25,4 +25,5 @@ METHODS = {
     "adamix": ("minipeft.methods.adamix", "AdaMixConfig"),
     "adamix_lora": ("minipeft.methods.adamix_lora", "AdaMixLoRAConfig"),
     "adalora": ("minipeft.methods.adalora", "AdaLoRAConfig"),
+    "dylora": ("minipeft.methods.dylora", "DyLoRAConfig"),
 }
