@@ -26,4 +26,5 @@ METHODS = {
     "adamix_lora": ("minipeft.methods.adamix_lora", "AdaMixLoRAConfig"),
     "adalora": ("minipeft.methods.adalora", "AdaLoRAConfig"),
     "dylora": ("minipeft.methods.dylora", "DyLoRAConfig"),
+    "sparse_ft": ("minipeft.methods.sparse_ft", "SparseFTConfig"),
 }
