@@ -27,4 +27,5 @@ METHODS = {
     "adalora": ("minipeft.methods.adalora", "AdaLoRAConfig"),
     "dylora": ("minipeft.methods.dylora", "DyLoRAConfig"),
     "sparse_ft": ("minipeft.methods.sparse_ft", "SparseFTConfig"),
+    "diff_pruning": ("minipeft.methods.diff_pruning", "DiffPruningConfig"),
 }

@@ -29,8 +29,9 @@ Choosing η (`select`, before training; the selection itself is dense: one score
     keeps the k entries that changed most, phase 2 trains only those from the pretrained values. Our
     phase 1 is the short SGD warm-up below, not the paper's full-length dense fine-tuning run.
 The warm-up (plain SGD on the targeted weights) is undone afterwards: training starts from the
-pretrained W with φ = 0, as LT-SFT's reset. Not implemented: SpIEL (η changing during training) and
-diff pruning (the hard-concrete L0 mask).
+pretrained W with φ = 0, as LT-SFT's reset. Diff pruning (a learned L0 mask, dense while training)
+is diff_pruning.py, whose final cut gives a module of this kind. Not implemented: SpIEL (η changing
+during training).
 
 Measured (tests/test_sparse.py, slow): peak RSS of three AdamW steps over the model's own RSS, a 57 M
 weight Llama (dim 1024, 4 layers), batch 2 x 128, all-linear, 581,632 trainable: LoRA r=8 96 MiB,
