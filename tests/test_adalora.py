@@ -218,3 +218,24 @@ def test_hand_written_peft_adalora_dir(tmp_path):
     wrong = dict(config, rank_pattern={"model.layers.1.self_attn.q_proj.lora_E": [True, True]})
     with pytest.raises(ValueError, match="has 2 entries, init_r is 4"):
         load_adapter(tiny(), write_dir(tmp_path / "e2", wrong, tensors))
+
+
+def test_finetune_cli_runs_the_budget_schedule_with_the_global_step(tmp_path):
+    """`--method adalora` through finetune.main on the tiny model: 6 steps, total_step 6, tfinal 2: the
+    saved adapter keeps exactly final_r x modules nonzero λ (the masking ran at the right steps)."""
+    from minipeft import finetune
+    from minipeft.data import synthetic_gsm8k, write_jsonl
+    from minipeft.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    Llama(LlamaConfig.from_name("tiny")).save_pretrained(tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt" / "tokenizer.model")
+    write_jsonl(synthetic_gsm8k(24, seed=0), tmp_path / "data" / "train.jsonl")
+    write_jsonl(synthetic_gsm8k(2, seed=0, split="test"), tmp_path / "data" / "test.jsonl")
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--lr", "1e-2", "--max-new-tokens", "4", "--quiet", "--method", "adalora",
+            "--set", "r=4", "--set", "final_r=2", "--set", "total_step=6", "--set", "tinit=1", "--set", "tfinal=2"]
+    assert finetune.main(args) == 0
+    m = load_adapter(Llama.from_pretrained(tmp_path / "ckpt"), tmp_path / "run" / "adapter")
+    mods = adalora.modules(m)
+    assert sum(int((x.lora_E != 0).sum()) for x in mods) == 2 * len(mods)
