@@ -22,6 +22,8 @@ Budget (eq. 12): b(t) = b0 for t <= t_init; b_T + (b0 - b_T)(1 - (t - t_init)/(T
 until T - t_final; then b_T, with b0 = r × modules and b_T = final_r × modules. Every `delta_t`
 steps (and at every step of the final phase, with the mask frozen) the λ_i of the least important
 triplets (over the whole model) are set to zero. `total_step` must be the run's number of steps.
+The importance averages and the mask are training state that is not saved (masked λ are saved as 0):
+a resumed run starts its averages again from zero.
 
 Merges: W <- W + s P Λ Q; unmerge restores a copy of W (exact in every dtype, as lora.py).
 Hugging Face PEFT AdaLoRA directories load and save through minipeft/hf_peft.py.
