@@ -72,12 +72,16 @@ def apply_method(model: nn.Module, name: str, **hyper) -> nn.Module:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor, each shared tensor once (under its first name)."""
+    """Every trainable tensor, each shared tensor once (under its first name), and the buffers an
+    adapter module lists in `peft_state_buffers` (sparse fine-tuning's indices: state, not trained)."""
     state, seen = {}, set()
     for name, p in model.named_parameters():  # named_parameters() skips repeats of shared tensors
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             state[name] = p.detach()
+    for name, m in model.named_modules():
+        for b in getattr(m, "peft_state_buffers", ()):
+            state[f"{name}.{b}"] = getattr(m, b)
     return state
 
 

@@ -59,7 +59,7 @@ from .data import Batch, Example, attention_segments, bucket_batches, collate, p
 from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load_base, load_task,
                        pick_device)
 from .llama import Llama
-from .peft import applied_configs, count_parameters, param_groups, trainable_report
+from .peft import applied_configs, count_parameters, param_groups, run_step_hooks, trainable_report
 from .quant import quantize_model
 from .safetensors_io import atomic_write
 from .toy import TOY_TRAINING
@@ -258,11 +258,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
 # ----------------------------------------------------------------------------- one step
 
 def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Batch], clip: float,
-               device: torch.device) -> tuple[float, int, int, float]:
+               device: torch.device, step: int | None = None) -> tuple[float, int, int, float]:
     """One optimiser step over `batches` (gradient accumulation); returns (loss in bits per answer
     token, input tokens processed, answer tokens, gradient norm). Raises Diverged, before touching
     any weight, if the loss or the gradient norm is not finite. Loss terms a method registered with
-    peft.add_extra_loss are added to each micro-batch's loss (trained on, not reported)."""
+    peft.add_extra_loss are added to each micro-batch's loss (trained on, not reported); hooks
+    registered with peft.add_step_hook run after the optimiser step with `step` (the global step,
+    from 1), while the gradients are still there."""
     n_answer = sum(int((t != -100).sum()) for _, t, _ in batches)
     if n_answer == 0:  # train() drops examples without answer tokens, so this is a caller's mistake
         raise ValueError("train_step: the step's batches hold no answer token (all targets are -100)")
@@ -288,6 +290,7 @@ def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Bat
         opt.zero_grad(set_to_none=True)
         raise Diverged(f"loss {bits:.4g} bits/token, gradient norm {grad_norm:.4g}")
     opt.step()
+    run_step_hooks(model, step)  # before zero_grad: a hook may read the gradients
     opt.zero_grad(set_to_none=True)
     return bits, tokens, n_answer, grad_norm
 
@@ -531,7 +534,8 @@ def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, 
     try:
         for step in range(start, plan.total_steps):
             t0 = time.time()
-            bits, tokens, n_answer, gnorm = train_step(model, forward, opt, plan.step_batches(step), cfg.clip, device)
+            bits, tokens, n_answer, gnorm = train_step(model, forward, opt, plan.step_batches(step), cfg.clip, device,
+                                                       step=step + 1)
             lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
             sched.step()
             dt, done, epoch = time.time() - t0, step + 1, plan.epoch_of(step)

@@ -1,4 +1,4 @@
-"""Hugging Face PEFT adapter directories: load and save LoRA, rsLoRA, DoRA and (IA)^3 for a minipeft
+"""Hugging Face PEFT adapter directories: load and save LoRA, rsLoRA, DoRA, AdaLoRA and (IA)^3 for a minipeft
 Llama, so adapters move both ways between the libraries.
 
 This module sits below minipeft/adapters.py: it imports the method modules and the core (peft.py),
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from . import peft
-from .methods import dora, ia3, lora
+from .methods import adalora, dora, ia3, lora
 from .peft import check_base
 from .safetensors_io import atomic_write, load_file, save_file
 
@@ -106,9 +106,11 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         ia3_from_peft(model, config, tensors, str(path / WEIGHTS_FILE))
     elif kind == "LORA":
         _load_lora(model, config, tensors, path)
+    elif kind == "ADALORA":
+        _load_adalora(model, config, tensors, path)
     else:
         raise NotImplementedError(f"{path / CONFIG_FILE}: peft_type {kind!r} is not supported "
-                                  "(minipeft reads LORA, with use_rslora / use_dora, and IA3)")
+                                  "(minipeft reads LORA, with use_rslora / use_dora, ADALORA and IA3)")
     return model
 
 
@@ -122,8 +124,10 @@ def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_pat
         config, tensors = ia3_to_peft(model)
     elif methods in ({"lora"}, {"dora"}):
         config, tensors = _lora_to_peft(model)
+    elif methods == {"adalora"}:
+        config, tensors = _adalora_to_peft(model)
     else:
-        raise NotImplementedError(f"save_peft_adapter: a PEFT directory holds one LoRA, DoRA or IA3 adapter; "
+        raise NotImplementedError(f"save_peft_adapter: a PEFT directory holds one LoRA, DoRA or IA3 adapter (or one AdaLoRA); "
                                   f"this model has {sorted(methods)}: save it with format='minipeft'")
     config["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None)
     text, base = json.dumps(config, indent=2), json.dumps(model.config.fingerprint(), indent=2)
@@ -270,6 +274,87 @@ def _compact(model: nn.Module, names: list[str]) -> list[str]:
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
     picked = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
     return leaves if picked == set(names) else list(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# AdaLoRA (peft/tuners/adalora: layer.py SVDLinear, model.py resize_*_by_rank_pattern, config.py)
+#
+# Keys: <PREFIX><name>.lora_A (r, in), .lora_E (r, 1), .lora_B (out, r): ParameterDicts, so no
+# ".weight". `ranknum` is not saved (get_peft_model_state_dict keeps "lora_" keys only); PEFT rebuilds
+# it as init_r and scales by lora_alpha / (ranknum + 1e-5). Once the budget has masked triplets,
+# `rank_pattern` maps "model.<name>.lora_E" to init_r booleans and the tensors hold only the kept rows
+# (A, E) and columns (B). We load them back at their positions in a rank-init_r module (the dropped
+# triplets all-zero, masked), which gives PEFT's logits up to its 1e-5 in the divisor.
+
+ADALORA_FIELDS = {"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                  "total_step"}
+
+
+def _load_adalora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    source = path / CONFIG_FILE
+    bad = {k: v for k, v in config.items() if v and k not in UNDERSTOOD | ADALORA_FIELDS
+           and not (k == "bias" and v == "none")}
+    if bad or config.get("rank_pattern") and not isinstance(config["rank_pattern"], dict):
+        raise NotImplementedError(f"{source}: minipeft does not implement {bad}; these fields must be unset, "
+                                  "false or empty (bias: 'none')")
+    if config.get("alpha_pattern") or config.get("use_dora") or config.get("use_rslora"):
+        raise NotImplementedError(f"{source}: alpha_pattern / use_dora / use_rslora are not part of AdaLoRA")
+    r = int(config.get("init_r", 12))  # PEFT's defaults: init_r 12, target_r 8, lora_alpha 8
+    names = _peft_targets(model, config, source)
+    patterns = config.get("rank_pattern") or {}
+    kept, expected = {}, {}
+    for name in names:
+        keep = patterns.get(f"model.{name}.lora_E", [True] * r)
+        if len(keep) != r:
+            raise ValueError(f"{source}: rank_pattern['model.{name}.lora_E'] has {len(keep)} entries, init_r is {r}")
+        k, (out_f, in_f) = sum(bool(b) for b in keep), model.get_submodule(name).weight.shape
+        kept[name] = torch.tensor([bool(b) for b in keep])
+        expected.update({f"{PREFIX}{name}.lora_A": (k, in_f), f"{PREFIX}{name}.lora_E": (k, 1),
+                         f"{PREFIX}{name}.lora_B": (out_f, k)})
+    ranknum = {k: v for k, v in tensors.items() if k.endswith(".ranknum")}  # not written by PEFT; if present
+    for key, t in ranknum.items():
+        if t.numel() != 1 or float(t) != r:
+            raise ValueError(f"{path / WEIGHTS_FILE}: '{key}' is {t.tolist()}, init_r is {r}: minipeft scales by "
+                             "lora_alpha / init_r")
+    _check_tensors(expected, {k: v for k, v in tensors.items() if k not in ranknum}, path / WEIGHTS_FILE)
+    cfg = adalora.AdaLoRAConfig(r=r, final_r=int(config.get("target_r", 8)), alpha=float(config.get("lora_alpha", 8)),
+                                dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(names),
+                                total_step=int(config.get("total_step") or 1000), tinit=int(config.get("tinit", 0)),
+                                tfinal=int(config.get("tfinal", 0)), delta_t=int(config.get("deltaT", 1)),
+                                beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
+                                orth_reg_weight=float(config.get("orth_reg_weight", 0.5)))
+    adalora.apply(model, cfg)
+    with torch.no_grad():
+        for name in names:
+            m, keep = model.get_submodule(name), kept[name]
+            for key in ("lora_A", "lora_E", "lora_B"):
+                getattr(m, key).zero_()
+            m.lora_A[keep] = tensors[f"{PREFIX}{name}.lora_A"].to(m.lora_A.dtype)
+            m.lora_E[keep] = tensors[f"{PREFIX}{name}.lora_E"].to(m.lora_E.dtype)
+            m.lora_B[:, keep] = tensors[f"{PREFIX}{name}.lora_B"].to(m.lora_B.dtype)
+            m.mask = None if bool(keep.all()) else keep
+
+
+def _adalora_to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, adalora.AdaLoRALinear)]
+    c = mods[0][1].config
+    if any(m.config != c for _, m in mods):
+        raise NotImplementedError("save_peft_adapter: PEFT has one AdaLoRA config per adapter; this model has several")
+    rank_pattern, tensors = {}, {}
+    for n, m in mods:
+        keep = torch.ones(c.r, dtype=torch.bool) if m.mask is None else m.mask.cpu()
+        if m.mask is not None:
+            rank_pattern[f"model.{n}.lora_E"] = keep.tolist()
+        tensors[f"{PREFIX}{n}.lora_A"] = m.lora_A.detach()[keep].clone()
+        tensors[f"{PREFIX}{n}.lora_E"] = m.lora_E.detach()[keep].clone()
+        tensors[f"{PREFIX}{n}.lora_B"] = m.lora_B.detach()[:, keep].clone()
+    config = dict(peft_type="ADALORA", task_type="CAUSAL_LM", base_model_name_or_path=None, revision=None,
+                  inference_mode=True, r=c.final_r, init_r=c.r, target_r=c.final_r, lora_alpha=c.alpha,
+                  lora_dropout=c.dropout, target_modules=_compact(model, [n for n, _ in mods]), fan_in_fan_out=False,
+                  bias="none", modules_to_save=None, init_lora_weights=True, tinit=c.tinit, tfinal=c.tfinal,
+                  deltaT=c.delta_t, beta1=c.beta1, beta2=c.beta2, orth_reg_weight=c.orth_reg_weight,
+                  total_step=c.total_step, rank_pattern=rank_pattern or None)
+    return config, tensors
 
 
 # ----------------------------------------------------------------------------------------------

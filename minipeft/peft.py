@@ -182,6 +182,26 @@ def add_extra_loss(model: nn.Module, fn: Callable) -> None:
     model.peft_extra_losses.append(fn)
 
 
+def add_step_hook(model: nn.Module, fn: Callable) -> None:
+    """Register `fn(model, step)`, run after every optimiser step (AdaLoRA's budget schedule, DyLoRA).
+
+    finetune.train_step calls `run_step_hooks(model, step)` after `opt.step()` and BEFORE the gradients
+    are cleared, so a hook may read `p.grad` (AdaLoRA's sensitivity |theta * grad|). `step` is the
+    global step just completed, counting from 1."""
+    if not hasattr(model, "peft_step_hooks"):
+        model.peft_step_hooks = []
+    model.peft_step_hooks.append(fn)
+
+
+def run_step_hooks(model: nn.Module, step: int | None = None) -> None:
+    """Call every registered step hook with `step` (None: one more than the last step seen, so a
+    caller that does not count steps still gets 1, 2, 3, ...)."""
+    step = getattr(model, "peft_last_step", 0) + 1 if step is None else step
+    model.peft_last_step = step
+    for fn in getattr(model, "peft_step_hooks", []):
+        fn(model, step)
+
+
 def applied_configs(model: nn.Module) -> list[dict]:
     return [dict(method=c.method, **asdict(c)) for c in getattr(model, "peft_configs", [])]
 

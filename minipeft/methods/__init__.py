@@ -24,4 +24,8 @@ METHODS = {
     "full": ("minipeft.methods.full", "FullConfig"),
     "adamix": ("minipeft.methods.adamix", "AdaMixConfig"),
     "adamix_lora": ("minipeft.methods.adamix_lora", "AdaMixLoRAConfig"),
+    "adalora": ("minipeft.methods.adalora", "AdaLoRAConfig"),
+    "dylora": ("minipeft.methods.dylora", "DyLoRAConfig"),
+    "sparse_ft": ("minipeft.methods.sparse_ft", "SparseFTConfig"),
+    "diff_pruning": ("minipeft.methods.diff_pruning", "DiffPruningConfig"),
 }

@@ -11,8 +11,19 @@ vectors, v_i (out) and u_i (r), as diagonal matrices around B:
 
 The paper names its variants by which of the four tensors train, written as this product, "vBuA"
 (so v scales the outputs and u the rank). Its best variant (TL6) trains all four: our default.
-`trainable="BA"` is tied LoRA without vectors; `"vu"` freezes a random A and B (VeRA's structure,
-arXiv:2310.11454).
+`trainable="BA"` is tied LoRA without vectors; `"vu"` freezes a random A and B (VeRA's structure).
+
+VeRA ("VeRA: Vector-based Random Matrix Adaptation", Kopiczko et al. 2023, arXiv:2310.11454) writes
+ΔW = Λ_b B Λ_d A with frozen random A (r, in), B (out, r) shared by all layers and trained per-layer
+vectors b (out) and d (r), b = 0 and d = d_init (0.1 in Hugging Face PEFT) at the start. `"vu"` is
+the same function class, exactly: v = b and s u = d (s = alpha / r), pinned by tests/test_vera.py.
+It is not VeRA's training run, for three reasons: (1) the init: u = 1 gives d = s, so VeRA's d_init
+needs alpha = d_init * r; (2) the parameterisation: Adam moves u by about lr, so d = s u moves by
+s * lr: the same as VeRA only when s = 1; (3) the random factors: VeRA draws A, B Kaiming-uniform,
+U(-sqrt(6 / fan_in), +), from its `projection_prng_key`, and PEFT keeps ONE pair, sized for the largest
+target and sliced, for all targets; here U(-1/sqrt(fan_in), +) from `seed`, one pair per leaf name.
+So Hugging Face PEFT VeRA directories are not read or written: their A, B could be loaded only as
+frozen tensors that this method does not save (it rebuilds them from `seed`).
 
 Initialisation leaves the model unchanged: the first trainable tensor among B, v, u, A (in that
 order) starts at zero, so by default B = 0 exactly as in LoRA. A and B are otherwise uniform random
