@@ -78,7 +78,11 @@ def check_field_types(config: dict, source: Path) -> None:
         if ok and isinstance(value, list):
             item = int if key == "layers_to_transform" else str
             ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
-        if ok and isinstance(value, dict):
+        if ok and isinstance(value, dict) and key == "rank_pattern" and config.get("peft_type") == "ADALORA":
+            # AdaLoRA's rank_pattern: the kept-triplet mask of each lora_E, a list of booleans
+            ok = all(isinstance(k, str) and isinstance(v, list) and all(isinstance(b, bool) for b in v)
+                     for k, v in value.items())
+        elif ok and isinstance(value, dict):
             item = int if key == "rank_pattern" else (int, float)
             ok = all(isinstance(k, str) and isinstance(v, item) and not isinstance(v, bool) for k, v in value.items())
         if not ok:

@@ -239,3 +239,15 @@ def test_finetune_cli_runs_the_budget_schedule_with_the_global_step(tmp_path):
     m = load_adapter(Llama.from_pretrained(tmp_path / "ckpt"), tmp_path / "run" / "adapter")
     mods = adalora.modules(m)
     assert sum(int((x.lora_E != 0).sum()) for x in mods) == 2 * len(mods)
+
+
+def test_adalora_rank_pattern_must_be_lists_of_booleans(tmp_path):
+    """The typed adapter_config.json check (issue 19) knows AdaLoRA's rank_pattern is a mask per lora_E."""
+    from minipeft.hf_peft import check_field_types
+    good = {"peft_type": "ADALORA", "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False]}}
+    check_field_types(good, tmp_path / "adapter_config.json")
+    for bad in ({"x.lora_E": ["true"]}, {"x.lora_E": 4}):
+        with pytest.raises(ValueError, match="field 'rank_pattern'"):
+            check_field_types(dict(good, rank_pattern=bad), tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError, match="field 'rank_pattern'"):  # LoRA's rank_pattern stays ints
+        check_field_types({"peft_type": "LORA", "rank_pattern": {"q_proj": [True]}}, tmp_path / "adapter_config.json")
