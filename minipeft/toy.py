@@ -23,9 +23,17 @@
 2. The task: `synthetic_gsm8k` word problems (1-2 calculator steps), split train/test by a hash of
    the question text, written as train.jsonl/test.jsonl in the GSM8K format (cached in data/cache/).
 
-So the base knows the words, the arithmetic, the prose problems and the Q&A layout separately; given a
-task problem in the Q&A prompt it does poorly (the measured probes, including that accuracy, are in
-data/toy_base/toy_base.json), and fine-tuning has to put the two together.
+So the base knows the words, the arithmetic, the prose problems and the Q&A layout separately, and
+fine-tuning has to put them together. Its probes (data/toy_base/toy_base.json; greedy): arithmetic
+facts 20.5%, test problems told as prose 45%, fresh other-content Q&A 25%. Given a task problem in
+the Q&A prompt it writes the right layout (197 of 200 end in `#### N`) but answers with the look-up
+habit of its Q&A documents ("Dan has 16 stickers.\n#### 16"): 1.5% right, 0.444 bits/token.
+
+Pretraining (`PretrainRecipe`: 1,000 steps of 16 x 256 tokens, 4.1M tokens) took 1,646 s on this
+project's 2-core CPU sandbox with one torch thread while other jobs shared the cores. A rebuild on
+another machine is not bit-identical (CPU kernels differ); `--rebuild` prints how far it lands from
+the shipped weights and probes. Fine-tuning never depends on that: it always loads the shipped file,
+and finetune seeds the adapter initialisation and the data order itself.
 
     python -m minipeft.toy                         # check the shipped base (sha256), write the task
     python -m minipeft.toy --rebuild [--out DIR]   # pretrain it again and compare with the shipped one
