@@ -61,6 +61,7 @@ from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load
 from .llama import Llama
 from .peft import applied_configs, count_parameters, param_groups, run_step_hooks, trainable_report
 from .quant import quantize_model
+from .recipes import describe, recipe
 from .safetensors_io import atomic_write
 from .toy import TOY_TRAINING
 
@@ -99,6 +100,7 @@ class TrainConfig:
     baseline: bool = True          # evaluate the base model before training
     device: str = "auto"
     quantize: str | None = None    # "nf4" (QLoRA) or "int8": a frozen quantised base (minipeft/quant.py)
+    recipe: dict = field(default_factory=dict)  # which recipes.py entry set lr/method_args (CLI runs)
 
 
 class Diverged(RuntimeError):
@@ -424,6 +426,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     run, device, t_start = Path(cfg.out).expanduser(), pick_device(cfg.device), time.time()
     run.mkdir(parents=True, exist_ok=True)
     remove_temp_files(run)  # left by an earlier run that died on a full disk
+    if cfg.recipe:
+        say(progress, cfg.recipe["line"])
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
@@ -490,7 +494,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                    after=dict(test_bpt=final["test_bpt"], accuracy=final["accuracy"]), n_test=len(test_set),
                    train_seconds=sum(r["tokens"] / r["tokens_per_s"] for r in train_recs),
                    tokens_per_s=_mean_throughput(train_recs), peak_mem_gib=_peak_memory(device),
-                   wall_seconds=time.time() - t_start)
+                   wall_seconds=time.time() - t_start, lr=cfg.lr, recipe=cfg.recipe or None)
     _write_json(run / "summary.json", summary)
     plot_losses(metrics.records, run / "loss.png", cfg.method)
     say(progress, _summary_line(summary))
@@ -509,7 +513,9 @@ def with_answer_tokens(encoded: list, max_len: int) -> tuple[list, int]:
 
 def prepare_model(model: Llama, cfg: TrainConfig, total_steps: int, device: torch.device):
     """Apply the method, make its tensors fp32, and build AdamW (the method's parameter groups) with
-    the warmup + cosine schedule."""
+    the warmup + cosine schedule. The adapter's random initialisation is seeded here, so it does not
+    depend on what consumed random numbers before (e.g. a base pretrained in the same process)."""
+    torch.manual_seed(cfg.seed)
     apply_method(model, cfg.method, **cfg.method_args)
     for p in model.parameters():  # trainable tensors are fp32 master weights, even on a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
@@ -638,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj; "
                         "--set help lists the method's fields (default: the method's defaults)")
     p.add_argument("--list-methods", action="store_true", help="list every method with its fields and exit")
-    p.add_argument("--out", default=d.out, help="run folder (default runs/latest)")
+    p.add_argument("--out", help="run folder (default runs/toy/METHOD, or runs/CHECKPOINT_NAME/METHOD)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved config and state")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run folder --out if it holds a run, and start over (default: refuse)")
@@ -654,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("max-new-tokens", int, "generation budget"), ("eval-batch-size", int, "evaluation batch size")]:
         field_name = name.replace("-", "_")
         toy = f"; toy default {TOY_TRAINING[field_name]}" if field_name in TOY_TRAINING else ""
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default {getattr(d, field_name)}{toy})")
+        default = "the method's recipe in minipeft/recipes.py" if field_name == "lr" else getattr(d, field_name)
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default {default}{toy})")
     p.add_argument("--format", choices=("plain", "chat"), default=d.format, help="prompt format (default plain)")
     p.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
@@ -675,6 +682,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values = {k: defaults[k] if v is None else v for k, v in values.items()}
     values["method_args"] = parse_method_args(args.method, args.method_args)
+    values.update(_recipe_values(args, values))
     return TrainConfig(**values)
 
 
@@ -724,6 +732,25 @@ def resume_config(run: Path, device: str) -> TrainConfig:
     cfg = TrainConfig(**dict(train_cfg, out=str(run), device=device))
     _, args = checked_hyper(dict(cfg.method_args, method=cfg.method), f"{path} train.method_args")
     return dataclasses.replace(cfg, method_args=args)
+
+
+# ----------------------------------------------------------------------------- recipes and run folders
+
+def _task_of(args: argparse.Namespace) -> str:
+    """The recipes.py task: "toy" without --checkpoint/--preset, else Llama-3.2-1B on GSM8K."""
+    return "toy" if not args.checkpoint and not args.preset else "llama-3.2-1b"
+
+
+def _recipe_values(args: argparse.Namespace, values: dict) -> dict:
+    """lr (unless --lr), method_args (under --set), out (unless --out) and the record of the recipe."""
+    task, r = _task_of(args), recipe(args.method, _task_of(args))
+    lr = r.lr if args.lr is None else args.lr
+    base = "toy" if task == "toy" else Path(args.checkpoint or args.preset).expanduser().name
+    out = args.out or str(Path("runs") / base / args.method)
+    line = describe(args.method, task, lr, from_recipe=args.lr is None)
+    return dict(lr=lr, method_args={**r.method_args, **values["method_args"]}, out=out,
+                recipe=dict(method=args.method, task=task, lr=r.lr, method_args=r.method_args,
+                            lr_from="recipe" if args.lr is None else "--lr", line=line))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,31 +1,42 @@
-"""The embedded default: a small Llama pretrained here, and a GSM8K-format toy task to fine-tune it on.
+"""The embedded default: a small pretrained Llama shipped in data/toy_base/, and a GSM8K-format toy task.
 
 `make finetune` on a laptop with no checkpoint and no download runs the real pipeline on these:
 
-1. A base model that knows arithmetic and has read word problems, but not in the GSM8K format. A
-   Llama with the architecture of Llama 3 (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied
-   head), 4 layers of width 128 (`TOY_BASE`, 853,120 parameters), byte-level vocabulary
-   (`Tokenizer.byte_level()`), pretrained from scratch for a few minutes on three kinds of lines:
-     * `synthetic_arithmetic_text`: facts (`12+7=19`), calculator annotations (`<<3*4=12>>12`) and
-       reasoning sentences (`Ava has 5+2 = <<5+2=7>>7 books after getting more.`);
-     * `copy_text`: named amounts said twice (`Ivy 14, Dan 9; Ivy 14, Dan 9`), which makes the
-       model learn to copy a number it has read (induction heads); without them it never learns to
-       take the numbers out of a question in this budget (measured: 0-5% solved, see below);
-     * `story_text`: training-split problems told as prose, question then reasoning on one line.
-   It never sees a test question, the `Question: ...\nAnswer:` prompt, or a `#### N` line.
+1. The toy base (`data/toy_base/`, loaded as is: every machine fine-tunes the same bytes). A Llama
+   with the architecture of Llama 3 (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied head),
+   6 layers of width 128 (`TOY_BASE`, 1,246,848 parameters), byte-level vocabulary
+   (`Tokenizer.byte_level()`), pretrained from scratch on CPU (`PretrainRecipe`) on documents
+   `<BOS> text <EOS>` of five kinds, so that, like Llama-3.2-1B, it has seen every byte, word and
+   piece of format the task uses, but never the task itself in that format:
+     * arithmetic (`synthetic_arithmetic_text`): facts `12+7=19`, calculator annotations
+       `<<3*4=12>>12`, reasoning sentences of train-split problems;
+     * copies (`copy_text`): named amounts said twice, `Ivy 14, Dan 9; Ivy 14, Dan 9`, which teach
+       the model to copy a number it has read (induction heads);
+     * stories (`story_text`): train-split task problems told as prose, question then reasoning on
+       one line, with no `Question:`/`Answer:` and no `#### N`;
+     * Q&A (`qa_text`): the exact task layout `Question: ...\\nAnswer: <reasoning lines>\\n#### N<EOS>`
+       on OTHER content: arithmetic questions ("What is 3*4+5?"), look-up questions ("Ivy has 14
+       pens and Dan has 9 pens. How many pens does Dan have?"), sums of two named amounts, and a
+       word-problem family with different templates (pages read, ages, miles walked).
+   No pretraining document contains a test question (tests/test_toy.py checks it): task problems appear
+   only as train-split prose, and the Q&A families use templates that the task never produces.
 2. The task: `synthetic_gsm8k` word problems (1-2 calculator steps), split train/test by a hash of
-   the question text, written as train.jsonl/test.jsonl in the GSM8K format.
+   the question text, written as train.jsonl/test.jsonl in the GSM8K format (cached in data/cache/).
 
-So the base can often work a problem out when it is told as prose, but given the GSM8K prompt it
-writes garbage and never a `####` line (~1-3% accuracy, by chance). Fine-tuning has to teach the
-format, where the answer goes, and to keep the question's numbers. `done.json` next to the cached
-base records both probes: arithmetic facts and prose problems solved.
+So the base knows the words, the arithmetic, the prose problems and the Q&A layout separately, and
+fine-tuning has to put them together. Its probes (data/toy_base/toy_base.json; greedy): arithmetic
+facts 20.5%, test problems told as prose 45%, fresh other-content Q&A 25%. Given a task problem in
+the Q&A prompt it writes the right layout (197 of 200 end in `#### N`) but answers with the look-up
+habit of its Q&A documents ("Dan has 16 stickers.\n#### 16"): 1.5% right, 0.444 bits/token.
 
-Both are cached under `cache_dir()` (data/cache/ in a checkout, else ~/.cache/minipeft;
-`MINIPEFT_CACHE` overrides), keyed by a hash of the recipe, and built in a temp folder renamed into
-place, so an interrupted run never leaves a half-written base.
+Pretraining (`PretrainRecipe`: 1,000 steps of 16 x 256 tokens, 4.1M tokens) took 1,646 s on this
+project's 2-core CPU sandbox with one torch thread while other jobs shared the cores. A rebuild on
+another machine is not bit-identical (CPU kernels differ); `--rebuild` prints how far it lands from
+the shipped weights and probes. Fine-tuning never depends on that: it always loads the shipped file,
+and finetune seeds the adapter initialisation and the data order itself.
 
-    python -m minipeft.toy                  # pretrain (or find) the base, write the task, probe it
+    python -m minipeft.toy                         # check the shipped base (sha256), write the task
+    python -m minipeft.toy --rebuild [--out DIR]   # pretrain it again and compare with the shipped one
 """
 from __future__ import annotations
 
@@ -43,28 +54,36 @@ from pathlib import Path
 
 import torch
 
-from .data import NAMES, OBJECTS, synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl
+from .data import NAMES, OBJECTS, _calc, _fact, synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl
 from .llama import Llama, LlamaConfig
 from .safetensors_io import current_umask
 from .tokenizer import Tokenizer
 
-# The toy base: the "toy" preset is 3.5x slower per token on 2 CPU cores for little gain here.
-TOY_BASE = dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
+# The toy base: width 128 keeps fine-tuning under 3 minutes on 2 CPU cores; 6 layers, not 4, for
+# the two-step problems.
+TOY_BASE = dict(vocab_size=512, dim=128, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=384,
                 max_seq_len=1024, rope_theta=10000.0, rope_scaling=None, tie_embeddings=True)
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "toy_base"  # the base every machine loads
+INFO_FILE, WEIGHTS = "toy_base.json", "model.safetensors"
 
 
 @dataclass
 class PretrainRecipe:
-    n_lines: int = 120_000    # lines of synthetic_arithmetic_text (~18 bytes each)
-    n_copy: int = 30_000      # lines of copy_text (~70 bytes each)
-    n_stories: int = 20_000   # lines of story_text (~150 bytes each)
-    seq_len: int = 256        # bytes per training window (each starts at a line, after BOS)
+    n_lines: int = 120_000    # synthetic_arithmetic_text lines (~18 bytes), 8 per document
+    n_copy: int = 30_000      # copy_text lines (~70 bytes), 3 per document
+    n_stories: int = 40_000   # story_text lines (~150 bytes), 2 per document
+    n_qa: int = 60_000        # qa_text documents (~110 bytes), one Q&A each
+    seq_len: int = 256        # tokens per training window (each starts at a document's BOS)
     batch_size: int = 16
-    steps: int = 800          # 800 x 16 x 256 = 3.3M tokens: 303 s measured on 2 idle cores
+    steps: int = 1000         # 1000 x 16 x 256 = 4.1M tokens (about a fifth of the corpus)
     lr: float = 3e-3          # peak; linear warmup then cosine to 10%
-    warmup: int = 30
+    warmup: int = 40
     weight_decay: float = 0.1
     seed: int = 0
+
+
+TINY_RECIPE = PretrainRecipe(n_lines=400, n_copy=100, n_stories=100, n_qa=200, seq_len=64, batch_size=4,
+                             steps=3, warmup=1)  # seconds: for tests of the build path
 
 
 @dataclass
@@ -75,22 +94,18 @@ class ToyTask:
 
 
 # What `python -m minipeft.finetune` uses without --checkpoint, for options not given (TrainConfig's
-# own defaults are for Llama 3.2 1B on GSM8K).
-TOY_TRAINING = dict(epochs=3, lr=3e-3, batch_size=16, max_len=256, max_new_tokens=160, eval_every=50)
+# own defaults are for Llama 3.2 1B on GSM8K). The learning rate comes from minipeft/recipes.py.
+TOY_TRAINING = dict(epochs=3, batch_size=16, max_len=256, max_new_tokens=160, eval_every=50)
 
 
 def cache_dir() -> Path:
-    """$MINIPEFT_CACHE, else data/cache/ of this checkout, else ~/.cache/minipeft."""
+    """$MINIPEFT_CACHE, else data/cache/ of this checkout, else ~/.cache/minipeft (for the task files)."""
     if os.environ.get("MINIPEFT_CACHE"):
         return Path(os.environ["MINIPEFT_CACHE"])
     root = Path(__file__).resolve().parents[1]
     if (root / "pyproject.toml").exists() and (root / "data").is_dir():
         return root / "data" / "cache"
     return Path.home() / ".cache" / "minipeft"
-
-
-def _key(*parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _publish(build, final: Path) -> Path:
@@ -109,7 +124,7 @@ def _publish(build, final: Path) -> Path:
     return final
 
 
-# ----------------------------------------------------------------------------- the base model
+# ----------------------------------------------------------------------------- the corpus
 
 def copy_text(n: int, seed: int = 0) -> str:
     """`n` lines of named amounts said twice, e.g. "Ivy 14, Dan 9, Raj 31; Ivy 14, Dan 9, Raj 31".
@@ -133,29 +148,93 @@ def story_text(n: int, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pretraining_text(recipe: PretrainRecipe) -> str:
-    """synthetic_arithmetic_text, copy_text and story_text lines, shuffled together."""
-    lines = (synthetic_arithmetic_text(recipe.n_lines, recipe.seed).splitlines() +
-             copy_text(recipe.n_copy, recipe.seed).splitlines() +
-             story_text(recipe.n_stories, recipe.seed).splitlines())
-    random.Random(recipe.seed).shuffle(lines)
-    return "\n".join(lines) + "\n"
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def pretraining_windows(text: str, tok: Tokenizer, seq_len: int) -> tuple[torch.Tensor, list[int]]:
-    """The corpus as one token stream (BOS first) and the offsets at which lines start."""
-    ids = [tok.bos_id] + tok.encode(text)
-    newline = tok.encode("\n")[0]
-    starts = [i + 1 for i, t in enumerate(ids[:-seq_len - 1]) if t == newline]
+def _qa(r: random.Random) -> tuple[str, list[str], int]:
+    """One question of a family the task never asks: (question, reasoning lines, answer)."""
+    n, m = r.sample(NAMES, 2)
+    o = r.choice(OBJECTS)
+    kind = r.randrange(8)
+    if kind <= 1:  # arithmetic, one or two calculator steps
+        a, b, op, c = _fact(r)
+        if kind == 0:
+            return f"What is {a}{op}{b}?", [_calc(a, op, b)[1]], c
+        op2 = r.choice("+-")
+        d = r.randint(1, 20) if op2 == "+" else r.randint(0, c)
+        e, s2 = _calc(c, op2, d)
+        return f"What is {a}{op}{b}{op2}{d}?", [_calc(a, op, b)[1], s2], e
+    if kind <= 3:  # look-up: copy one amount out of the question
+        names = r.sample(NAMES, r.randint(2, 4))
+        amounts = [r.randint(2, 40) for _ in names]
+        i = r.randrange(len(names))
+        listing = _and([f"{x} has {k} {o}" for x, k in zip(names, amounts)])
+        return f"{listing}. How many {o} does {names[i]} have?", [f"{names[i]} has {amounts[i]} {o}."], amounts[i]
+    if kind == 4:  # two amounts from the question, added
+        x, y = r.randint(2, 40), r.randint(2, 40)
+        c, s = _calc(x, "+", y)
+        return (f"{n} has {x} {o} and {m} has {y} {o}. How many {o} do they have together?",
+                [f"They have {s} {o} together."], c)
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    if kind == 5:
+        c, s = _calc(a, "*", b)
+        return f"{n} reads {a} pages a day for {b} days. How many pages does {n} read?", [f"{n} reads {s} pages."], c
+    x, y = r.randint(5, 40), r.randint(2, 20)
+    if kind == 6:
+        c, s = _calc(x, "+", y)
+        return (f"{n} is {x} years old. {m} is {y} years older than {n}. How old is {m}?",
+                [f"{m} is {s} years old."], c)
+    c, s1 = _calc(x, "+", y)
+    e, s2 = _calc(c, "-", a)
+    return (f"{n} walks {x} miles on Monday and {y} miles on Tuesday, then rests for {a} of them. "
+            f"How many miles does {n} walk on the other days?",
+            [f"{n} walks {s1} miles.", f"{n} walks {s2} miles on the other days."], e)
+
+
+def qa_text(n: int, seed: int = 0) -> list[str]:
+    """`n` documents in the task's exact layout (data.PLAIN_PROMPT, then " " + answer as
+    data.encode_completion writes it), on content the task never asks about."""
+    r = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        question, lines, result = _qa(r)
+        docs.append(f"Question: {question}\nAnswer: " + "\n".join(lines) + f"\n#### {result}")
+    return docs
+
+
+def _group(text: str, k: int) -> list[str]:
+    lines = text.splitlines()
+    return ["\n".join(lines[i:i + k]) for i in range(0, len(lines), k)]
+
+
+def pretraining_documents(recipe: PretrainRecipe, seed_offset: int = 0) -> list[str]:
+    """Every document of the corpus, shuffled (each becomes <BOS> text <EOS>)."""
+    s = recipe.seed + seed_offset
+    docs = (_group(synthetic_arithmetic_text(recipe.n_lines, s), 8) + _group(copy_text(recipe.n_copy, s), 3) +
+            _group(story_text(recipe.n_stories, s), 2) + qa_text(recipe.n_qa, s))
+    random.Random(s).shuffle(docs)
+    return docs
+
+
+def token_stream(docs: list[str], tok: Tokenizer) -> tuple[torch.Tensor, list[int]]:
+    """The documents as one token stream and the offsets of their BOS tokens."""
+    ids, starts = [], []
+    for doc in docs:
+        starts.append(len(ids))
+        ids += tok.encode(doc, bos=True, eos=True)
     return torch.tensor(ids), starts
 
 
-def pretrain(recipe: PretrainRecipe = PretrainRecipe(), log_every: int = 50,
+# ----------------------------------------------------------------------------- pretraining
+
+def pretrain(recipe: PretrainRecipe = PretrainRecipe(), log_every: int = 100,
              progress: bool = True) -> tuple[Llama, list[float]]:
-    """Train TOY_BASE from scratch on arithmetic text; returns the model and the loss per step (nats)."""
+    """Train TOY_BASE from scratch on the corpus; returns the model and the loss per step (nats)."""
     torch.manual_seed(recipe.seed)
     tok, model = Tokenizer.byte_level(), Llama(LlamaConfig(**TOY_BASE))
-    stream, starts = pretraining_windows(pretraining_text(recipe), tok, recipe.seq_len)
+    stream, starts = token_stream(pretraining_documents(recipe), tok)
+    starts = [s for s in starts if s + recipe.seq_len + 1 <= len(stream)]
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                             betas=(0.9, 0.95))
     rng, losses, t0 = random.Random(recipe.seed), [], time.time()
@@ -164,8 +243,7 @@ def pretrain(recipe: PretrainRecipe = PretrainRecipe(), log_every: int = 50,
         for g in opt.param_groups:
             g["lr"] = recipe.lr * _warmup_cosine(step, recipe.warmup, recipe.steps, floor=0.1)
         offsets = [rng.choice(starts) for _ in range(recipe.batch_size)]
-        rows = torch.stack([stream[o:o + recipe.seq_len + 1] for o in offsets])  # (B, T+1)
-        rows[:, 0] = tok.bos_id  # every window reads BOS, then whole lines
+        rows = torch.stack([stream[o:o + recipe.seq_len + 1] for o in offsets])  # (B, T+1), BOS first
         _, loss = model(rows[:, :-1], rows[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -173,8 +251,10 @@ def pretrain(recipe: PretrainRecipe = PretrainRecipe(), log_every: int = 50,
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if progress and (step % log_every == 0 or step == recipe.steps - 1):
-            print(f"  pretrain step {step:4d}/{recipe.steps}  loss {losses[-1] / math.log(2):.3f} bits/byte"
-                  f"  ({time.time() - t0:.0f}s)", flush=True)
+            elapsed = time.time() - t0
+            eta = elapsed / (step + 1) * (recipe.steps - step - 1)
+            print(f"  pretrain step {step:5d}/{recipe.steps}  loss {losses[-1] / math.log(2):.3f} bits/token"
+                  f"  ({elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
     return model.eval(), losses
 
 
@@ -185,33 +265,24 @@ def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def toy_base(recipe: PretrainRecipe = PretrainRecipe(), root: Path | None = None,
-             progress: bool = True) -> Path:
-    """Path of the pretrained toy base (HF layout + byte-level tokenizer.model); trains it once."""
-    final = (root or cache_dir()) / f"toy-base-{_key(TOY_BASE, asdict(recipe))}"
-    if (final / "done.json").exists():
-        return final
+# ----------------------------------------------------------------------------- probes
 
-    def build(tmp: Path) -> None:
-        if progress:
-            print(f"pretraining the toy base model (cached afterwards in {final}) ...", flush=True)
-        t0 = time.time()
-        model, losses = pretrain(recipe, progress=progress)
-        seconds = round(time.time() - t0, 1)
-        model.save_pretrained(tmp)
-        Tokenizer.byte_level().save(tmp / "tokenizer.model")
-        probe = arithmetic_probe(model, Tokenizer.byte_level())
-        prose = prose_probe(model, Tokenizer.byte_level())
-        done = dict(recipe=asdict(recipe), pretrain_seconds=seconds, arithmetic_accuracy=probe,
-                    prose_accuracy=prose,
-                    first_loss_bits=losses[0] / math.log(2),
-                    final_loss_bits=sum(losses[-10:]) / len(losses[-10:]) / math.log(2))
-        (tmp / "done.json").write_text(json.dumps(done, indent=2))  # last: marks the folder complete
-        if progress:
-            print(f"  done in {seconds}s; facts right {probe:.0%}, prose problems solved {prose:.0%}",
-                  flush=True)
-
-    return _publish(build, final)
+@torch.no_grad()
+def loss_probe(model: Llama, tok: Tokenizer, n: int = 8) -> dict[str, float]:
+    """Bits/token of `n` fresh documents of each kind (a seed pretraining never used): a seconds-long
+    fingerprint of the weights, stable to ~1e-5 across CPU kernels."""
+    kinds = dict(arithmetic=_group(synthetic_arithmetic_text(8 * n, 1000), 8),
+                 copies=_group(copy_text(3 * n, 1000), 3), stories=_group(story_text(2 * n, 1000), 2),
+                 qa=qa_text(n, 1000))
+    out = {}
+    for kind, docs in kinds.items():
+        rows = [tok.encode(doc, bos=True, eos=True) for doc in docs]
+        T = max(map(len, rows)) - 1
+        idx = torch.tensor([r[:-1] + [tok.pad_id] * (T + 1 - len(r)) for r in rows])      # (n, T)
+        targets = torch.tensor([r[1:] + [-100] * (T + 1 - len(r)) for r in rows])         # (n, T)
+        _, loss = model(idx, targets)  # mean over the real tokens; padding comes after them
+        out[kind] = round(loss.item() / math.log(2), 5)
+    return out
 
 
 @torch.no_grad()
@@ -225,22 +296,128 @@ def arithmetic_probe(model: Llama, tok: Tokenizer, n: int = 200, seed: int = 123
         a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
         facts.append((f"{a}{op}{b}=", str(eval(f"{a}{op}{b}"))))
     newline = tok.encode("\n")[0]
-    prompts = [[tok.bos_id] + tok.encode(f"\n{q}") for q, _ in facts]
-    outs = model.generate(prompts, max_new_tokens=4, stop_ids={newline})
+    prompts = [tok.encode(q, bos=True) for q, _ in facts]
+    outs = model.generate(prompts, max_new_tokens=4, stop_ids={newline, tok.eos_id})
     return sum(tok.decode(o).strip() == want for o, (_, want) in zip(outs, facts)) / n
 
 
 @torch.no_grad()
 def prose_probe(model: Llama, tok: Tokenizer, n: int = 100) -> float:
     """Fraction of test problems told as prose (question, then a space) whose greedy continuation's
-    last number is the answer: what the base can do before it knows the GSM8K format."""
+    last number is the answer: what the base can do before it knows the task's format."""
     from .data import answers_match, extract_gold, extract_prediction
     test = synthetic_gsm8k(n, seed=0, split="test")
     newline = tok.encode("\n")[0]
-    outs = model.generate([[tok.bos_id] + tok.encode(f"\n{ex['question']} ") for ex in test],
-                          max_new_tokens=120, stop_ids={newline})
+    outs = model.generate([tok.encode(f"{ex['question']} ", bos=True) for ex in test],
+                          max_new_tokens=120, stop_ids={newline, tok.eos_id})
     return sum(answers_match(extract_prediction(tok.decode(o)), extract_gold(ex["answer"]))
                for o, ex in zip(outs, test)) / n
+
+
+@torch.no_grad()
+def qa_probe(model: Llama, tok: Tokenizer, n: int = 100) -> float:
+    """Fraction of fresh Q&A-family questions (not the task) answered right in the task's layout."""
+    from .data import answers_match, extract_gold
+    from .evaluate import predict
+    docs = [d.split("\nAnswer: ", 1) for d in qa_text(n, seed=2000)]
+    records = predict(model, tok, [dict(question=q.removeprefix("Question: "), answer=a) for q, a in docs],
+                      max_new_tokens=80)
+    return sum(r["correct"] for r in records) / n
+
+
+@torch.no_grad()
+def task_probe(model: Llama, tok: Tokenizer) -> dict:
+    """Accuracy and bits/token on the toy task's 200 test problems in the fine-tuning format: the
+    `before` of `python -m minipeft.finetune`."""
+    from .evaluate import evaluate, load_split
+    r = evaluate(model, tok, load_split(toy_task(), "test"), max_len=256, max_new_tokens=160)
+    return dict(accuracy=r["accuracy"], test_bpt=round(r["test_bpt"], 4))
+
+
+def probes(model: Llama, tok: Tokenizer, full: bool = True) -> dict:
+    out = dict(loss=loss_probe(model, tok))
+    if full:
+        out.update(facts=arithmetic_probe(model, tok), prose=prose_probe(model, tok),
+                   qa_other_content=qa_probe(model, tok), task_before_finetuning=task_probe(model, tok))
+    return out
+
+
+# ----------------------------------------------------------------------------- the shipped base
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def toy_base(progress: bool = True) -> Path:
+    """The folder of the shipped toy base (HF layout + byte-level tokenizer.model); no training."""
+    if not (SHIPPED / WEIGHTS).exists():
+        raise FileNotFoundError(f"{SHIPPED / WEIGHTS} is missing: the toy base ships with the checkout "
+                                "(git checkout data/toy_base), or rebuild it with "
+                                f"`python -m minipeft.toy --rebuild --out {SHIPPED}` (~40 min on 2 cores)")
+    return SHIPPED
+
+
+def build_base(recipe: PretrainRecipe, out: Path, progress: bool = True, full_probes: bool = True) -> Llama:
+    """Pretrain a base with `recipe` in this process and write it to `out` (weights, config,
+    tokenizer, and toy_base.json with the recipe, probes and the weights' sha256)."""
+    t0 = time.time()
+    model, losses = pretrain(recipe, progress=progress)
+    seconds = round(time.time() - t0, 1)
+    out = Path(out)
+    model.save_pretrained(out)
+    Tokenizer.byte_level().save(out / "tokenizer.model")
+    info = dict(architecture=TOY_BASE, parameters=sum(p.numel() for p in model.parameters()),
+                recipe=asdict(recipe), pretrain_seconds=seconds, torch=torch.__version__,
+                threads=torch.get_num_threads(), first_loss_bits=round(losses[0] / math.log(2), 4),
+                final_loss_bits=round(sum(losses[-50:]) / len(losses[-50:]) / math.log(2), 4),
+                probes=probes(model, Tokenizer.byte_level(), full_probes), sha256=sha256(out / WEIGHTS))
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return model
+
+
+def max_weight_diff(a: Llama, b: Llama) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Check the shipped toy base and write the toy task, or rebuild the base.")
+    p.add_argument("--rebuild", action="store_true", help="pretrain the base again (PretrainRecipe)")
+    p.add_argument("--out", type=Path, default=None, help="where --rebuild writes (default data/cache/toy_base_rebuild)")
+    p.add_argument("--steps", type=int, default=PretrainRecipe.steps, help="pretraining steps (for a quicker try)")
+    args = p.parse_args(argv)
+    shipped = json.loads((SHIPPED / INFO_FILE).read_text()) if (SHIPPED / INFO_FILE).exists() else None
+    if not args.rebuild:
+        base = toy_base()
+        if shipped is None:
+            raise FileNotFoundError(f"{SHIPPED / INFO_FILE} is missing (it holds the sha256 and probes of the base)")
+        ok = sha256(base / WEIGHTS) == shipped["sha256"]
+        print(f"base: {base} ({shipped['parameters']:,} parameters), sha256 {'OK' if ok else 'MISMATCH'}")
+        print(json.dumps(shipped["probes"], indent=2))
+        print(f"task: {toy_task()}")
+        return
+    out = args.out or cache_dir() / "toy_base_rebuild"
+    print(f"pretraining the toy base into {out} ...", flush=True)
+    model = build_base(PretrainRecipe(steps=args.steps), out)
+    info = json.loads((out / INFO_FILE).read_text())
+    print(f"done in {info['pretrain_seconds']}s; sha256 {info['sha256']}")
+    if shipped is None or out.resolve() == SHIPPED.resolve():
+        print(json.dumps(info["probes"], indent=2))
+        return
+    diff = max_weight_diff(model, Llama.from_pretrained(SHIPPED))
+    print(f"max |rebuilt - shipped| weight: {diff:.3g}"
+          f" ({'bit-identical' if info['sha256'] == shipped['sha256'] else 'not bit-identical'})")
+    print(f"{'probe':<40} {'shipped':>10} {'rebuilt':>10}")
+    new, old = _flat(info["probes"]), _flat(shipped["probes"])
+    for k in old:
+        print(f"{k:<40} {old[k]:>10.4g} {new.get(k, float('nan')):>10.4g}")
 
 
 # ----------------------------------------------------------------------------- the task
@@ -257,16 +434,6 @@ def toy_task(task: ToyTask = ToyTask(), root: Path | None = None) -> Path:
         (tmp / "done.json").write_text(json.dumps(asdict(task)))
 
     return _publish(build, final)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Pretrain (or find in the cache) the toy base and write the toy task.")
-    p.add_argument("--steps", type=int, default=PretrainRecipe.steps)
-    p.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {cache_dir()})")
-    args = p.parse_args(argv)
-    base = toy_base(PretrainRecipe(steps=args.steps), args.cache)
-    print(f"base: {base}\n{(base / 'done.json').read_text()}")
-    print(f"task: {toy_task(root=args.cache)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Tests for the training loop (minipeft.finetune), evaluation (minipeft.evaluate), the toy default
-(minipeft.toy) and the comparison (minipeft.compare): on a tiny seeded model saved in the HF layout
+"""Tests for the training loop (minipeft.finetune), evaluation (minipeft.evaluate) and the comparison
+(minipeft.compare): on a tiny seeded model saved in the HF layout
 with the byte-level tokenizer, and a small synthetic GSM8K-format sample."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minipeft import finetune, toy
+from minipeft import finetune
 from minipeft.adapters import adapter_state, apply_method, load_adapter
 from minipeft.data import (IGNORE, collate, encode_completion, encode_example, pack, synthetic_gsm8k,
                            write_jsonl)
@@ -301,36 +301,9 @@ def test_malformed_data_is_reported_with_file_and_line(checkpoint, data, tmp_pat
     assert f"{bad / 'train.jsonl'}:3: answer has no '#### <number>'" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- toy default and compare
+# ----------------------------------------------------------------------------- compare
 
-def test_toy_corpus_has_no_test_question_and_no_task_format():
-    text = toy.pretraining_text(toy.PretrainRecipe(n_lines=500, n_copy=200, n_stories=300))
-    assert "Question:" not in text and "Answer:" not in text and "####" not in text
-    assert not any(ex["question"] in text for ex in synthetic_gsm8k(300, seed=0, split="test"))
-    assert any(ex["question"] in text for ex in synthetic_gsm8k(300, seed=1))  # stories: train problems
-    line = toy.copy_text(1, seed=5).strip()
-    assert line.split("; ")[0] == line.split("; ")[1]
-
-
-def test_toy_base_size_as_documented():
-    with torch.device("meta"):
-        model = Llama(LlamaConfig(**toy.TOY_BASE))
-    assert sum(p.numel() for p in model.parameters()) == 853_120  # toy.py's docstring and the README
-
-
-def test_toy_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
-    recipe = toy.PretrainRecipe(n_lines=2000, n_copy=300, n_stories=300, seq_len=64, batch_size=8, steps=30,
-                                warmup=5)
-    monkeypatch.setattr(toy, "prose_probe", lambda model, tok: 0.0)  # a 100-problem probe: too slow here
-    path = toy.toy_base(recipe, root=tmp_path, progress=False)
-    losses = json.loads((path / "done.json").read_text())
-    model = Llama.from_pretrained(path)
-    assert Tokenizer.from_file(path).vocab_size == 512 and model.config.dim == toy.TOY_BASE["dim"]
-    assert losses["first_loss_bits"] > 8.5 and losses["final_loss_bits"] < 0.6 * losses["first_loss_bits"]
-    monkeypatch.setattr(toy, "pretrain", lambda *a, **k: pytest.fail("the cached base was not reused"))
-    assert toy.toy_base(recipe, root=tmp_path, progress=False) == path
-    task = toy.toy_task(toy.ToyTask(n_train=30, n_test=5), root=tmp_path)
-    assert len(json_lines(task / "train.jsonl")) == 30 and len(json_lines(task / "test.jsonl")) == 5
+# the toy base and the recipes: tests/test_toy.py
 
 
 def test_compare_writes_table_and_plot(checkpoint, data, tmp_path):
