@@ -28,14 +28,14 @@ METHOD     ?= lora
 CHECKPOINT ?=
 ADAPTER    ?=
 ARGS       ?=
-RUN        ?= runs/$(METHOD)
+RUN        ?=
 
 data:
 	$(PY) scripts/download_gsm8k.py --out data/gsm8k
 
 # no CHECKPOINT: the embedded toy default (pretrained here, cached); with one: GSM8K from data/gsm8k
 finetune:
-	$(PY) -m minipeft.finetune --method $(METHOD) --out $(RUN) \
+	$(PY) -m minipeft.finetune --method $(METHOD) $(if $(RUN),--out $(RUN)) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data data/gsm8k) $(ARGS)
 
 evaluate:

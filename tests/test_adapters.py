@@ -298,7 +298,7 @@ def test_full_parameter_counts_and_memory_llama_1b_on_meta(capsys):
     assert round(BASE_1B * 4 / 1e9, 1) == 4.9 and round(BASE_1B * 12 / 1e9, 1) == 14.8  # adapter/, train_state.pt
     from minipeft.toy import TOY_BASE
     with torch.device("meta"):
-        assert peft.count_parameters(apply_method(Llama(LlamaConfig(**TOY_BASE)), "full"))[0] == 853_120
+        assert peft.count_parameters(apply_method(Llama(LlamaConfig(**TOY_BASE)), "full"))[0] == 1_246_848
     with capsys.disabled():
         print("\n" + "\n".join(lines))
 

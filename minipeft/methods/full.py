@@ -26,7 +26,7 @@ Memory for Llama-3.2-1B (1,235,814,400 weights; AdamW keeps two fp32 moments per
 It does not fit on 8, 12 or 16 GB GPUs (T4, V100-16GB, RTX 4060/4070/4080), and not on a 24 GB card
 (RTX 3090/4090, A10) without gradient checkpointing and short sequences, if then; it fits on
 40/80 GB A100s, H100s and H200s. On a CPU it needs ~20 GB of RAM and is very slow. The toy base
-(minipeft/toy.py, 853,120 weights) trains fully on a CPU.
+(data/toy_base/, 1,246,848 weights) trains fully on a CPU.
 Disk, for a finetune run folder on 1B with ("*",): adapter/ holds the fp32 weights (4.9 GB) and
 train_state.pt (for --resume) holds them again plus AdamW's two moments (14.8 GB).
 """
