@@ -1,10 +1,8 @@
 """Every PEFT method on the toy task with a matched budget: a table and an accuracy-vs-parameters plot.
 
 Each method gets the same base model, data, number of optimiser steps, batch size, warmup + cosine
-schedule and evaluation; only the peak learning rate is per method (`LEARNING_RATES`: methods that
-train a few vectors or a few virtual tokens need a larger step than low-rank matrices, as their papers
-use: (IA)^3 3e-3 on T0 vs LoRA 2e-4 on GPT-3, prompt tuning 0.3 on T5). The hyper-parameters are each
-method's defaults unless `METHOD_ARGS` says otherwise. The base model is evaluated once, up front.
+schedule and evaluation; the peak learning rate and any method settings are each method's recipe
+(minipeft/recipes.py: "toy" without --checkpoint, else "llama-3.2-1b"), the same table finetune reads. The base model is evaluated once, up front.
 
     python -m minipeft.compare                          # all methods, writes runs/compare/{compare.md,.png,.json}
     python -m minipeft.compare --methods lora,ia3 --steps 100
@@ -31,17 +29,9 @@ from .data import encode_example, pack, synthetic_gsm8k
 from .evaluate import autocast, evaluate, load_base, load_task, pick_device
 from .finetune import Diverged, TrainConfig, train, train_step
 from .peft import count_parameters, param_groups
+from .recipes import recipe
 from .safetensors_io import atomic_write
 
-# Peak learning rates on the toy task, chosen per method family (see the module docstring);
-# the rest of the budget is shared.
-LEARNING_RATES = {
-    "lora": 3e-3, "dora": 3e-3, "simple_dora": 3e-3,
-    "tied_lora": 1e-2, "partially_tied_lora": 1e-2, "tied_lora_extra": 1e-2, "tensor_embedding": 1e-2,
-    "ia3": 3e-2, "ia3pp": 3e-2, "bitfit": 1e-2,
-    "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "llama_adapter": 1e-2,
-}
-METHOD_ARGS: dict[str, dict] = {}  # per-method hyper-parameters on top of the defaults (none so far)
 
 
 def available_methods() -> list[str]:
@@ -64,8 +54,9 @@ def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = 
                  accuracy=base["accuracy"], seconds=base["seconds"], lr=None)]
     say(progress, f"base model: {base['test_bpt']:.4f} bits/token, accuracy {base['accuracy']:.1%}")
     for method in methods:
-        cfg = TrainConfig(checkpoint=checkpoint, data=data, method=method, method_args=METHOD_ARGS.get(method, {}),
-                          out=str(out / method), max_steps=steps, lr=LEARNING_RATES.get(method, 1e-2),
+        plan = recipe(method, "toy" if checkpoint is None else "llama-3.2-1b")
+        cfg = TrainConfig(checkpoint=checkpoint, data=data, method=method, method_args=dict(plan.method_args),
+                          out=str(out / method), max_steps=steps, lr=plan.lr,
                           batch_size=batch_size, limit=limit, eval_limit=eval_limit, eval_every=max(1, steps // 4),
                           max_new_tokens=max_new_tokens, baseline=False)
         t0 = time.time()
@@ -145,7 +136,7 @@ def throughput(preset: str, methods: list[str], max_len: int = 512, batch_size: 
         model, tok, _ = load_base(None, preset, dev, progress=False)
         examples = [encode_example(tok, ex, max_len=max_len) for ex in synthetic_gsm8k(40 * batch_size)]
         idx, targets, seg = pack(examples, max_len, tok.pad_id)
-        apply_method(model, method, **METHOD_ARGS.get(method, {}))
+        apply_method(model, method, **recipe(method, "llama-3.2-1b").method_args)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
