@@ -372,3 +372,18 @@ def check_base(model: nn.Module, expected: dict, source) -> None:
     if diff:
         details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{source}: this adapter was trained on a different base model ({details})")
+
+
+def merge_delta_keeping_base(module: nn.Module, delta: torch.Tensor) -> None:
+    """W <- W + delta for a wrapper with `base` (an nn.Linear): the sum in fp32 and rounded once, and the
+    pre-merge W kept in `module.weight_before_merge`, so that `restore_base` is exact in every dtype
+    (adding and subtracting a delta in bf16 is not). Costs one copy of W while merged."""
+    w = module.base.weight
+    module.weight_before_merge = w.detach().clone()
+    w.copy_((w.float() + delta.float()).to(w.dtype))
+
+
+def restore_base(module: nn.Module) -> None:
+    """Undo `merge_delta_keeping_base`: the exact pre-merge weight."""
+    module.base.weight.copy_(module.weight_before_merge)
+    module.weight_before_merge = None

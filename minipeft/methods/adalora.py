@@ -97,13 +97,10 @@ class AdaLoRALinear(nn.Module):
         return y + (F.linear(h, self.lora_B) * self.scale).to(y.dtype)
 
     def merge(self) -> None:
-        w = self.base.weight
-        self.weight_before_merge = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        peft.merge_delta_keeping_base(self, self.delta_weight())
 
     def unmerge(self) -> None:
-        self.base.weight.copy_(self.weight_before_merge)
-        self.weight_before_merge = None
+        peft.restore_base(self)
 
     def orthogonality(self) -> torch.Tensor:
         """||PᵀP - I||²_F + ||QQᵀ - I||²_F (eq. 4)."""

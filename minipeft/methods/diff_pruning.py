@@ -86,13 +86,10 @@ class DiffPruneLinear(nn.Module):
         return y + F.linear(x.to(self.diff.dtype), self.delta_weight()).to(y.dtype)
 
     def merge(self) -> None:
-        w = self.base.weight
-        self.weight_before_merge = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        peft.merge_delta_keeping_base(self, self.delta_weight())
 
     def unmerge(self) -> None:
-        self.base.weight.copy_(self.weight_before_merge)
-        self.weight_before_merge = None
+        peft.restore_base(self)
 
 
 class ExpectedL0:

@@ -114,13 +114,10 @@ class DyLoRALinear(nn.Module):
         return B @ A * (self.config.alpha / b)  # (out, in)
 
     def merge(self) -> None:
-        w = self.base.weight
-        self.weight_before_merge = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        peft.merge_delta_keeping_base(self, self.delta_weight())
 
     def unmerge(self) -> None:
-        self.base.weight.copy_(self.weight_before_merge)
-        self.weight_before_merge = None
+        peft.restore_base(self)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -108,13 +108,10 @@ class LoRALinear(nn.Module):
         return y + self.lora(self.dropout(x)).to(y.dtype)
 
     def merge(self) -> None:
-        w = self.base.weight
-        self.weight_before_merge = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))  # the sum in fp32, one rounding
+        peft.merge_delta_keeping_base(self, self.delta_weight())  # the sum in fp32, one rounding
 
     def unmerge(self) -> None:
-        self.base.weight.copy_(self.weight_before_merge)
-        self.weight_before_merge = None
+        peft.restore_base(self)
 
     def extra_repr(self) -> str:
         return f"r={self.config.r}, scale={self.scale:g}, merged={self.merged}"

@@ -92,13 +92,10 @@ class LowRankDelta(nn.Module):
         return y + self.delta(x.to(dtype)).to(y.dtype)
 
     def merge(self) -> None:  # as LoRALinear: keep W, so that unmerge is exact in every dtype
-        w = self.base.weight
-        self.weight_before_merge = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
+        peft.merge_delta_keeping_base(self, self.delta_weight())
 
     def unmerge(self) -> None:
-        self.base.weight.copy_(self.weight_before_merge)
-        self.weight_before_merge = None
+        peft.restore_base(self)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}, merged={self.merged}"
