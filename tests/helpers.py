@@ -26,3 +26,14 @@ def assert_cached_decoding_equals_full_forward(m: Llama, idx: torch.Tensor) -> N
         for _ in range(5):  # greedy without the cache
             seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
         assert generated == seq[len(prompt):]
+
+
+def assert_merge_is_exact(model, idx) -> None:
+    """merge() keeps the function (to fp32 rounding) and unmerge() restores every base weight bit for bit."""
+    from minipeft import peft
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("base.weight")}
+    out = model(idx)
+    peft.merge(model)
+    torch.testing.assert_close(model(idx), out, rtol=1e-5, atol=1e-5)
+    peft.unmerge(model)
+    assert before and all(torch.equal(model.state_dict()[k], w) for k, w in before.items())

@@ -12,7 +12,7 @@ from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.finetune import train_step
 from minipeft.llama import Llama, LlamaConfig
 from minipeft.methods import diff_pruning, sparse_ft
-from helpers import assert_cached_decoding_equals_full_forward, tiny
+from helpers import assert_cached_decoding_equals_full_forward, assert_merge_is_exact, tiny
 
 HYPER = dict(targets=("q_proj", "down_proj"))
 IDX = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -83,12 +83,7 @@ def test_l0_penalty_closes_masks_through_train_step():
 
 def test_merge_equivalence_in_eval_mode():
     m = adapted()
-    before = {k: v.clone() for k, v in m.state_dict().items() if k.endswith("base.weight")}
-    out = m(IDX)
-    peft.merge(m)
-    torch.testing.assert_close(m(IDX), out, rtol=1e-5, atol=1e-5)
-    peft.unmerge(m)
-    assert all(torch.equal(m.state_dict()[k], w) for k, w in before.items())
+    assert_merge_is_exact(m, IDX)
 
 
 def test_cached_decoding_equals_full_forward():

@@ -9,7 +9,7 @@ from minipeft.adapters import apply_method, load_adapter, save_adapter
 from minipeft.finetune import train_step
 from minipeft.llama import Llama, LlamaConfig
 from minipeft.methods import dylora
-from helpers import assert_cached_decoding_equals_full_forward, tiny
+from helpers import assert_cached_decoding_equals_full_forward, assert_merge_is_exact, tiny
 
 HYPER = dict(r=4, r_min=1, alpha=8.0, targets="all-linear")
 IDX = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -78,12 +78,7 @@ def test_rank_b_update_by_hand_and_the_sampled_rank():
 
 def test_merge_equivalence_at_the_eval_rank():
     m = adapted(eval_rank=3)
-    before = {k: v.clone() for k, v in m.state_dict().items() if k.endswith("base.weight")}
-    out = m(IDX)
-    peft.merge(m)
-    torch.testing.assert_close(m(IDX), out, rtol=1e-5, atol=1e-5)
-    peft.unmerge(m)
-    assert all(torch.equal(m.state_dict()[k], w) for k, w in before.items())
+    assert_merge_is_exact(m, IDX)
 
 
 def test_cached_decoding_equals_full_forward():
