@@ -1,11 +1,27 @@
-"""Every PEFT method on the toy task with a matched budget: a table and an accuracy-vs-parameters plot.
+"""Every PEFT method on the toy task with a matched budget, over seeds: a table with spread and two plots.
 
 Each method gets the same base model, data, number of optimiser steps, batch size, warmup + cosine
 schedule and evaluation; the peak learning rate and any method settings are each method's recipe
-(minipeft/recipes.py: "toy" without --checkpoint, else "llama-3.2-1b"), the same table finetune reads. The base model is evaluated once, up front.
+(minipeft/recipes.py: "toy" without --checkpoint, else "llama-3.2-1b"), the table finetune reads.
+Every method runs once per seed (the seed sets the adapter's initialisation and the data order; the
+base model is the same), and the table gives mean ± standard deviation over the seeds. The base
+model is evaluated once, up front.
 
-    python -m minipeft.compare                          # all methods, writes runs/compare/{compare.md,.png,.json}
-    python -m minipeft.compare --methods lora,ia3 --steps 100
+    python -m minipeft.compare                          # every method + full fine-tuning, seeds 0,1,2
+    python -m minipeft.compare --quick                  # one seed, 50 steps, 50 test problems (labs)
+    python -m minipeft.compare --methods lora,ia3pp,ia3pp+use_l_o=false --seeds 0,1,2
+
+A method entry is a name from the methods table, optionally followed by `+field=value` settings of
+its config (the same fields as `finetune --set`), e.g. `lora+gamma=4` or `prefix_tuning+mlp_hidden=64`;
+the entry is the row's label. Each run keeps its folder runs/<label>/lr<lr>-seed<seed>/ under --out:
+a rerun with the same settings reuses finished runs (an interrupted compare continues where it
+stopped), other settings in the same --out are refused unless --overwrite.
+
+`--sweep` chooses learning rates by the protocol of the write-up "Parameter Efficient Fine Tuning
+Ideas": for each method a small grid of peak rates around its recipe (x1/3, x1, x3 by default), one
+seed, three epochs; the target is the training loss of the third epoch (lowest wins), and the table
+also reports the best test loss over the epochs and the accuracy. It writes sweep.md / sweep.json; the
+chosen rates go into minipeft/recipes.py by hand, with the figures in a comment.
 
 `--throughput` instead measures training speed and memory on a preset with random weights (meant for
 a GPU): packed rows of --max-len tokens, a few warm-up steps, then tokens/s and peak memory per method.
@@ -18,20 +34,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .adapters import METHODS, apply_method
 from .data import encode_example, pack, synthetic_gsm8k
-from .evaluate import autocast, evaluate, load_base, load_task, pick_device
-from .finetune import Diverged, TrainConfig, train, train_step
+from .evaluate import evaluate, load_base, load_task, pick_device
+from .finetune import Diverged, TrainConfig, parse_method_args, train, train_step
 from .peft import count_parameters, param_groups
-from .recipes import recipe
+from .recipes import describe, recipe
 from .safetensors_io import atomic_write
+from .toy import TOY_TRAINING
 
+QUICK = dict(steps=50, eval_limit=50, seeds=(0,))  # `--quick`: every method in a few minutes on 2 cores
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)                  # `--sweep`: peak rates tried around each recipe's
 
 
 def available_methods() -> list[str]:
@@ -40,85 +63,271 @@ def available_methods() -> list[str]:
     return [m for m, (module, _) in METHODS.items() if importlib.util.find_spec(module) is not None]
 
 
+def parse_entry(entry: str) -> tuple[str, dict]:
+    """"ia3pp+use_l_o=false" -> ("ia3pp", {"use_l_o": False}); fields typed as `finetune --set` types them."""
+    method, *pairs = entry.split("+")
+    if method not in METHODS:
+        raise ValueError(f"--methods {entry!r}: unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    return method, parse_method_args(method, pairs)
+
+
+def run_folder(out: Path, label: str, lr: float, seed: int) -> Path:
+    return out / "runs" / label.replace("/", "_") / f"lr{lr:.3g}-seed{seed}"
+
+
+def plan_runs(entries: list[str], seeds: list[int], out: Path, steps: int, checkpoint: str | None,
+              data: str | None, limit: int, eval_limit: int, batch_size: int, max_new_tokens: int,
+              lrs: dict[str, list[float]] | None = None) -> list[TrainConfig]:
+    """One TrainConfig per (entry, peak rate, seed): the entry's recipe plus its `+field=value` settings."""
+    task = "toy" if checkpoint is None else "llama-3.2-1b"
+    cfgs = []
+    for entry in entries:
+        method, settings = parse_entry(entry)
+        plan = recipe(method, task)
+        for lr in (lrs or {}).get(entry, [plan.lr]):
+            for seed in seeds:
+                cfgs.append(TrainConfig(
+                    checkpoint=checkpoint, data=data, method=method, method_args={**plan.method_args, **settings},
+                    out=str(run_folder(out, entry, lr, seed)), max_steps=steps, lr=lr, seed=seed,
+                    batch_size=batch_size, max_len=TOY_TRAINING["max_len"], limit=limit, eval_limit=eval_limit,
+                    eval_every=max(1, steps // 7), max_new_tokens=max_new_tokens, baseline=False,
+                    recipe=dict(method=method, task=task, lr=plan.lr, method_args=plan.method_args, entry=entry,
+                                lr_from="recipe" if lr == plan.lr else "--sweep",
+                                line=f"{describe(method, task, lr, lr == plan.lr)}; compare entry {entry}")))
+    return cfgs
+
+
+def finished_summary(cfg: TrainConfig, overwrite: bool) -> dict | None:
+    """The summary of a finished run with exactly these settings (reused), else None after clearing
+    the folder; a folder holding a run with other settings is refused unless `overwrite`."""
+    run = Path(cfg.out)
+    if not run.exists():
+        return None
+    try:
+        recorded = json.loads((run / "config.json").read_text())["train"]
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    if recorded == json.loads(json.dumps(asdict(cfg), default=str)):
+        if (run / "summary.json").exists():
+            return json.loads((run / "summary.json").read_text())
+    elif recorded is not None and not overwrite:
+        raise FileExistsError(f"{run}: holds a run with other settings (steps, data, ...); use another --out "
+                              "or --overwrite")
+    shutil.rmtree(run)  # unfinished (or overwritten): start it again
+    return None
+
+
+def run_one(cfg: TrainConfig, threads: int = 0) -> dict:
+    """Train one (entry, rate, seed); a row with the final and the per-evaluation figures."""
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    try:
+        s = train(cfg, progress=False)
+    except Diverged as e:
+        return dict(error=str(e), seconds=time.time() - t0)
+    return summary_row(cfg, s)
+
+
+def summary_row(cfg: TrainConfig, s: dict) -> dict:
+    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    return dict(trainable_params=s["trainable_params"], trainable_pct=s["trainable_pct"],
+                test_bpt=s["after"]["test_bpt"], accuracy=s["after"]["accuracy"], seconds=s["wall_seconds"],
+                early_step=evals[0]["step"] if evals else None, early_test_bpt=evals[0]["test_bpt"] if evals else None,
+                best_epoch_test_bpt=min((r["test_bpt"] for r in epochs), default=None),
+                last_epoch_train_bpt=epochs[-1]["train_bpt"] if epochs else None)
+
+
+def execute(cfgs: list[TrainConfig], jobs: int, overwrite: bool, progress: bool) -> list[dict]:
+    """Run (or reuse) every config, `jobs` at a time (each in its own process with one thread when
+    jobs > 1); prints "run k/N: label (lr, seed)" before each and its result after."""
+    results: list[dict | None] = [None] * len(cfgs)
+    todo = []
+    for i, cfg in enumerate(cfgs):
+        done = finished_summary(cfg, overwrite)
+        if done is not None:
+            results[i] = dict(summary_row(cfg, done), reused=True)
+            say(progress, f"run {i + 1}/{len(cfgs)}: {describe_run(cfg)}: reused {cfg.out}  "
+                          f"{results[i]['test_bpt']:.4f} bits/token, accuracy {results[i]['accuracy']:.1%}")
+        else:
+            todo.append(i)
+
+    def report(i: int) -> None:
+        r = results[i]
+        text = (f"error: {r['error']}" if "error" in r else
+                f"{r['test_bpt']:.4f} bits/token, accuracy {r['accuracy']:.1%}, {r['seconds']:.0f}s")
+        say(progress, f"    {describe_run(cfgs[i])}: {text}")
+
+    if jobs <= 1:
+        for i in todo:
+            say(progress, f"run {i + 1}/{len(cfgs)}: {describe_run(cfgs[i])} ...")
+            results[i] = run_one(cfgs[i])
+            report(i)
+    else:
+        import multiprocessing
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for i in todo:
+                say(progress, f"run {i + 1}/{len(cfgs)}: {describe_run(cfgs[i])} (queued)")
+                futures[i] = pool.submit(run_one, cfgs[i], 1)
+            for i, fut in futures.items():
+                results[i] = fut.result()
+                report(i)
+    return [dict(r, label=c.recipe["entry"], method=c.method, lr=c.lr, seed=c.seed) for r, c in zip(results, cfgs)]
+
+
+def describe_run(cfg: TrainConfig) -> str:
+    return f"{cfg.recipe['entry']} (lr {cfg.lr:.3g}, seed {cfg.seed})"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value); NaN when there are no values."""
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (label, lr): mean ± std over the seeds of every figure; failed seeds are counted."""
+    rows: dict[tuple, dict] = {}
+    for r in runs:
+        rows.setdefault((r["label"], r["lr"]), []).append(r)
+    out = []
+    for (label, lr), group in rows.items():
+        ok = [r for r in group if "error" not in r]
+        row = dict(method=label, lr=lr, seeds=[r["seed"] for r in group], failed=len(group) - len(ok),
+                   errors=[r["error"] for r in group if "error" in r],
+                   trainable_params=ok[0]["trainable_params"] if ok else None,
+                   trainable_pct=ok[0]["trainable_pct"] if ok else None,
+                   early_step=ok[0]["early_step"] if ok else None)
+        for key in ("test_bpt", "accuracy", "seconds", "early_test_bpt", "best_epoch_test_bpt", "last_epoch_train_bpt"):
+            row[key], row[key + "_std"] = mean_std([r.get(key) for r in ok])
+        out.append(row)
+    return out
+
+
 def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = None, data: str | None = None,
             limit: int = 0, eval_limit: int = 0, batch_size: int = 16, max_new_tokens: int = 160,
-            progress: bool = True) -> list[dict]:
-    """Train each method with the same budget; returns one row per method (also compare.json)."""
-    device = pick_device()
-    model, tok, _ = load_base(checkpoint, None, device, progress)
-    _, test, _ = load_task(data, limit)
-    test = test[:eval_limit] if eval_limit else test
-    base = evaluate(model, tok, test, max_new_tokens=max_new_tokens)
-    _, total = count_parameters(model)
-    rows = [dict(method="base model", trainable_params=0, trainable_pct=0.0, test_bpt=base["test_bpt"],
-                 accuracy=base["accuracy"], seconds=base["seconds"], lr=None)]
-    say(progress, f"base model: {base['test_bpt']:.4f} bits/token, accuracy {base['accuracy']:.1%}")
-    for method in methods:
-        plan = recipe(method, "toy" if checkpoint is None else "llama-3.2-1b")
-        cfg = TrainConfig(checkpoint=checkpoint, data=data, method=method, method_args=dict(plan.method_args),
-                          out=str(out / method), max_steps=steps, lr=plan.lr,
-                          batch_size=batch_size, limit=limit, eval_limit=eval_limit, eval_every=max(1, steps // 4),
-                          max_new_tokens=max_new_tokens, baseline=False)
-        t0 = time.time()
-        try:
-            s = train(cfg, progress=False)
-            row = dict(method=method, trainable_params=s["trainable_params"], trainable_pct=s["trainable_pct"],
-                       test_bpt=s["after"]["test_bpt"], accuracy=s["after"]["accuracy"])
-        except Diverged as e:
-            row = dict(method=method, trainable_params=None, trainable_pct=None, test_bpt=float("nan"),
-                       accuracy=float("nan"), error=str(e))
-        rows.append(dict(row, seconds=time.time() - t0, lr=cfg.lr))
-        say(progress, format_row(rows[-1]))
-    write_outputs(rows, out, steps, total)
+            progress: bool = True, seeds: list[int] = (0, 1, 2), jobs: int = 1, overwrite: bool = False) -> list[dict]:
+    """Train each method entry once per seed with the same budget; returns the base row and one
+    aggregated row per entry (mean ± std over seeds), also written to compare.{md,json} and two plots."""
+    cfgs = plan_runs(methods, list(seeds), out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens)
+    total, base = evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress)
+    say(progress, f"{len(methods)} methods x {len(seeds)} seeds = {len(cfgs)} runs of {steps} steps; "
+                  f"results in {out}/")
+    runs = execute(cfgs, jobs, overwrite, progress)
+    rows = [base] + aggregate(runs)
+    settings = dict(steps=steps, batch_size=batch_size, seeds=list(seeds), eval_limit=eval_limit, limit=limit,
+                    max_new_tokens=max_new_tokens, base_params=total, base=checkpoint or "toy base (data/toy_base)",
+                    data=data or "toy GSM8K-format task", task="toy" if checkpoint is None else "llama-3.2-1b")
+    write_outputs(rows, runs, out, settings)
+    say(progress, "\n" + "\n".join(table_lines(rows)))
     return rows
 
 
-def format_row(r: dict) -> str:
-    params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
-    pct = "-" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3f}"
-    lr = "-" if r["lr"] is None else f"{r['lr']:g}"
-    return (f"| {r['method']} | {params} | {pct} | {r['test_bpt']:.4f} | {100 * r['accuracy']:.1f} | "
-            f"{r['seconds']:.0f} | {lr} |")
+def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress) -> tuple[int, dict]:
+    model, tok, _ = load_base(checkpoint, None, pick_device(), progress)
+    _, test, _ = load_task(data, limit)
+    base = evaluate(model, tok, test[:eval_limit] if eval_limit else test, max_new_tokens=max_new_tokens)
+    say(progress, f"base model: {base['test_bpt']:.4f} bits/token, accuracy {base['accuracy']:.1%}")
+    row = dict(method="base model", lr=None, seeds=[], failed=0, errors=[], trainable_params=0, trainable_pct=0.0,
+               early_step=None, test_bpt=base["test_bpt"], accuracy=base["accuracy"], seconds=base["seconds"])
+    return count_parameters(model)[1], row
 
 
-def write_outputs(rows: list[dict], out: Path, steps: int, total: int) -> None:
+def sweep(methods: list[str], out: Path, steps: int, factors=SWEEP_FACTORS, checkpoint: str | None = None,
+          data: str | None = None, limit: int = 0, eval_limit: int = 0, batch_size: int = 16,
+          max_new_tokens: int = 160, progress: bool = True, seed: int = 0, jobs: int = 1,
+          overwrite: bool = False) -> list[dict]:
+    """The write-up's protocol: a grid of peak rates per method (recipe rate x factors), one seed; the
+    lowest training loss of the last epoch wins. Writes sweep.md / sweep.json; returns one row per rate."""
+    task = "toy" if checkpoint is None else "llama-3.2-1b"
+    lrs = {e: sorted(float(f"{recipe(parse_entry(e)[0], task).lr * f:.2g}") for f in factors) for e in methods}
+    cfgs = plan_runs(methods, [seed], out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens, lrs)
+    say(progress, f"sweep: {len(methods)} methods x {len(factors)} rates = {len(cfgs)} runs of {steps} steps")
+    rows = aggregate(execute(cfgs, jobs, overwrite, progress))
+    for entry in methods:
+        mine = [r for r in rows if r["method"] == entry]
+        best = min(mine, key=lambda r: r["last_epoch_train_bpt"] if r["last_epoch_train_bpt"] == r["last_epoch_train_bpt"]
+                   else math.inf)
+        for r in mine:
+            r["chosen"] = r is best
+    lines = ["| method | peak lr | train bits/token, last epoch | best test bits/token (epoch ends) | "
+             "final test bits/token | accuracy (%) | chosen |", "|---|---:|---:|---:|---:|---:|:---:|"]
+    lines += [f"| {r['method']} | {r['lr']:.3g} | {r['last_epoch_train_bpt']:.4f} | {r['best_epoch_test_bpt']:.4f} | "
+              f"{r['test_bpt']:.4f} | {100 * r['accuracy']:.1f} | {'yes' if r['chosen'] else ''} |" for r in rows]
+    note = (f"\n{steps} optimiser steps of batch {batch_size} per run, seed {seed}; grid: the recipe's rate times "
+            f"{', '.join(f'{f:.3g}' for f in factors)}; target: the last epoch's training loss (lowest wins).\n")
     out.mkdir(parents=True, exist_ok=True)
-    table = ["| method | trainable params | % of total | test bits/token | accuracy (%) | seconds | lr |",
-             "|---|---:|---:|---:|---:|---:|---:|"] + [format_row(r) for r in rows]
-    note = (f"\n{steps} optimiser steps per method, same data order, batch size, warmup + cosine schedule; "
-            f"{total:,} base parameters. Errors: " +
-            ("; ".join(f"{r['method']}: {r['error']}" for r in rows if "error" in r) or "none") + "\n")
-    with atomic_write(out / "compare.md", "w") as f:
-        f.write("\n".join(table) + "\n" + note)
-    with atomic_write(out / "compare.json", "w") as f:
+    with atomic_write(out / "sweep.md", "w") as f:
+        f.write("\n".join(lines) + "\n" + note)
+    with atomic_write(out / "sweep.json", "w") as f:
         json.dump(rows, f, indent=2)
-    plot_accuracy_vs_params(rows, out / "compare.png")
+    say(progress, "\n" + "\n".join(lines) + note)
+    return rows
 
 
-def plot_accuracy_vs_params(rows: list[dict], path: Path) -> None:
-    """Accuracy against trainable parameters (log x), one labelled point per method (cf. LoRA, Fig. 2)."""
+def pm(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
+    if mean != mean:
+        return "-"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if std == std else f"{scale * mean:.{digits}f}"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    lines = ["| method | trainable params | % of total | test bits/token | accuracy (%) | seconds per run | lr | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
+        pct = "-" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3f}"
+        seeds = str(len(r["seeds"])) + (f" ({r['failed']} diverged)" if r["failed"] else "") if r["seeds"] else "-"
+        lines.append(f"| {r['method']} | {params} | {pct} | {pm(r['test_bpt'], r.get('test_bpt_std', float('nan')))} | "
+                     f"{pm(r['accuracy'], r.get('accuracy_std', float('nan')), 100, 1)} | {r['seconds']:.0f} | "
+                     f"{'-' if r['lr'] is None else format(r['lr'], '.3g')} | {seeds} |")
+    return lines
+
+
+def write_outputs(rows: list[dict], runs: list[dict], out: Path, settings: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    errors = "; ".join(f"{r['method']}: {e}" for r in rows for e in r["errors"]) or "none"
+    note = (f"\n{settings['steps']} optimiser steps of batch {settings['batch_size']} per run, the same data, "
+            f"warmup + cosine schedule; mean ± sample std over seeds {settings['seeds']} (adapter init and data "
+            f"order); {settings['base_params']:,} base parameters; base: {settings['base']}; data: {settings['data']}"
+            + (f"; first {settings['eval_limit']} test problems" if settings["eval_limit"] else "")
+            + f". Peak rates from minipeft/recipes.py ({settings['task']}). Diverged runs: {errors}\n")
+    with atomic_write(out / "compare.md", "w") as f:
+        f.write("\n".join(table_lines(rows)) + "\n" + note)
+    with atomic_write(out / "compare.json", "w") as f:
+        json.dump(dict(settings=settings, rows=rows, runs=runs), f, indent=2)
+    title = f"{settings['base']}, {settings['data']}: {len(settings['seeds'])} seed(s), mean ± std"
+    plot_vs_params(rows, out / "compare_accuracy.png", "accuracy", "test accuracy (%)", 100, title)
+    plot_vs_params(rows, out / "compare_bpt.png", "test_bpt", "test cross-entropy (bits per answer token)", 1, title)
+
+
+def plot_vs_params(rows: list[dict], path: Path, key: str, ylabel: str, scale: float, title: str) -> None:
+    """`key` against trainable parameters (log x) with ±1 std error bars, one marker per method
+    (legend outside the axes), the base model as a dashed line (cf. LoRA, Fig. 2)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    pts = sorted((r for r in rows if r["trainable_params"] and r["accuracy"] == r["accuracy"]),
-                 key=lambda r: (r["trainable_params"], -r["accuracy"]))
-    placed: list[tuple[float, float]] = []  # (log10 params, accuracy %) of labels already drawn
-    for r in pts:
-        x, y = r["trainable_params"], 100 * r["accuracy"]
-        ax.scatter(x, y, s=30)
-        near = sum(abs(math.log10(x) - px) < 0.06 and abs(y - py) < 1.5 for px, py in placed)
-        placed.append((math.log10(x), y))
-        ax.annotate(r["method"], (x, y), fontsize=8, xytext=(4, 3 - 10 * near), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    pts = [r for r in rows if r["trainable_params"] and r[key] == r[key]]
+    markers = "osD^v<>ph*X"  # ten colours, then the next marker shape: up to 110 distinct points
+    for i, r in enumerate(sorted(pts, key=lambda r: r["trainable_params"])):
+        std = r.get(key + "_std", 0.0)
+        ax.errorbar(r["trainable_params"], scale * r[key], yerr=scale * std if std == std else None,
+                    fmt=markers[(i // 10) % 11], color=plt.cm.tab10(i % 10), capsize=3, ms=6, label=r["method"])
     base = next((r for r in rows if r["method"] == "base model"), None)
-    if base is not None:
-        ax.axhline(100 * base["accuracy"], color="gray", ls="--", lw=1, label="base model (no fine-tuning)")
-        ax.legend(loc="upper left")
+    if base is not None and base[key] == base[key]:
+        ax.axhline(scale * base[key], color="gray", ls="--", lw=1, label="base model (no fine-tuning)")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Toy GSM8K-format task: accuracy vs trainable parameters")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110)
@@ -175,12 +384,21 @@ def say(progress: bool, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minipeft.compare",
-                                description="Compare PEFT methods with a matched budget.",
+                                description="Compare PEFT methods with a matched budget, over seeds.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", help="comma-separated names; when not given: every method that exists")
-    p.add_argument("--steps", type=int, default=375, help="optimiser steps per method (375 = the toy default's 3 epochs)")
+    p.add_argument("--methods", help="comma-separated entries, each a method name with optional +field=value "
+                                     "settings (e.g. ia3pp+use_l_o=false); when not given: every method")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (adapter init and data order)")
+    p.add_argument("--steps", type=int, default=375, help="optimiser steps per run (375 = the toy default's 3 epochs)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK['steps']} steps, {QUICK['eval_limit']} test problems, seed 0: a few minutes on 2 cores")
+    p.add_argument("--sweep", action="store_true", help="choose peak rates: recipe x 1/3, 1, 3, one seed, three "
+                                                        "epochs; the last epoch's train loss decides")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each a process with one thread")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (at most 8 with --throughput)")
-    p.add_argument("--out", default="runs/compare", help="folder for compare.md, .png, .json and the runs")
+    p.add_argument("--out", help="folder for the tables, plots and runs; default runs/compare (runs/compare-quick, "
+                                 "runs/sweep)")
+    p.add_argument("--overwrite", action="store_true", help="replace runs in --out made with other settings")
     p.add_argument("--checkpoint", help="base model folder; when not given: the toy base")
     p.add_argument("--data", help="GSM8K-format folder; when not given: the toy task")
     p.add_argument("--limit", type=int, default=0, help="first N train and test examples (0: all)")
@@ -192,17 +410,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (--throughput)")
     args = p.parse_args(argv)
     methods = args.methods.split(",") if args.methods else available_methods()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        print(f"error: unknown methods {unknown}; known: {sorted(METHODS)}", file=sys.stderr)
+    try:
+        for entry in methods:
+            parse_entry(entry)
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     if args.throughput:
-        throughput(args.preset, methods, args.max_len, min(args.batch_size, 8), grad_checkpoint=args.grad_checkpoint)
+        throughput(args.preset, [parse_entry(e)[0] for e in methods], args.max_len, min(args.batch_size, 8),
+                   grad_checkpoint=args.grad_checkpoint)
         return 0
+    if args.quick:
+        args.steps, args.eval_limit, seeds = QUICK["steps"], args.eval_limit or QUICK["eval_limit"], list(QUICK["seeds"])
+    out = Path(args.out or ("runs/sweep" if args.sweep else "runs/compare-quick" if args.quick else "runs/compare"))
     t0 = time.time()
-    compare(methods, Path(args.out), args.steps, args.checkpoint, args.data, args.limit, args.eval_limit,
-            args.batch_size, args.max_new_tokens)
-    print(f"wrote {args.out}/compare.md, compare.png, compare.json in {time.time() - t0:.0f}s")
+    try:
+        if args.sweep:
+            sweep(methods, out, args.steps, SWEEP_FACTORS, args.checkpoint, args.data, args.limit, args.eval_limit,
+                  args.batch_size, args.max_new_tokens, seed=seeds[0], jobs=args.jobs, overwrite=args.overwrite)
+            print(f"wrote {out}/sweep.md, sweep.json in {time.time() - t0:.0f}s")
+            return 0
+        compare(methods, out, args.steps, args.checkpoint, args.data, args.limit, args.eval_limit, args.batch_size,
+                args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}/compare.md, compare_accuracy.png, compare_bpt.png, compare.json in {time.time() - t0:.0f}s")
     return 0
 
 

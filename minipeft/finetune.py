@@ -552,7 +552,9 @@ def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, 
             bar.set_postfix(loss=f"{bits:.3f}b", tok_s=f"{tokens / dt:,.0f}", lr=f"{lr:.2e}")
             epoch_end = done % plan.steps_per_epoch == 0
             if epoch_end or (cfg.eval_every and done % cfg.eval_every == 0):
-                bar.write(evaluate_loss(done, epoch, epoch_end))
+                line = evaluate_loss(done, epoch, epoch_end)
+                if progress:
+                    bar.write(line)
             if done % save_every == 0 or done == plan.total_steps:
                 save_checkpoint(run, model, opt, sched, done)
     except Diverged as e:

@@ -306,12 +306,45 @@ def test_malformed_data_is_reported_with_file_and_line(checkpoint, data, tmp_pat
 # the toy base and the recipes: tests/test_toy.py
 
 
-def test_compare_writes_table_and_plot(checkpoint, data, tmp_path):
-    from minipeft.compare import compare
-    rows = compare(["lora", "ia3"], tmp_path, steps=3, checkpoint=str(checkpoint), data=str(data),
-                   batch_size=4, max_new_tokens=16, progress=False)
-    assert [r["method"] for r in rows] == ["base model", "lora", "ia3"]
+def test_compare_writes_table_and_plots_with_spread_and_reuses_finished_runs(checkpoint, data, tmp_path, capsys):
+    import json
+    from minipeft.compare import compare, main as compare_main
+    rows = compare(["lora", "ia3", "ia3pp+use_l_o=false"], tmp_path, steps=3, checkpoint=str(checkpoint),
+                   data=str(data), batch_size=4, max_new_tokens=16, seeds=[0, 1])
+    printed = capsys.readouterr().out
+    assert "run 1/6: lora (lr 0.0001, seed 0)" in printed and "run 6/6: ia3pp+use_l_o=false" in printed
+    assert [r["method"] for r in rows] == ["base model", "lora", "ia3", "ia3pp+use_l_o=false"]
     table = (tmp_path / "compare.md").read_text()
-    assert "| lora |" in table and "| ia3 |" in table and "test bits/token" in table
-    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| test bits/token | accuracy (%) |" in table and table.count(" ± ") >= 6 and "seeds [0, 1]" in table
+    for name in ("compare_accuracy.png", "compare_bpt.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert len(saved["runs"]) == 6 and saved["settings"]["seeds"] == [0, 1]
+    lora = [r for r in saved["runs"] if r["label"] == "lora"]
+    mean = sum(r["test_bpt"] for r in lora) / 2
+    std = abs(lora[0]["test_bpt"] - lora[1]["test_bpt"]) / 2 ** 0.5  # sample std of two values
+    assert rows[1]["test_bpt"] == pytest.approx(mean) and rows[1]["test_bpt_std"] == pytest.approx(std)
+    assert lora[0]["test_bpt"] != lora[1]["test_bpt"]  # the seed changes the adapter init and data order
     assert rows[1]["trainable_params"] > rows[2]["trainable_params"] > 0
+    no_lo = json.loads(next((tmp_path / "runs/ia3pp+use_l_o=false").glob("lr*-seed0/config.json")).read_text())
+    assert no_lo["method_config"] == [dict(method="ia3pp", use_qk_norm=True, use_l_o=False)]
+    # a rerun reuses every finished run; other settings in the same folder are refused
+    again = compare(["lora"], tmp_path, steps=3, checkpoint=str(checkpoint), data=str(data), batch_size=4,
+                    max_new_tokens=16, seeds=[0, 1])
+    assert "reused" in capsys.readouterr().out and again[1]["test_bpt"] == rows[1]["test_bpt"]
+    assert compare_main(["--methods", "lora", "--steps", "4", "--seeds", "0", "--out", str(tmp_path),
+                         "--checkpoint", str(checkpoint), "--data", str(data), "--batch-size", "4"]) == 1
+    assert "holds a run with other settings" in capsys.readouterr().err
+    assert compare_main(["--methods", "lora+r=x"]) == 1
+    assert "r expects int" in capsys.readouterr().err
+
+
+def test_sweep_picks_the_rate_with_the_lowest_last_epoch_train_loss(checkpoint, data, tmp_path):
+    from minipeft.compare import sweep
+    rows = sweep(["ia3"], tmp_path, steps=4, factors=(0.1, 10.0), checkpoint=str(checkpoint), data=str(data),
+                 batch_size=4, max_new_tokens=8, progress=False)
+    assert len(rows) == 2 and sum(r["chosen"] for r in rows) == 1
+    best = min(rows, key=lambda r: r["last_epoch_train_bpt"])
+    assert best["chosen"] and "| yes |" in (tmp_path / "sweep.md").read_text()
+
+
