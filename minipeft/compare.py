@@ -107,7 +107,8 @@ def finished_summary(cfg: TrainConfig, overwrite: bool) -> dict | None:
         recorded = json.loads((run / "config.json").read_text())["train"]
     except (OSError, ValueError, KeyError):
         recorded = None
-    if recorded == json.loads(json.dumps(asdict(cfg), default=str)):
+    wanted = json.loads(json.dumps(asdict(cfg), default=str))
+    if recorded is not None and {**recorded, "recipe": None} == {**wanted, "recipe": None}:  # same run, any label
         if (run / "summary.json").exists():
             return json.loads((run / "summary.json").read_text())
     elif recorded is not None and not overwrite:
@@ -211,10 +212,13 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = None, data: str | None = None,
             limit: int = 0, eval_limit: int = 0, batch_size: int = 16, max_new_tokens: int = 160,
-            progress: bool = True, seeds: list[int] = (0, 1, 2), jobs: int = 1, overwrite: bool = False) -> list[dict]:
+            progress: bool = True, seeds: list[int] = (0, 1, 2), jobs: int = 1, overwrite: bool = False,
+            lrs: dict[str, list[float]] | None = None) -> list[dict]:
     """Train each method entry once per seed with the same budget; returns the base row and one
-    aggregated row per entry (mean ± std over seeds), also written to compare.{md,json} and two plots."""
-    cfgs = plan_runs(methods, list(seeds), out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens)
+    aggregated row per entry (mean ± std over seeds), also written to compare.{md,json} and two plots.
+    `lrs` maps an entry to the peak rate(s) to use instead of its recipe's (e.g. chosen by a sweep)."""
+    cfgs = plan_runs(methods, list(seeds), out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens,
+                     lrs)
     total, base = evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress)
     say(progress, f"{len(methods)} methods x {len(seeds)} seeds = {len(cfgs)} runs of {steps} steps; "
                   f"results in {out}/")
@@ -236,6 +240,15 @@ def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress)
     row = dict(method="base model", lr=None, seeds=[], failed=0, errors=[], trainable_params=0, trainable_pct=0.0,
                early_step=None, test_bpt=base["test_bpt"], accuracy=base["accuracy"], seconds=base["seconds"])
     return count_parameters(model)[1], row
+
+
+def chosen_rates(path: Path) -> dict[str, list[float]]:
+    """{entry: [rate]} for every entry a sweep.json chose a rate for."""
+    try:
+        rows = json.loads(path.read_text())
+        return {r["method"]: [r["lr"]] for r in rows if r["chosen"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--rates {path}: not a sweep.json written by `compare --sweep` ({e})") from None
 
 
 def sweep(methods: list[str], out: Path, steps: int, factors=SWEEP_FACTORS, checkpoint: str | None = None,
@@ -394,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"{QUICK['steps']} steps, {QUICK['eval_limit']} test problems, seed 0: a few minutes on 2 cores")
     p.add_argument("--sweep", action="store_true", help="choose peak rates: recipe x 1/3, 1, 3, one seed, three "
                                                         "epochs; the last epoch's train loss decides")
+    p.add_argument("--rates", help="a sweep.json: each entry it chose a rate for runs at that rate, not its recipe's")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each a process with one thread")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (at most 8 with --throughput)")
     p.add_argument("--out", help="folder for the tables, plots and runs; default runs/compare (runs/compare-quick, "
@@ -432,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}/sweep.md, sweep.json in {time.time() - t0:.0f}s")
             return 0
         compare(methods, out, args.steps, args.checkpoint, args.data, args.limit, args.eval_limit, args.batch_size,
-                args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite)
+                args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite,
+                lrs=chosen_rates(Path(args.rates)) if args.rates else None)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
