@@ -603,27 +603,47 @@ def _progress_bar(progress: bool, total: int, start: int):
     return tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
 
 
+def loss_plot_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """What loss.png draws, as (step, value) pairs: train bits/token per step, test bits/token at each
+    evaluation (the base model's at step 0), the final test point, and the learning rate per step."""
+    kinds = lambda *k: [r for r in records if r["kind"] in k]
+    return dict(train=[(r["step"], r["loss_bpt"]) for r in kinds("train")],
+                test=[(r["step"], r["test_bpt"]) for r in kinds("baseline", "eval")],
+                final=[(r["step"], r["test_bpt"]) for r in kinds("final")],
+                lr=[(r["step"], r["lr"]) for r in kinds("train")])
+
+
 def plot_losses(records: list[dict], path: Path, title: str) -> None:
-    """Train bits/token per step (and its running mean), test bits/token at each evaluation."""
+    """Train bits/token per step (and its running mean), test bits/token at each evaluation and after
+    training (the final evaluation), and the learning rate on a second axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    train = [(r["step"], r["loss_bpt"]) for r in records if r["kind"] == "train"]
-    test = [(r["step"], r["test_bpt"]) for r in records if r["kind"] in ("baseline", "eval")]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        steps, bits = zip(*train)
+    series = loss_plot_series(records)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    if series["train"]:
+        steps, bits = zip(*series["train"])
         ax.plot(steps, bits, color="tab:blue", alpha=0.3, lw=0.8)
         k = max(1, len(bits) // 25)
         smooth = [sum(bits[max(0, i - k + 1):i + 1]) / len(bits[max(0, i - k + 1):i + 1]) for i in range(len(bits))]
         ax.plot(steps, smooth, color="tab:blue", label=f"train (running mean of {k} steps)" if k > 1 else "train")
-    if test:
-        ax.plot(*zip(*test), "o-", color="tab:orange", label="test")
+    if series["test"]:
+        ax.plot(*zip(*series["test"]), "o-", color="tab:orange", label="test")
+    if series["final"]:
+        ax.plot(*zip(*series["final"]), "*", color="tab:red", ms=12, label="test, final evaluation")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("cross-entropy (bits per answer token)")
-    ax.set_title(f"{title}: train and test loss")
+    ax.set_title(f"{title}: train and test loss, learning rate")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if series["lr"]:
+        lr_ax = ax.twinx()
+        lr_ax.plot(*zip(*series["lr"]), color="gray", ls=":", lw=1.2, label="learning rate (right axis)")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
+        h2, l2 = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110)

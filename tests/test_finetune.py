@@ -179,6 +179,9 @@ def test_cli_run_writes_every_artifact(run, checkpoint, data):
     assert len(preds) == 6 and set(preds[0]) == {"question", "gold", "generated", "prediction", "correct"}
     assert summary["after"]["accuracy"] == sum(p["correct"] for p in preds) / 6
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    series = finetune.loss_plot_series(recs)  # what loss.png draws: the final test point and the rate
+    assert series["final"] == [(12, summary["after"]["test_bpt"])] and series["test"][0] == (0, recs[0]["test_bpt"])
+    assert [s for s, _ in series["lr"]] == list(range(1, 13)) and series["lr"][1][1] > series["lr"][-1][1] > 0
     assert (run / "train_state.pt").exists() and (run / "predictions_base.jsonl").exists()
     model = load_adapter(Llama.from_pretrained(checkpoint), run / "adapter")  # the adapter loads back
     assert bits_per_token(model, [encode_example(TOK, ex) for ex in json_lines(data / "test.jsonl")]) == \
