@@ -77,7 +77,8 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "llama-3.2-1b": Recipe(5e-3),
     },
     "ia3pp": {
-        "toy": Recipe(3e-2),  # minipeft's choice (compare.py's vector rate; untried on the shipped base)
+        # minipeft's choice: (IA)3's toy rate, so that the (IA)3 vs (IA)3++ comparison runs both at one rate
+        "toy": Recipe(1e-1),
         "llama-3.2-1b": Recipe(5e-3),  # minipeft's choice: (IA)3's published rate
     },
     "prefix_tuning": {
