@@ -42,8 +42,10 @@ evaluate:
 	$(PY) -m minipeft.evaluate $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data data/gsm8k) \
 	  $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
+# every method + full fine-tuning, 3 seeds (long: see README); QUICK=1: one seed, 50 steps, a few minutes
+QUICK ?=
 compare:
-	$(PY) -m minipeft.compare $(ARGS)
+	$(PY) -m minipeft.compare $(if $(QUICK),--quick) $(ARGS)
 
 notebooks:
 	$(PY) -m pytest -q tests/test_notebooks.py

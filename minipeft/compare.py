@@ -141,12 +141,19 @@ def summary_row(cfg: TrainConfig, s: dict) -> dict:
                 last_epoch_train_bpt=epochs[-1]["train_bpt"] if epochs else None)
 
 
-def execute(cfgs: list[TrainConfig], jobs: int, overwrite: bool, progress: bool) -> list[dict]:
+def execute(cfgs: list[TrainConfig], jobs: int, overwrite: bool, progress: bool, report: bool = False) -> list[dict]:
     """Run (or reuse) every config, `jobs` at a time (each in its own process with one thread when
-    jobs > 1); prints "run k/N: label (lr, seed)" before each and its result after."""
+    jobs > 1); prints "run k/N: label (lr, seed)" before each and its result after. `report`: train
+    nothing, keep only the finished runs."""
     results: list[dict | None] = [None] * len(cfgs)
     todo = []
     for i, cfg in enumerate(cfgs):
+        if report:
+            done = json.loads((Path(cfg.out) / "summary.json").read_text()) \
+                if (Path(cfg.out) / "summary.json").exists() else None
+            if done is not None:
+                results[i] = summary_row(cfg, done)
+            continue
         done = finished_summary(cfg, overwrite)
         if done is not None:
             results[i] = dict(summary_row(cfg, done), reused=True)
@@ -176,7 +183,8 @@ def execute(cfgs: list[TrainConfig], jobs: int, overwrite: bool, progress: bool)
             for i, fut in futures.items():
                 results[i] = fut.result()
                 report(i)
-    return [dict(r, label=c.recipe["entry"], method=c.method, lr=c.lr, seed=c.seed) for r, c in zip(results, cfgs)]
+    return [dict(r, label=c.recipe["entry"], method=c.method, lr=c.lr, seed=c.seed)
+            for r, c in zip(results, cfgs) if r is not None]
 
 
 def describe_run(cfg: TrainConfig) -> str:
@@ -213,17 +221,19 @@ def aggregate(runs: list[dict]) -> list[dict]:
 def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = None, data: str | None = None,
             limit: int = 0, eval_limit: int = 0, batch_size: int = 16, max_new_tokens: int = 160,
             progress: bool = True, seeds: list[int] = (0, 1, 2), jobs: int = 1, overwrite: bool = False,
-            lrs: dict[str, list[float]] | None = None) -> list[dict]:
+            lrs: dict[str, list[float]] | None = None, report: bool = False) -> list[dict]:
     """Train each method entry once per seed with the same budget; returns the base row and one
     aggregated row per entry (mean ± std over seeds), also written to compare.{md,json} and two plots.
     `lrs` maps an entry to the peak rate(s) to use instead of its recipe's (e.g. chosen by a sweep)."""
     cfgs = plan_runs(methods, list(seeds), out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens,
                      lrs)
-    total, base = evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress)
+    total, base = evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress, out)
     say(progress, f"{len(methods)} methods x {len(seeds)} seeds = {len(cfgs)} runs of {steps} steps; "
                   f"results in {out}/")
-    runs = execute(cfgs, jobs, overwrite, progress)
+    runs = execute(cfgs, jobs, overwrite, progress, report)
     rows = [base] + aggregate(runs)
+    if report:
+        seeds = sorted({r["seed"] for r in runs})
     settings = dict(steps=steps, batch_size=batch_size, seeds=list(seeds), eval_limit=eval_limit, limit=limit,
                     max_new_tokens=max_new_tokens, base_params=total, base=checkpoint or "toy base (data/toy_base)",
                     data=data or "toy GSM8K-format task", task="toy" if checkpoint is None else "llama-3.2-1b")
@@ -232,14 +242,77 @@ def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = 
     return rows
 
 
-def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress) -> tuple[int, dict]:
-    model, tok, _ = load_base(checkpoint, None, pick_device(), progress)
-    _, test, _ = load_task(data, limit)
-    base = evaluate(model, tok, test[:eval_limit] if eval_limit else test, max_new_tokens=max_new_tokens)
+def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress, out: Path) -> tuple[int, dict]:
+    """The base model's row (evaluated once per --out and settings, kept in base_eval.json) and its size."""
+    settings = dict(checkpoint=checkpoint, data=data, limit=limit, eval_limit=eval_limit, max_new_tokens=max_new_tokens)
+    cached = out / "base_eval.json"
+    if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
+        saved = json.loads(cached.read_text())
+        total, base = saved["total_params"], saved["base"]
+    else:
+        model, tok, _ = load_base(checkpoint, None, pick_device(), progress)
+        _, test, _ = load_task(data, limit)
+        base = evaluate(model, tok, test[:eval_limit] if eval_limit else test, max_new_tokens=max_new_tokens)
+        total = count_parameters(model)[1]
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cached, "w") as f:
+            json.dump(dict(settings=settings, total_params=total, base=base), f, indent=2)
     say(progress, f"base model: {base['test_bpt']:.4f} bits/token, accuracy {base['accuracy']:.1%}")
     row = dict(method="base model", lr=None, seeds=[], failed=0, errors=[], trainable_params=0, trainable_pct=0.0,
                early_step=None, test_bpt=base["test_bpt"], accuracy=base["accuracy"], seconds=base["seconds"])
-    return count_parameters(model)[1], row
+    return total, row
+
+
+# The design documents' claims, each tested by two compare entries: (claim, entry, reference entry, figure,
+# kind). kind "better": the entry's figure is lower (bits) than the reference's; "same": no difference
+# beyond the noise; "steadier": a smaller spread over seeds and no more diverged runs.
+CLAIMS = [
+    ("(IA)3++ beats (IA)3", "ia3pp", "ia3", "test_bpt", "better"),
+    ("(IA)3++ is close to LoRA with a fifth of its parameters", "ia3pp", "lora", "test_bpt", "same"),
+    ("l_o helps (IA)3++", "ia3pp", "ia3pp+use_l_o=false", "test_bpt", "better"),
+    ("Simple DoRA ~ DoRA", "simple_dora", "dora", "test_bpt", "same"),
+    ("partial tying beats LoRA at the same size", "partially_tied_lora+r=16", "lora+r=6", "test_bpt", "better"),
+    ("the gamma boost speeds up training early", "lora+gamma=4", "lora", "early_test_bpt", "better"),
+    ("the prefix MLP stabilises prefix tuning", "prefix_tuning+mlp_hidden=64", "prefix_tuning", "test_bpt", "steadier"),
+    ("LLaMA-Adapter v2 beats v1", "llama_adapter+version=2", "llama_adapter", "test_bpt", "better"),
+]
+
+
+def judge(a: dict, b: dict, key: str, kind: str) -> tuple[str, str]:
+    """A verdict on one claim from two aggregated rows, and the figures it rests on. The difference of
+    means counts when it exceeds two standard errors, sqrt(sa^2/na + sb^2/nb) (a rough two-sided 95%
+    test; with 3 seeds a wide one)."""
+    na, nb = len(a["seeds"]) - a["failed"], len(b["seeds"]) - b["failed"]
+    ma, sa, mb, sb = a[key], a[key + "_std"], b[key], b[key + "_std"]
+    figures = f"{ma:.4f} ± {sa:.4f} vs {mb:.4f} ± {sb:.4f}"
+    if not (na and nb and ma == ma and mb == mb):
+        return "not measured", figures
+    if kind == "steadier":
+        figures += f"; diverged {a['failed']} vs {b['failed']} of {len(a['seeds'])}"
+        if a["failed"] < b["failed"] or (a["failed"] == b["failed"] and sa < sb / 2):
+            return "holds", figures
+        return ("does not hold" if a["failed"] > b["failed"] or sa > 2 * sb else "within noise"), figures
+    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    diff = ma - mb
+    if kind == "same":
+        return ("holds (no difference beyond noise)" if abs(diff) <= 2 * se else
+                f"does not hold ({'higher' if diff > 0 else 'lower'} by {abs(diff):.4f})"), figures
+    if diff < -2 * se:
+        return "holds", figures
+    return ("does not hold (the reverse)" if diff > 2 * se else "within noise"), figures
+
+
+def claims_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each claim whose two entries are in `rows`, the figures and a verdict."""
+    by_label = {r["method"]: r for r in rows}
+    lines = ["| claim | entry vs reference | figure | entry vs reference (mean ± std) | verdict |",
+             "|---|---|---|---|---|"]
+    for claim, a, b, key, kind in CLAIMS:
+        if a in by_label and b in by_label:
+            verdict, figures = judge(by_label[a], by_label[b], key, kind)
+            what = {"test_bpt": "test bits/token", "early_test_bpt": f"test bits/token at step {by_label[a]['early_step']}"}
+            lines.append(f"| {claim} | {a} vs {b} | {what[key]} | {figures} | {verdict} |")
+    return lines
 
 
 def chosen_rates(path: Path) -> dict[str, list[float]]:
@@ -314,6 +387,10 @@ def write_outputs(rows: list[dict], runs: list[dict], out: Path, settings: dict)
         f.write("\n".join(table_lines(rows)) + "\n" + note)
     with atomic_write(out / "compare.json", "w") as f:
         json.dump(dict(settings=settings, rows=rows, runs=runs), f, indent=2)
+    claims = claims_table(rows)
+    if len(claims) > 2:  # the entries of at least one claim were run
+        with atomic_write(out / "claims.md", "w") as f:
+            f.write("\n".join(claims) + "\n" + note)
     title = f"{settings['base']}, {settings['data']}: {len(settings['seeds'])} seed(s), mean ± std"
     plot_vs_params(rows, out / "compare_accuracy.png", "accuracy", "test accuracy (%)", 100, title)
     plot_vs_params(rows, out / "compare_bpt.png", "test_bpt", "test cross-entropy (bits per answer token)", 1, title)
@@ -408,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="choose peak rates: recipe x 1/3, 1, 3, one seed, three "
                                                         "epochs; the last epoch's train loss decides")
     p.add_argument("--rates", help="a sweep.json: each entry it chose a rate for runs at that rate, not its recipe's")
+    p.add_argument("--report", action="store_true", help="train nothing: the tables and plots of the runs "
+                                                         "already finished in --out")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each a process with one thread")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (at most 8 with --throughput)")
     p.add_argument("--out", help="folder for the tables, plots and runs; default runs/compare (runs/compare-quick, "
@@ -447,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         compare(methods, out, args.steps, args.checkpoint, args.data, args.limit, args.eval_limit, args.batch_size,
                 args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite,
-                lrs=chosen_rates(Path(args.rates)) if args.rates else None)
+                lrs=chosen_rates(Path(args.rates)) if args.rates else None, report=args.report)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

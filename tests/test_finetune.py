@@ -335,6 +335,10 @@ def test_compare_writes_table_and_plots_with_spread_and_reuses_finished_runs(che
     again = compare(["lora"], tmp_path, steps=3, checkpoint=str(checkpoint), data=str(data), batch_size=4,
                     max_new_tokens=16, seeds=[0, 1])
     assert "reused" in capsys.readouterr().out and again[1]["test_bpt"] == rows[1]["test_bpt"]
+    report = compare(["lora", "ia3"], tmp_path, steps=3, checkpoint=str(checkpoint), data=str(data), batch_size=4,
+                     max_new_tokens=16, seeds=[0, 1, 2], report=True)  # trains nothing: seed 2 is not there
+    assert report[1]["seeds"] == [0, 1] and report[1]["test_bpt"] == rows[1]["test_bpt"]
+    assert not list((tmp_path / "runs/lora").glob("*seed2"))
     assert compare_main(["--methods", "lora", "--steps", "4", "--seeds", "0", "--out", str(tmp_path),
                          "--checkpoint", str(checkpoint), "--data", str(data), "--batch-size", "4"]) == 1
     assert "holds a run with other settings" in capsys.readouterr().err
@@ -351,3 +355,23 @@ def test_sweep_picks_the_rate_with_the_lowest_last_epoch_train_loss(checkpoint, 
     assert best["chosen"] and "| yes |" in (tmp_path / "sweep.md").read_text()
 
 
+
+
+def test_claims_verdicts_count_a_difference_only_beyond_two_standard_errors():
+    from minipeft.compare import claims_table, judge
+
+    def row(name, mean, std, failed=0, n=3):
+        return dict(method=name, seeds=list(range(n)), failed=failed, test_bpt=mean, test_bpt_std=std,
+                    early_test_bpt=mean, early_test_bpt_std=std, early_step=17)
+    se = (2 * 0.01 ** 2 / 3) ** 0.5  # two rows with std 0.01 over 3 seeds
+    assert judge(row("a", 0.10 - 2.1 * se, 0.01), row("b", 0.10, 0.01), "test_bpt", "better")[0] == "holds"
+    assert judge(row("a", 0.10 - 1.9 * se, 0.01), row("b", 0.10, 0.01), "test_bpt", "better")[0] == "within noise"
+    assert judge(row("a", 0.10 + 2.1 * se, 0.01), row("b", 0.10, 0.01), "test_bpt", "better")[0].startswith(
+        "does not hold")
+    assert judge(row("a", 0.10 + 1.9 * se, 0.01), row("b", 0.10, 0.01), "test_bpt", "same")[0].startswith("holds")
+    assert judge(row("a", 0.10 + 2.1 * se, 0.01), row("b", 0.10, 0.01), "test_bpt", "same")[0].startswith("does not")
+    assert judge(row("a", 0.1, 0.001), row("b", 0.1, 0.01), "test_bpt", "steadier")[0] == "holds"
+    assert judge(row("a", 0.1, 0.01, failed=1), row("b", 0.1, 0.01), "test_bpt", "steadier")[0] == "does not hold"
+    lines = claims_table([row("ia3pp", 0.03, 0.001), row("ia3", 0.05, 0.001), row("lora", 0.02, 0.001)])
+    assert len(lines) == 4 and "| (IA)3++ beats (IA)3 | ia3pp vs ia3 | test bits/token |" in lines[2]
+    assert "does not hold (higher by 0.0100)" in lines[3]
