@@ -180,18 +180,34 @@ def test_letter_scores_match_hand_computed_loglikelihoods():
 
 
 def test_acc_norm_divides_by_characters_and_categories_are_micro_averaged(monkeypatch):
-    qs = [dict(question="q", choices=["a", "bbbbbbbbbb"], labels=["A", "B"], answer=1, subject="anatomy"),
-          dict(question="q2", choices=["a", "bbbbbbbbbb"], labels=["A", "B"], answer=0, subject="philosophy"),
-          dict(question="q3", choices=["a", "bbbbbbbbbb"], labels=["A", "B"], answer=0, subject="philosophy")]
-    # per question: letters A, B, then the choice texts "a" (-2: -2 per character), "bbbbbbbbbb" (-10: -1 per character)
-    fake = [-1.0, -3.0, -2.0, -10.0] * 3
+    qs = [dict(question="q", choices=["a", "bbbb"], labels=["A", "B"], answer=1, subject="anatomy"),
+          dict(question="q2", choices=["a", "bbbb"], labels=["A", "B"], answer=0, subject="philosophy"),
+          dict(question="q3", choices=["a", "bbbb"], labels=["A", "B"], answer=0, subject="philosophy")]
+    # per question: letters A, B, then the choice texts " a" (-2.1: -2.1 per character, -1.05 per byte token)
+    # and " bbbb" (-8: -2.0 per character, -1.6 per token): only the per-character norm prefers "bbbb"
+    fake = [-1.0, -3.0, -2.1, -8.0] * 3
     monkeypatch.setattr(ev, "continuation_logprobs", lambda model, requests, *a, **k: fake[:len(requests)])
     result, records = evaluate_choices(None, TOK, qs, choice_text=True)
     assert [r["prediction"] for r in records] == ["A"] * 3
-    assert [r["correct_norm"] for r in records] == [True, False, False]   # per character "b..." wins
+    assert [r["correct_norm"] for r in records] == [True, False, False]   # per character "bbbb" wins
     assert [r["correct_text"] for r in records] == [False, True, True]    # raw log-likelihood "a" wins
     assert result["acc_norm"] == pytest.approx(1 / 3) and result["acc_text"] == pytest.approx(2 / 3)
     assert result["categories"] == {"STEM": 0.0, "humanities": 1.0} and result["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_k_shot_prompts_take_the_same_subject_and_drop_shots_that_do_not_fit(monkeypatch):
+    def q(text, subject, answer=0):
+        return dict(question=text, choices=list("wxyz"), labels=list("ABCD"), answer=answer, subject=subject)
+    pool = [q("dev1", "anatomy", 1), q("other", "virology"), q("dev2", "anatomy", 2), q("dev3", "anatomy")]
+    ex = q("test question", "anatomy")
+    seen = []
+    monkeypatch.setattr(ev, "continuation_logprobs", lambda m, requests, *a, **k: seen.extend(requests) or [0.0] * len(requests))
+    evaluate_choices(None, TOK, [ex], shots=2, shot_pool=pool)
+    assert TOK.decode(seen[0][0][1:]) == mc_prompt(ex, [pool[0], pool[2]])  # [1:]: after BOS
+    one_shot = len(TOK.encode(mc_prompt(ex, pool[:1]), bos=True))
+    seen.clear()
+    evaluate_choices(None, TOK, [ex], shots=2, shot_pool=pool, max_len=one_shot + 1)
+    assert TOK.decode(seen[0][0][1:]) == mc_prompt(ex, pool[:1])  # two shots would not fit: one is kept
 
 
 def test_sliding_window_equals_full_context_when_the_text_fits():
