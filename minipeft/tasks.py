@@ -93,7 +93,7 @@ CATEGORIES = {
         virology""",
 }
 SUBJECT_CATEGORY = {s: cat for cat, subjects in CATEGORIES.items() for s in subjects.split()}
-SUBJECT_CATEGORY.update(toy_arithmetic="STEM", toy_lookup="other")  # the toy analogue's two subjects
+SUBJECT_CATEGORY.update(toy_arithmetic="STEM", toy_parity="STEM", toy_lookup="other", toy_compare="other")  # toy
 MMLU_FOLDERS = {"train": "auxiliary_train", "dev": "dev", "val": "val", "test": "test"}
 
 
@@ -289,17 +289,28 @@ def encode_text(tok, ex: dict, fmt: str = "plain", max_len: int | None = None) -
 
 # ----------------------------------------------------------------------------- the toy analogues
 
-def _mc_question(r: random.Random) -> tuple[str, str, int, list[int]]:
-    """(subject, question, right answer, three wrong answers) on the toy base's world."""
-    if r.random() < 0.5:
+def _mc_question(r: random.Random) -> tuple[str, str, list[str], int, bool]:
+    """(subject, question, choices, index of the right one, shuffle the choices?) on the toy base's world.
+    Two subjects keep their options in a fixed order, so the letter follows from the content alone
+    (parity, who has more); two shuffle numeric options, so the model must also find its answer among
+    them (the MMLU situation)."""
+    kind = r.randrange(4)
+    if kind == 0:
         a, b, op, c = _fact(r)
-        wrong = {c + 1, c - 1, c + 10, c + 2, abs(c - 10)} - {c}
-        return "toy_arithmetic", f"What is {a}{op}{b}?", c, r.sample(sorted(wrong), 3)
+        wrong = r.sample(sorted({c + 1, c - 1, c + 10, c + 2, abs(c - 10)} - {c}), 3)
+        return "toy_arithmetic", f"What is {a}{op}{b}?", [str(c), *map(str, wrong)], 0, True
+    if kind == 1:
+        n = r.randint(2, 999)
+        return "toy_parity", f"Is {n} even or odd?", ["even", "odd", "a fraction", "negative"], n % 2, False
     names, o = r.sample(NAMES, 4), r.choice(OBJECTS)
     amounts = r.sample(range(2, 40), 4)
-    listing = ", ".join(f"{n} has {k} {o}" for n, k in zip(names, amounts))
-    i = r.randrange(4)
-    return "toy_lookup", f"{listing}. How many {o} does {names[i]} have?", amounts[i], amounts[:i] + amounts[i + 1:]
+    if kind == 2:
+        listing = ", ".join(f"{n} has {k} {o}" for n, k in zip(names, amounts))
+        i = r.randrange(4)
+        wrong = [str(k) for k in amounts[:i] + amounts[i + 1:]]
+        return "toy_lookup", f"{listing}. How many {o} does {names[i]} have?", [str(amounts[i]), *wrong], 0, True
+    return ("toy_compare", f"{names[0]} has {amounts[0]} {o} and {names[1]} has {amounts[1]} {o}. Who has more {o}?",
+            [names[0], names[1], "they have the same", "nobody"], int(amounts[1] > amounts[0]), False)
 
 
 def synthetic_mc(n: int, seed: int = 0, split: str = "train") -> list[dict]:
@@ -308,15 +319,14 @@ def synthetic_mc(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     for _ in range(100 * n + 1000):
         if len(out) == n:
             break
-        subject, question, right, wrong = _mc_question(r)
+        subject, question, choices, answer, shuffle = _mc_question(r)
         is_test = zlib.crc32(question.encode()) % 4 == 0
         if question in seen or is_test != (split == "test"):
             continue
         seen.add(question)
-        choices = [right, *wrong]
-        r.shuffle(choices)
-        out.append(dict(question=question, choices=[str(c) for c in choices], labels=list(LETTERS[:4]),
-                        answer=choices.index(right), subject=subject))
+        order = r.sample(range(4), 4) if shuffle else list(range(4))
+        out.append(dict(question=question, choices=[choices[i] for i in order], labels=list(LETTERS[:4]),
+                        answer=order.index(answer), subject=subject))
     return out
 
 

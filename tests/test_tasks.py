@@ -270,7 +270,7 @@ def test_toy_analogues_load_in_the_official_layouts(tmp_path, monkeypatch):
     for task in ("mmlu", "arc_challenge", "dolly", "text"):
         train, test, data = load_task(None, 0, task)
         assert train and test and Path(data).parent == tmp_path
-    assert {q["subject"] for q in load_mmlu(tmp_path / "toy-mmlu-1000-200-0", "test")} == {"toy_arithmetic", "toy_lookup"}
+    assert {q["subject"] for q in load_mmlu(tmp_path / "toy-mmlu-1000-200-0", "test")} == {"toy_arithmetic", "toy_parity", "toy_lookup", "toy_compare"}
     arc = (tmp_path / "toy-arc_challenge-1000-200-0" / "ARC-Challenge-Test.jsonl").read_text()
     assert '"label": "1"' in arc and '"label": "A"' in arc  # both label styles, as the official files
 
