@@ -168,7 +168,11 @@ def test_letter_scores_match_hand_computed_loglikelihoods():
     qs = synthetic_mc(3, seed=5, split="test")
     requests = [(TOK.encode(mc_prompt(q), bos=True), TOK.encode(" " + label)) for q in qs for label in q["labels"]]
     requests.append((TOK.encode("Question: x\nAnswer:", bos=True), TOK.encode(" a longer choice")))
+    rows = []
+    hook = model.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     scores = continuation_logprobs(model, requests, batch_size=2)
+    hook.remove()
+    assert sum(rows) == 3 + 1  # one row per question (its four letters differ only in the last token) + the text
     for (ctx, cont), s in zip(requests, scores):
         assert s == pytest.approx(_manual_logprob(model, ctx, cont), abs=1e-4)
     result, records = evaluate_choices(model, TOK, qs, batch_size=3)
