@@ -4,6 +4,7 @@
     python -m minipeft.finetune --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k \\
         --method lora --set r=16 --set alpha=32 --epochs 1 --lr 2e-4 --out runs/lora-1b
     python -m minipeft.finetune --resume runs/lora-1b              # continue after a crash
+    python -m minipeft.finetune --task mmlu                        # another task (minipeft/tasks.py), here its toy analogue
 
 What one optimiser step does (`train_step`): the micro-batches of the step are collated first, so
 each micro-batch's loss can be weighted by its share of the step's answer tokens; then forward under
@@ -651,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj; "
                         "--set help lists the method's fields (default: the method's defaults)")
     p.add_argument("--list-methods", action="store_true", help="list every method with its fields and exit")
-    p.add_argument("--out", help="run folder (default runs/toy/METHOD, or runs/CHECKPOINT_NAME/METHOD)")
+    p.add_argument("--out", help="run folder (default runs/toy/METHOD, or runs/CHECKPOINT_NAME/METHOD; other tasks: runs/.../TASK/METHOD)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved config and state")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run folder --out if it holds a run, and start over (default: refuse)")
@@ -753,7 +754,7 @@ def _recipe_values(args: argparse.Namespace, values: dict) -> dict:
     task, r = _task_of(args), recipe(args.method, _task_of(args))
     lr = r.lr if args.lr is None else args.lr
     base = "toy" if task == "toy" else Path(args.checkpoint or args.preset).expanduser().name
-    out = args.out or str(Path("runs") / base / args.method)
+    out = args.out or str(Path("runs") / base / ("" if args.task == "gsm8k" else args.task) / args.method)
     line = describe(args.method, task, lr, from_recipe=args.lr is None)
     return dict(lr=lr, method_args={**r.method_args, **values["method_args"]}, out=out,
                 recipe=dict(method=args.method, task=task, lr=r.lr, method_args=r.method_args,

@@ -292,6 +292,16 @@ def test_finetune_task_mmlu_on_the_toy_analogue(tmp_path, monkeypatch):
     assert summary["after"]["accuracy"] == sum(r["correct"] for r in records) / 8
 
 
+def test_task_flag_reaches_the_config_and_its_own_run_folder():
+    from minipeft.finetune import build_parser, check_config, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["--task", "arc_challenge", "--method", "ia3pp", "--set", "use_l_o=false"]))
+    assert (cfg.task, cfg.out, cfg.method_args) == ("arc_challenge", "runs/toy/arc_challenge/ia3pp", {"use_l_o": False})
+    assert config_from_args(build_parser().parse_args([])).out == "runs/toy/lora"  # GSM8K keeps its folders
+    cfg.task = "squad"
+    with pytest.raises(ValueError, match="--task 'squad': must be one of gsm8k, mmlu, arc_challenge, dolly, text"):
+        check_config(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["arc_challenge", "dolly", "text"])
 def test_finetune_other_tasks_on_their_toy_analogues(tmp_path, monkeypatch, task):
