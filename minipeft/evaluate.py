@@ -38,8 +38,8 @@ from typing import Sequence
 import torch
 
 from .adapters import CONFIG_FILE, load_adapter
-from .data import (Example, answers_match, attention_segments, collate, encode_example, encode_prompt, extract_gold,
-                   extract_prediction, load_split)
+from .data import (Example, answers_match, attention_segments, collate, encode_prompt, extract_gold,
+                   extract_prediction, load_split)  # load_split: toy.task_probe imports it from here
 from .llama import IGNORE_INDEX, Llama, LlamaConfig
 from .safetensors_io import atomic_write
 from .tasks import (TASKS, arc_text_prompt, encode_answer, encode_text_prompt, get_task, mc_prompt,
