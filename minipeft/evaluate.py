@@ -118,8 +118,8 @@ def load_examples(data: str, split: str, task: str = "gsm8k") -> list[dict]:
         read_utf8(Path(data).expanduser() / f"{split}.jsonl")  # raises, naming the file, line and column
         raise
     if not examples:
-        raise ValueError(f"{Path(data).expanduser() / f'{split}.jsonl' if task == 'gsm8k' else data}: "
-                         f"no {split} examples (the file is empty or blank)")
+        where = Path(data).expanduser() / f"{split}.jsonl" if task == "gsm8k" else f"{data} ({task} {split} split)"
+        raise ValueError(f"{where}: no examples (the file is empty or blank)")
     return examples
 
 
