@@ -23,9 +23,10 @@ One `Task` per name in `TASKS`; adding a task is a row there and touches no meth
   report sizes it. Scored by bits/token and perplexity of the responses.
 * text: any plain-text file, scored by sliding-window perplexity (minipeft.evaluate.sliding_window_nll).
 
-Each task has a toy analogue the shipped toy base (minipeft.toy) can learn with no download: multiple
-choice questions on its arithmetic and look-up world written in the MMLU and ARC layouts, an
-instruction set in the dolly layout, and toy prose as text. All are seeded and deterministic.
+Each task has a toy analogue that runs on the shipped toy base (minipeft.toy) with no download:
+multiple choice questions on its arithmetic and look-up world written in the MMLU and ARC layouts, an
+instruction set in the dolly layout, and toy prose as text. All are seeded and deterministic. (At the
+toy budget the toy base learns only the letter prior of the multiple-choice analogue: README, Tasks.)
 """
 from __future__ import annotations
 
