@@ -30,8 +30,11 @@ ADAPTER    ?=
 ARGS       ?=
 RUN        ?=
 
+TASK       ?= gsm8k
+
+# TASK=gsm8k (default), mmlu, arc_challenge or dolly: download into data/$(TASK) (licences: data/README.md)
 data:
-	$(PY) scripts/download_gsm8k.py --out data/gsm8k
+	$(if $(filter gsm8k,$(TASK)),$(PY) scripts/download_gsm8k.py --out data/gsm8k,$(PY) scripts/download_task.py --task $(TASK) --out data/$(TASK))
 
 # no CHECKPOINT: the embedded toy default (pretrained here, cached); with one: GSM8K from data/gsm8k
 finetune:

@@ -1,4 +1,4 @@
-"""Evaluate a base model, or a base model with an adapter, on GSM8K-format data.
+"""Evaluate a base model, or a base model with an adapter, on GSM8K-format data or another task.
 
 Two numbers, the same ones `minipeft.finetune` reports before and after training:
 
@@ -11,6 +11,18 @@ Two numbers, the same ones `minipeft.finetune` reports before and after training
     python -m minipeft.evaluate                                  # the toy base on the toy task
     python -m minipeft.evaluate --adapter runs/lora              # the run's base + its adapter
     python -m minipeft.evaluate --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k [--adapter RUN]
+
+Other tasks (minipeft/tasks.py), with `--task`:
+
+* mmlu, arc_challenge: the log-likelihood of each answer letter after the prompt (`continuation_logprobs`),
+  the highest is the prediction (accuracy, overall and per MMLU category); bits/token of the gold letter;
+  for ARC also acc_norm (choice texts, log-likelihood / characters) and acc_text (the raw choice-text
+  log-likelihood); `--shots K` for k-shot prompts.
+* dolly: bits per response token and perplexity (2 ** bits).
+* text: sliding-window perplexity (`sliding_window_nll`, window --max-len, --stride), and bits/token.
+
+    python -m minipeft.evaluate --task mmlu --checkpoint ~/models/Llama-3.2-1B --data data/mmlu --shots 5
+    python -m minipeft.evaluate --task text --data wiki.test.raw --max-len 1024 --stride 512
 """
 from __future__ import annotations
 
@@ -26,10 +38,12 @@ from typing import Sequence
 import torch
 
 from .adapters import CONFIG_FILE, load_adapter
-from .data import (Example, answers_match, attention_segments, collate, encode_example, encode_prompt, extract_gold,
-                   extract_prediction, load_split)
-from .llama import Llama, LlamaConfig
+from .data import (Example, answers_match, attention_segments, collate, encode_prompt, extract_gold,
+                   extract_prediction, load_split)  # load_split: toy.task_probe imports it from here
+from .llama import IGNORE_INDEX, Llama, LlamaConfig
 from .safetensors_io import atomic_write
+from .tasks import (TASKS, arc_text_prompt, encode_answer, encode_text_prompt, get_task, mc_prompt,
+                    subject_category, toy_folder)
 from .tokenizer import Tokenizer, read_utf8
 
 LN2 = math.log(2)
@@ -82,35 +96,37 @@ def load_base(checkpoint: str | None = None, preset: str | None = None,
     return model, tok, str(path)
 
 
-def load_task(data: str | None = None, limit: int = 0) -> tuple[list[dict], list[dict], str]:
-    """(train, test, description): `data`/{train,test}.jsonl, or the synthetic toy task; the first
-    `limit` examples of each split when limit > 0."""
+def load_task(data: str | None = None, limit: int = 0, task: str = "gsm8k") -> tuple[list[dict], list[dict], str]:
+    """(train, test, description) of `task` (minipeft/tasks.py): the files in `data`, or the task's
+    synthetic toy analogue; the first `limit` examples of each split when limit > 0."""
     if limit < 0:
         raise ValueError(f"--limit {limit}: must be >= 0 (0: all)")
+    get_task(task)  # an unknown name fails here, naming the tasks
     if not data:
-        from .toy import toy_task
-        data = str(toy_task())
-    train, test = _load_split(data, "train"), _load_split(data, "test")
+        data = str(toy_folder(task))
+    train, test = load_examples(data, "train", task), load_examples(data, "test", task)
     if limit:
         train, test = train[:limit], test[:limit]
     return train, test, data
 
 
-def _load_split(data: str, split: str) -> list[dict]:
-    """load_split, with a non-UTF-8 byte named by file and line, and an empty split refused."""
-    path = Path(data).expanduser() / f"{split}.jsonl"
+def load_examples(data: str, split: str, task: str = "gsm8k") -> list[dict]:
+    """One split of `task` in `data`, with a non-UTF-8 byte named by file and line, and an empty split refused."""
     try:
-        examples = load_split(Path(data).expanduser(), split)
-    except UnicodeDecodeError:
-        read_utf8(path)  # raises, naming the file, line and column of the first bad byte
+        examples = get_task(task).load(Path(data).expanduser(), split)
+    except UnicodeDecodeError:  # the GSM8K reader decodes strictly; the other tasks' readers use read_utf8
+        read_utf8(Path(data).expanduser() / f"{split}.jsonl")  # raises, naming the file, line and column
         raise
     if not examples:
-        raise ValueError(f"{path}: no examples (the file is empty or blank)")
+        where = Path(data).expanduser() / f"{split}.jsonl" if task == "gsm8k" else f"{data} ({task} {split} split)"
+        raise ValueError(f"{where}: no examples (the file is empty or blank)")
     return examples
 
 
-def encode_all(tok: Tokenizer, examples: Sequence[dict], fmt: str, max_len: int) -> list[Example]:
-    return [encode_example(tok, ex, fmt, max_len) for ex in examples]
+def encode_all(tok: Tokenizer, examples: Sequence[dict], fmt: str, max_len: int, task: str = "gsm8k") -> list[Example]:
+    """Every (input_ids, targets) row of the examples, the loss on the answer only (task.encode)."""
+    encode = get_task(task).encode
+    return [row for ex in examples for row in encode(tok, ex, fmt, max_len)]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -146,18 +162,21 @@ def cut_after_answer(text: str) -> str:
 
 @torch.no_grad()
 def predict(model: Llama, tok: Tokenizer, examples: Sequence[dict], fmt: str = "plain",
-            batch_size: int = 32, max_new_tokens: int = 256) -> list[dict]:
+            batch_size: int = 32, max_new_tokens: int = 256, progress: bool = False) -> list[dict]:
     """Greedy answers for `examples`, one record each: question, gold, generated, prediction, correct."""
     was_training, device = model.training, model.embed_tokens.weight.device
     model.eval()
     prompts = [encode_prompt(tok, ex["question"], fmt) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less left padding
     texts: dict[int, str] = {}
+    bar = Progress(len(prompts), "generate", progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         with autocast(device):
             outs = model.generate([prompts[i] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids)
         texts.update((i, cut_after_answer(tok.decode(o))) for i, o in zip(chunk, outs))
+        bar.update(len(chunk), sum(map(len, outs)))
+    bar.close()
     model.train(was_training)
     records = []
     for i, ex in enumerate(examples):
@@ -177,14 +196,194 @@ def write_predictions(records: Sequence[dict], path: str | Path) -> None:
 
 
 def evaluate(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: str = "plain", max_len: int = 512,
-             batch_size: int = 32, max_new_tokens: int = 256, predictions: str | Path | None = None) -> dict:
-    """{"test_bpt", "accuracy", "n"} on `test`; the predictions go to `predictions` if given."""
-    t0 = time.time()
-    bpt = bits_per_token(model, encode_all(tok, test, fmt, max_len), batch_size, tok.pad_id)
-    records = predict(model, tok, test, fmt, batch_size, max_new_tokens)
+             batch_size: int = 32, max_new_tokens: int = 256, predictions: str | Path | None = None,
+             task: str = "gsm8k", shots: int = 0, shot_pool: Sequence[dict] = (), stride: int = 0,
+             progress: bool = False) -> dict:
+    """{"test_bpt", "accuracy", "n", "seconds", ...} of `task` on `test`; the per-example records go to
+    `predictions` if given. accuracy is NaN for the tasks without one (dolly, text)."""
+    t0, kind = time.time(), get_task(task).kind
+    if kind == "generate":
+        bpt = bits_per_token(model, encode_all(tok, test, fmt, max_len, task), batch_size, tok.pad_id)
+        records = predict(model, tok, test, fmt, batch_size, max_new_tokens, progress)
+        result = dict(test_bpt=bpt, accuracy=accuracy(records))
+    elif kind == "choice":
+        result, records = evaluate_choices(model, tok, test, fmt, max_len, batch_size, shots, shot_pool,
+                                           get_task(task).choice_text, progress)
+    elif kind == "response":
+        bpt, records = bits_per_token(model, encode_all(tok, test, fmt, max_len, task), batch_size, tok.pad_id), []
+        result = dict(test_bpt=bpt, perplexity=2 ** bpt, accuracy=float("nan"))
+    else:  # "text"
+        stride = stride or max(1, max_len // 2)
+        nll, count = 0.0, 0
+        for ex in test:
+            n, c = sliding_window_nll(model, tok.encode(ex["text"], bos=True), max_len, stride, batch_size, progress)
+            nll, count = nll + n, count + c
+        records = []
+        result = dict(test_bpt=nll / count / LN2, perplexity=math.exp(nll / count), accuracy=float("nan"),
+                      tokens=count, window=max_len, stride=stride)
     if predictions is not None:
         write_predictions(records, predictions)
-    return dict(test_bpt=bpt, accuracy=accuracy(records), n=len(records), seconds=time.time() - t0)
+    return dict(result, n=len(test), seconds=time.time() - t0)
+
+
+# ----------------------------------------------------------------------------- log-likelihood scoring
+
+@torch.no_grad()
+def continuation_logprobs(model: Llama, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 32,
+                          pad_id: int = 0, progress: bool = False) -> list[float]:
+    """log p(continuation | context) in nats, summed over the continuation's tokens, for each request
+    (context ids, continuation ids). Requests with the same context + continuation[:-1] share one
+    forward row, since only their last token differs: the four answer letters of a question cost one
+    forward, not four (with a byte-level tokenizer " A" is two tokens, " " then "A": still one row)."""
+    if any(not ctx or not cont for ctx, cont in requests):
+        raise ValueError("continuation_logprobs: every request needs a non-empty context and continuation")
+    was_training, device = model.training, model.embed_tokens.weight.device
+    model.eval()
+    rows: dict[tuple, list[int]] = {}  # row tokens -> the requests it scores
+    for r, (ctx, cont) in enumerate(requests):
+        rows.setdefault(tuple(ctx + cont[:-1]), []).append(r)
+    keys = sorted(rows, key=len)
+    out = [0.0] * len(requests)
+    bar = Progress(len(keys), "score", progress)
+    for start in range(0, len(keys), batch_size):
+        batch = keys[start:start + batch_size]
+        idx = torch.full((len(batch), len(batch[-1])), pad_id, dtype=torch.long)  # (B, T), right-padded
+        for b, key in enumerate(batch):
+            idx[b, :len(key)] = torch.tensor(key)
+        with autocast(device):
+            logits = model(idx.to(device))  # (B, T, vocab); causal, so the pads change nothing before them
+        for b, key in enumerate(batch):
+            for r in rows[key]:
+                ctx, cont = requests[r]
+                span = logits[b, len(ctx) - 1:len(ctx) - 1 + len(cont)].float().log_softmax(-1)  # (len(cont), V)
+                out[r] = span.gather(1, torch.tensor(cont, device=device)[:, None]).sum().item()
+        bar.update(len(batch), sum(map(len, batch)))
+    bar.close()
+    model.train(was_training)
+    return out
+
+
+def evaluate_choices(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: str = "plain", max_len: int = 512,
+                     batch_size: int = 32, shots: int = 0, shot_pool: Sequence[dict] = (),
+                     choice_text: bool = False, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Multiple choice by answer-letter log-likelihood: accuracy (overall and per category when the
+    questions have subjects), bits/token of the gold letter; with `choice_text` also acc_norm and acc_text."""
+    requests, spans = [], []
+    for ex in test:
+        ctx = _shot_prompt(tok, ex, fmt, shots, shot_pool, max_len)
+        letters = [(ctx, encode_answer(tok, label, fmt, end=False)) for label in ex["labels"]]
+        texts = []
+        if choice_text:  # lm-eval-harness's arc_challenge: " {choice}" after "Question: ...\nAnswer:"
+            text_ctx = encode_text_prompt(tok, arc_text_prompt(ex), fmt)
+            texts = [(text_ctx, encode_answer(tok, c, fmt, end=False)) for c in ex["choices"]]
+        spans.append((len(requests), len(letters), len(texts)))
+        requests += letters + texts
+    scores = continuation_logprobs(model, requests, batch_size, tok.pad_id, progress)
+    records, nll, n_tokens = [], 0.0, 0
+    for ex, (start, k, m) in zip(test, spans):
+        letter = scores[start:start + k]
+        pred = max(range(k), key=letter.__getitem__)  # ties: the first, as numpy.argmax
+        nll, n_tokens = nll - letter[ex["answer"]], n_tokens + len(requests[start + ex["answer"]][1])
+        rec = dict(where=ex.get("where"), subject=ex.get("subject"), gold=ex["labels"][ex["answer"]],
+                   prediction=ex["labels"][pred], correct=pred == ex["answer"], letter_logprobs=letter)
+        if m:
+            text = scores[start + k:start + k + m]
+            norm = [s / len(c) for s, c in zip(text, ex["choices"])]  # per character of the choice text
+            rec.update(correct_norm=max(range(m), key=norm.__getitem__) == ex["answer"],
+                       correct_text=max(range(m), key=text.__getitem__) == ex["answer"])
+        records.append(rec)
+    result = dict(test_bpt=nll / max(n_tokens, 1) / LN2, accuracy=accuracy(records))
+    if choice_text:
+        result.update(acc_norm=sum(r["correct_norm"] for r in records) / max(len(records), 1),
+                      acc_text=sum(r["correct_text"] for r in records) / max(len(records), 1))
+    if any(ex.get("subject") for ex in test):
+        by_category: dict[str, list[bool]] = {}
+        for r in records:
+            by_category.setdefault(subject_category(r["subject"]), []).append(r["correct"])
+        result["categories"] = {c: sum(v) / len(v) for c, v in sorted(by_category.items())}
+    return result, records
+
+
+def _shot_prompt(tok: Tokenizer, ex: dict, fmt: str, shots: int, pool: Sequence[dict], max_len: int) -> list[int]:
+    """The prompt ids with up to `shots` solved examples from `pool` (the same subject, never the question
+    itself), dropping examples while the prompt is longer than max_len (as the MMLU paper's evaluate.py)."""
+    same = [p for p in pool if p.get("subject") == ex.get("subject") and p["question"] != ex["question"]]
+    k = min(shots, len(same))
+    while True:
+        ids = encode_text_prompt(tok, mc_prompt(ex, same[:k]), fmt)
+        if k == 0 or len(ids) < max_len:
+            return ids
+        k -= 1
+
+
+@torch.no_grad()
+def sliding_window_nll(model: Llama, ids: Sequence[int], window: int, stride: int, batch_size: int = 8,
+                       progress: bool = False) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, tokens scored) of ids[1:] given the earlier tokens, by the
+    standard sliding window (Hugging Face's perplexity guide): windows of `window` tokens start every
+    `stride` tokens; each scores only the tokens the previous window did not reach (its last `stride`),
+    with the window's earlier tokens as context. Every token after the first is scored exactly once;
+    when the text fits one window this is the full-context log-likelihood."""
+    if not 1 <= stride <= window - 1:
+        raise ValueError(f"--stride {stride}: must be in [1, window - 1 = {window - 1}] (every token scored once)")
+    if window > model.config.max_seq_len:
+        raise ValueError(f"window {window} is longer than the model's max_seq_len {model.config.max_seq_len}")
+    n, windows, prev_end = len(ids), [], 1
+    for begin in range(0, n - 1, stride):
+        end = min(begin + window, n)
+        windows.append((begin, end, prev_end))  # inputs ids[begin:end-1]; scored targets ids[prev_end:end]
+        prev_end = end
+        if end == n:
+            break
+    was_training, device = model.training, model.embed_tokens.weight.device
+    model.eval()
+    total, count = 0.0, 0
+    bar = Progress(len(windows), "perplexity", progress)
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start:start + batch_size]
+        T = max(end - begin - 1 for begin, end, _ in chunk)
+        idx = torch.zeros((len(chunk), T), dtype=torch.long)                 # (B, T)
+        targets = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        for b, (begin, end, first) in enumerate(chunk):
+            idx[b, :end - begin - 1] = torch.tensor(ids[begin:end - 1])
+            targets[b, first - begin - 1:end - begin - 1] = torch.tensor(ids[first:end])
+        k = int((targets != IGNORE_INDEX).sum())
+        with autocast(device):
+            _, loss = model(idx.to(device), targets.to(device), return_logits=False)
+        total, count = total + loss.item() * k, count + k
+        bar.update(len(chunk), sum(end - begin - 1 for begin, end, _ in chunk))
+    bar.close()
+    model.train(was_training)
+    return total, count
+
+
+class Progress:
+    """Examples done and tokens/s: a tqdm bar, or (without tqdm) a plain line every 10 s; silent when off."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.done, self.tokens, self.t0, self.last = 0, 0, time.time(), time.time()
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, n: int, tokens: int) -> None:
+        self.done, self.tokens = self.done + n, self.tokens + tokens
+        rate = self.tokens / max(time.time() - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(tok_s=f"{rate:,.0f}")
+        elif self.enabled and (time.time() - self.last >= 10 or self.done == self.total):
+            self.last = time.time()
+            print(f"{self.desc}: {self.done}/{self.total} done, {rate:,.0f} tokens/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -214,13 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="where to write predictions.jsonl; when not given: not written")
+    p.add_argument("--task", choices=tuple(TASKS), default=None, help="the task; when not given: the run's, else gsm8k")
+    p.add_argument("--shots", type=int, default=0, help="k solved examples before each question (mmlu, arc_challenge)")
+    p.add_argument("--stride", type=int, default=0, help="text: tokens between sliding windows (0: --max-len / 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for flag, value, low in (("--limit", args.limit, 0), ("--max-len", args.max_len, 2),
+        for flag, value, low in (("--limit", args.limit, 0), ("--max-len", args.max_len, 2), ("--shots", args.shots, 0),
+                                 ("--stride", args.stride, 0),
                                  ("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
             if value is not None and value < low:
                 raise ValueError(f"{flag} {value}: must be >= {low}")
@@ -243,11 +447,14 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     model, tok, base = load_base(checkpoint, None if args.checkpoint else run.get("preset"), device)
     if args.adapter:
         load_adapter(model, adapter_dir(args.adapter))
-    _, test, data = load_task(args.data or run.get("data"), 0)
+    task = args.task or run.get("task", "gsm8k")
+    _, test, data = load_task(args.data or run.get("data"), 0, task)
     test = test[:args.limit] if args.limit else test
+    pool = load_examples(data, get_task(task).shots_split, task) if args.shots and get_task(task).shots_split else []
     fmt, max_len = args.format or run.get("format", "plain"), args.max_len or run.get("max_len", 512)
-    result = evaluate(model, tok, test, fmt, max_len, args.batch_size, args.max_new_tokens, args.out)
-    return dict(base=base, adapter=args.adapter, data=data, **result)
+    result = evaluate(model, tok, test, fmt, max_len, args.batch_size, args.max_new_tokens, args.out, task=task,
+                      shots=args.shots, shot_pool=pool, stride=args.stride, progress=not args.quiet)
+    return dict(base=base, adapter=args.adapter, task=task, data=data, **result)
 
 
 if __name__ == "__main__":

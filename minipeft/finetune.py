@@ -4,6 +4,7 @@
     python -m minipeft.finetune --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k \\
         --method lora --set r=16 --set alpha=32 --epochs 1 --lr 2e-4 --out runs/lora-1b
     python -m minipeft.finetune --resume runs/lora-1b              # continue after a crash
+    python -m minipeft.finetune --task mmlu                        # another task (minipeft/tasks.py), here its toy analogue
 
 What one optimiser step does (`train_step`): the micro-batches of the step are collated first, so
 each micro-batch's loss can be weighted by its share of the step's answer tokens; then forward under
@@ -62,6 +63,7 @@ from .llama import Llama
 from .peft import applied_configs, count_parameters, param_groups, run_step_hooks, trainable_report
 from .quant import quantize_model
 from .recipes import describe, recipe
+from .tasks import TASKS, get_task
 from .safetensors_io import atomic_write
 from .toy import TOY_TRAINING
 
@@ -73,6 +75,7 @@ class TrainConfig:
     checkpoint: str | None = None  # HF or Meta folder with its tokenizer; None -> the toy base
     preset: str | None = None      # instead: a LlamaConfig preset with random weights (GPU checks)
     data: str | None = None        # folder with train.jsonl / test.jsonl; None -> the toy task
+    task: str = "gsm8k"            # minipeft/tasks.py: gsm8k, mmlu, arc_challenge, dolly, text
     method: str = "lora"
     method_args: dict = field(default_factory=dict)  # the method config's fields, e.g. {"r": 16}
     out: str = "runs/latest"
@@ -134,6 +137,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be {need}")
     if cfg.format not in ("plain", "chat"):
         raise ValueError(f"--format {cfg.format!r}: must be 'plain' or 'chat'")
+    get_task(cfg.task)  # raises for an unknown task, naming the tasks
     pick_device(cfg.device)  # raises for an unknown device or one this machine lacks
 
 
@@ -433,13 +437,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
     if cfg.quantize:  # QLoRA: a frozen NF4 (or int8) base, quantised before the method wraps it
         quantize_model(model, cfg.quantize)
-    train_set, test_set, data_name = load_task(cfg.data, cfg.limit)
+    train_set, test_set, data_name = load_task(cfg.data, cfg.limit, cfg.task)
     test_set = test_set[:cfg.eval_limit] if cfg.eval_limit else test_set
-    test_enc = encode_all(tok, test_set, cfg.format, cfg.max_len)
+    test_enc = encode_all(tok, test_set, cfg.format, cfg.max_len, cfg.task)
     if not any(t != -100 for _, targets in test_enc for t in targets):
         raise ValueError(f"--max-len {cfg.max_len}: no test example keeps an answer token (the prompts fill the "
                          "whole length), so bits/token is undefined; raise --max-len")
-    train_enc, n_no_answer = with_answer_tokens(encode_all(tok, train_set, cfg.format, cfg.max_len), cfg.max_len)
+    train_enc, n_no_answer = with_answer_tokens(encode_all(tok, train_set, cfg.format, cfg.max_len, cfg.task),
+                                                cfg.max_len)
     if n_no_answer:
         say(progress, f"skipping {n_no_answer} of {len(train_set)} training examples: no answer token within "
                       f"--max-len {cfg.max_len}")
@@ -447,7 +452,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     def full_eval(tag: str) -> dict:
         return evaluate(model, tok, test_set, cfg.format, cfg.max_len, cfg.eval_batch_size, cfg.max_new_tokens,
-                        run / f"predictions{tag}.jsonl")
+                        run / f"predictions{tag}.jsonl", task=cfg.task, progress=progress)
 
     metrics = Metrics(run / "metrics.jsonl", keep_until_step=_saved_step(run) if resume else None)
     if cfg.baseline and not resume:
@@ -659,14 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with --list-methods, or --method NAME --set help.")
     p.add_argument("--checkpoint", help="HF or Meta checkpoint folder (tokenizer inside); default: the toy base")
     p.add_argument("--preset", help="a LlamaConfig preset with random weights and the byte-level tokenizer")
-    p.add_argument("--data", help="folder with train.jsonl and test.jsonl; default: the synthetic toy task")
+    p.add_argument("--data", help="folder with train.jsonl and test.jsonl (or the --task's files); default: the "
+                                  "task's synthetic toy analogue")
+    p.add_argument("--task", choices=tuple(TASKS), default=d.task,
+                   help=f"what to train and evaluate on (default {d.task}; minipeft/tasks.py)")
     p.add_argument("--method", default=d.method, metavar="NAME",
                    help=f"the PEFT method, one of: {', '.join(METHODS)} (default {d.method})")
     p.add_argument("--set", dest="method_args", action="append", default=[], metavar="NAME=VALUE",
                    help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj; "
                         "--set help lists the method's fields (default: the method's defaults)")
     p.add_argument("--list-methods", action="store_true", help="list every method with its fields and exit")
-    p.add_argument("--out", help="run folder (default runs/toy/METHOD, or runs/CHECKPOINT_NAME/METHOD)")
+    p.add_argument("--out", help="run folder (default runs/toy/METHOD, or runs/CHECKPOINT_NAME/METHOD; other tasks: runs/.../TASK/METHOD)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved config and state")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run folder --out if it holds a run, and start over (default: refuse)")
@@ -768,7 +776,7 @@ def _recipe_values(args: argparse.Namespace, values: dict) -> dict:
     task, r = _task_of(args), recipe(args.method, _task_of(args))
     lr = r.lr if args.lr is None else args.lr
     base = "toy" if task == "toy" else Path(args.checkpoint or args.preset).expanduser().name
-    out = args.out or str(Path("runs") / base / args.method)
+    out = args.out or str(Path("runs") / base / ("" if args.task == "gsm8k" else args.task) / args.method)
     line = describe(args.method, task, lr, from_recipe=args.lr is None)
     return dict(lr=lr, method_args={**r.method_args, **values["method_args"]}, out=out,
                 recipe=dict(method=args.method, task=task, lr=r.lr, method_args=r.method_args,

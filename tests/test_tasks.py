@@ -1,0 +1,368 @@
+"""The tasks next to GSM8K (minipeft/tasks.py): readers on hand-written files in the official layouts,
+prompts and answer-only masks, letter / choice-text scoring against hand-computed log-likelihoods,
+sliding-window perplexity, the dolly split, the download script, and finetune --task on the toy analogue."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import minipeft.evaluate as ev
+from minipeft.data import IGNORE
+from minipeft.evaluate import (bits_per_token, continuation_logprobs, encode_all, evaluate_choices, load_task,
+                               sliding_window_nll)
+from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, dolly_prompt, dolly_split, encode_dolly, encode_mc,
+                            load_arc, load_arc_jsonl, load_dolly, load_dolly_jsonl, load_mmlu, load_mmlu_csv,
+                            load_text, mc_prompt, subject_category, synthetic_instructions, synthetic_mc)
+from minipeft.tokenizer import Tokenizer
+
+from helpers import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+TOK = Tokenizer.byte_level()
+
+# An MMLU CSV as the official files write it: no header, quoted fields with commas, doubled quotes and a
+# newline inside the question (so record 2 starts on line 3).
+MMLU_CSV = ('"Which is prime, 4 or 7?",4,7,"both, 4 and 7",neither,B\n'
+            '"He said ""x = 1""\nthen what is x?",0,1,2,3,B\n'
+            'Plain question,a,b,c,d,D\n')
+
+
+def arc_line(stem, texts, labels, key, **extra) -> str:
+    return json.dumps(dict(id="q", question=dict(stem=stem, choices=[dict(text=t, label=l) for t, l in zip(texts, labels)]),
+                           answerKey=key, **extra))
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_mmlu_csv_quoting_and_lines(tmp_path):
+    path = tmp_path / "high_school_physics_test.csv"
+    path.write_text(MMLU_CSV)
+    rows = load_mmlu_csv(path, "high_school_physics")
+    assert [r["question"] for r in rows] == ["Which is prime, 4 or 7?", 'He said "x = 1"\nthen what is x?',
+                                             "Plain question"]
+    assert rows[0]["choices"] == ["4", "7", "both, 4 and 7", "neither"] and [r["answer"] for r in rows] == [1, 1, 3]
+    assert [r["where"] for r in rows] == [f"{path}:1", f"{path}:2", f"{path}:4"]  # record 2 spans lines 2-3
+
+
+@pytest.mark.parametrize("bad, match", [("Q,a,b,c,D\n", r":5: expected 6 fields .* got 5"),
+                                        ("Q,a,b,c,d,E\n", r":5: answer must be one of A, B, C, D, got 'E'"),
+                                        (",,,,,\n", r":5: blank row")])
+def test_mmlu_malformed_rows_name_file_and_line(tmp_path, bad, match):
+    path = tmp_path / "anatomy_dev.csv"
+    path.write_text(MMLU_CSV + bad)
+    with pytest.raises(ValueError, match=rf"anatomy_dev\.csv{match}"):
+        load_mmlu_csv(path)
+
+
+def test_mmlu_folder_layout_and_categories(tmp_path):
+    for folder, name in [("dev", "anatomy_dev.csv"), ("test", "anatomy_test.csv"), ("test", "philosophy_test.csv"),
+                         ("auxiliary_train", "race.csv")]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_text(MMLU_CSV)
+    test = load_mmlu(tmp_path, "test")
+    assert len(test) == 6 and {r["subject"] for r in test} == {"anatomy", "philosophy"}
+    assert {r["subject"] for r in load_mmlu(tmp_path, "train")} == {None}  # auxiliary_train: no subject line
+    assert load_mmlu(tmp_path, "dev")[0]["subject"] == "anatomy"
+    assert [subject_category(s) for s in ("anatomy", "philosophy", "econometrics", "marketing", "nope")] == \
+        ["STEM", "humanities", "social sciences", "other", "unlisted"]
+    with pytest.raises(FileNotFoundError, match="val: no .csv files"):
+        load_mmlu(tmp_path, "val")
+
+
+def test_mc_prompt_is_the_standard_form():
+    shot = dict(question="1+1?", choices=["1", "2", "3", "4"], labels=list("ABCD"), answer=1, subject="college_physics")
+    ex = dict(shot, question="2+2?", answer=3)
+    head = "The following are multiple choice questions (with answers) about college physics.\n\n"
+    assert mc_prompt(ex) == head + "2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+    assert mc_prompt(ex, [shot]) == head + "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+    assert mc_prompt(dict(ex, subject=None)) == "2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+
+
+def test_arc_digit_labels_and_odd_choice_counts(tmp_path):
+    path = tmp_path / "ARC-Challenge-Test.jsonl"
+    path.write_text("\n".join([arc_line("Which?", ["w", "x", "y", "z"], list("1234"), "3"),
+                               arc_line("Three?", ["p", "q", "r"], list("ABC"), "C"),
+                               arc_line("Five?", list("vwxyz"), list("ABCDE"), "A")]) + "\n\n")
+    rows = load_arc(tmp_path, "test")
+    assert rows[0]["labels"] == list("ABCD") and rows[0]["answer"] == 2 and rows[0]["choices"] == list("wxyz")
+    assert rows[1]["labels"] == list("ABC") and rows[1]["answer"] == 2 and len(rows[2]["labels"]) == 5
+    assert mc_prompt(rows[0]) == "Which?\nA. w\nB. x\nC. y\nD. z\nAnswer:"
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", r":2: invalid JSON"),
+    (json.dumps(dict(question=dict(stem="s", choices=[])), ), r":2: expected question\.stem"),
+    (arc_line("s", ["a", "b"], ["A", "B"], "C"), r":2: answerKey 'C' is not one of the labels"),
+    (arc_line("s", ["a", "b"], ["A", "X"], "A"), r":2: choice labels must be"),
+    ("", r":2: invalid JSON")])  # a blank line before the end
+def test_arc_malformed_lines_name_file_and_line(tmp_path, line, match):
+    path = tmp_path / "a.jsonl"
+    path.write_text(arc_line("ok", ["a", "b"], ["A", "B"], "A") + "\n" + line + "\n" + arc_line("ok", ["a"] * 2, ["A", "B"], "B"))
+    with pytest.raises(ValueError, match=rf"a\.jsonl{match}"):
+        load_arc_jsonl(path)
+
+
+def test_dolly_reader_split_and_prompts(tmp_path):
+    records = [dict(instruction=f"i{k}", context="", response=f"r{k}", category="open_qa") for k in range(15011)]
+    split = dolly_split(records)
+    assert (len(split["train"]), len(split["test"])) == (13011, 2000)
+    assert split == dolly_split(records) and split["test"] != dolly_split(records, seed=1)["test"]
+    assert sorted(r["instruction"] for r in split["train"] + split["test"]) == sorted(r["instruction"] for r in records)
+    (tmp_path / DOLLY_FILE).write_text("".join(json.dumps(r) + "\n" for r in records[:2500]))
+    assert load_dolly(tmp_path, "test") == dolly_split(records[:2500])["test"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(records[0]) + "\n" + json.dumps(dict(records[0], context=None)) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: 'context' missing or not a string"):
+        load_dolly_jsonl(bad)
+    with_context = dict(instruction="Sum them.", context="3 and 4", response="7", category="closed_qa")
+    assert dolly_prompt(with_context) == ALPACA_INPUT.format(instruction="Sum them.", context="3 and 4")
+    assert "### Input:" not in dolly_prompt(dict(with_context, context=" ")) and \
+        dolly_prompt(with_context).endswith("### Response:")
+    assert dolly_prompt(with_context, "chat") == "Sum them.\n\n3 and 4"
+
+
+def test_text_reader(tmp_path):
+    (tmp_path / "test.txt").write_text("hello\n")
+    assert load_text(tmp_path, "test")[0]["text"] == "hello\n" == load_text(tmp_path / "test.txt", "train")[0]["text"]
+    (tmp_path / "empty.txt").write_text(" \n")
+    with pytest.raises(ValueError, match="empty.txt: the file is empty"):
+        load_text(tmp_path / "empty.txt")
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_answer_only_masks():
+    ex = dict(question="2+2?", choices=list("1234"), labels=list("ABCD"), answer=3, subject=None)
+    [(x, y)] = encode_mc(TOK, ex)
+    kept = [t for t in y if t != IGNORE]
+    assert TOK.decode(kept) == " D" and y[-len(kept):] == kept and len(x) == len(y)  # the letter, no EOS
+    assert x == TOK.encode(mc_prompt(ex), bos=True) + TOK.encode(" ")  # inputs: prompt then " "; targets shifted
+    [(_, y)] = encode_mc(TOK, ex, "chat")
+    assert TOK.decode([t for t in y if t != IGNORE]) == "D"
+    rec = dict(instruction="Say hi.", context="", response="hi there", category="open_qa")
+    [(x, y)] = encode_dolly(TOK, rec)
+    assert [t for t in y if t != IGNORE] == TOK.encode(" hi there") + [TOK.eos_id]
+    assert TOK.decode(x[:len(x) - len(" hi there")]).endswith("### Response:")
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _manual_logprob(model, ctx, cont) -> float:
+    """log p(cont | ctx) by one full forward over ctx + cont, summed by hand."""
+    with torch.no_grad():
+        logp = model(torch.tensor([ctx + cont]))[0].log_softmax(-1)  # (T, V)
+    return sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+
+
+def test_letter_scores_match_hand_computed_loglikelihoods():
+    model = tiny(3)
+    qs = synthetic_mc(3, seed=5, split="test")
+    requests = [(TOK.encode(mc_prompt(q), bos=True), TOK.encode(" " + label)) for q in qs for label in q["labels"]]
+    requests.append((TOK.encode("Question: x\nAnswer:", bos=True), TOK.encode(" a longer choice")))
+    rows = []
+    hook = model.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    scores = continuation_logprobs(model, requests, batch_size=2)
+    hook.remove()
+    assert sum(rows) == 3 + 1  # one row per question (its four letters differ only in the last token) + the text
+    for (ctx, cont), s in zip(requests, scores):
+        assert s == pytest.approx(_manual_logprob(model, ctx, cont), abs=1e-4)
+    result, records = evaluate_choices(model, TOK, qs, batch_size=3)
+    for q, r, k in zip(qs, records, range(0, 12, 4)):
+        assert r["prediction"] == q["labels"][max(range(4), key=lambda i: scores[k + i])]
+    assert result["accuracy"] == sum(r["correct"] for r in records) / 3
+    # bits/token of the gold letter is the training loss of encode_mc's answer-only targets
+    assert result["test_bpt"] == pytest.approx(bits_per_token(model, encode_all(TOK, qs, "plain", 512, "mmlu")), abs=1e-4)
+
+
+def test_acc_norm_divides_by_characters_and_categories_are_micro_averaged(monkeypatch):
+    qs = [dict(question="q", choices=["a", "bbbb"], labels=["A", "B"], answer=1, subject="anatomy"),
+          dict(question="q2", choices=["a", "bbbb"], labels=["A", "B"], answer=0, subject="philosophy"),
+          dict(question="q3", choices=["a", "bbbb"], labels=["A", "B"], answer=0, subject="philosophy")]
+    # per question: letters A, B, then the choice texts " a" (-2.1: -2.1 per character, -1.05 per byte token)
+    # and " bbbb" (-8: -2.0 per character, -1.6 per token): only the per-character norm prefers "bbbb"
+    fake = [-1.0, -3.0, -2.1, -8.0] * 3
+    monkeypatch.setattr(ev, "continuation_logprobs", lambda model, requests, *a, **k: fake[:len(requests)])
+    result, records = evaluate_choices(None, TOK, qs, choice_text=True)
+    assert [r["prediction"] for r in records] == ["A"] * 3
+    assert [r["correct_norm"] for r in records] == [True, False, False]   # per character "bbbb" wins
+    assert [r["correct_text"] for r in records] == [False, True, True]    # raw log-likelihood "a" wins
+    assert result["acc_norm"] == pytest.approx(1 / 3) and result["acc_text"] == pytest.approx(2 / 3)
+    assert result["categories"] == {"STEM": 0.0, "humanities": 1.0} and result["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_k_shot_prompts_take_the_same_subject_and_drop_shots_that_do_not_fit(monkeypatch):
+    def q(text, subject, answer=0):
+        return dict(question=text, choices=list("wxyz"), labels=list("ABCD"), answer=answer, subject=subject)
+    pool = [q("dev1", "anatomy", 1), q("other", "virology"), q("dev2", "anatomy", 2), q("dev3", "anatomy")]
+    ex = q("test question", "anatomy")
+    seen = []
+    monkeypatch.setattr(ev, "continuation_logprobs", lambda m, requests, *a, **k: seen.extend(requests) or [0.0] * len(requests))
+    evaluate_choices(None, TOK, [ex], shots=2, shot_pool=pool)
+    assert TOK.decode(seen[0][0][1:]) == mc_prompt(ex, [pool[0], pool[2]])  # [1:]: after BOS
+    one_shot = len(TOK.encode(mc_prompt(ex, pool[:1]), bos=True))
+    seen.clear()
+    evaluate_choices(None, TOK, [ex], shots=2, shot_pool=pool, max_len=one_shot + 1)
+    assert TOK.decode(seen[0][0][1:]) == mc_prompt(ex, pool[:1])  # two shots would not fit: one is kept
+
+
+def test_sliding_window_equals_full_context_when_the_text_fits():
+    model = tiny(1)
+    ids = TOK.encode("The quick brown fox jumps over the lazy dog. " * 2, bos=True)
+    with torch.no_grad():
+        _, loss = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
+    for window in (len(ids), len(ids) + 30):
+        nll, n = sliding_window_nll(model, ids, window=window, stride=7)
+        assert n == len(ids) - 1 and nll == pytest.approx(loss.item() * n, rel=1e-5)
+
+
+@pytest.mark.parametrize("window, stride", [(16, 5), (16, 15), (9, 1)])
+def test_sliding_window_scores_each_token_once_with_its_window_context(window, stride):
+    model = tiny(2)
+    ids = TOK.encode("abcdefghij klmnopqrst uvwxyz 0123456789 ABCDEFGHIJ", bos=True)
+    nll, n = sliding_window_nll(model, ids, window, stride, batch_size=3)
+    # reference: token i is scored by the first window (starts 0, stride, 2*stride, ...) that ends after it;
+    # its context is that window's tokens before it
+    ref, begin = 0.0, 0
+    for i in range(1, len(ids)):
+        while begin + window < i + 1:
+            begin += stride
+        ref -= _manual_logprob(model, ids[begin:i], [ids[i]])
+    assert n == len(ids) - 1 and nll == pytest.approx(ref, abs=1e-3)
+    with torch.no_grad():
+        _, loss = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
+    assert abs(nll - loss.item() * n) > 1e-3  # shorter contexts: a different number from the full context
+    with pytest.raises(ValueError, match="--stride"):
+        sliding_window_nll(model, ids, window, window)
+
+
+def test_progress_falls_back_to_a_plain_line_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if tqdm were not installed
+    bar = ev.Progress(4, "score")
+    bar.update(4, 100)
+    bar.close()
+    assert "score: 4/4 done" in capsys.readouterr().err
+    quiet = ev.Progress(4, "score", enabled=False)
+    quiet.update(4, 100)
+    assert capsys.readouterr().err == ""
+
+# ----------------------------------------------------------------------------- toy analogues and the job
+
+
+def test_toy_generators_are_deterministic_and_splits_disjoint():
+    train, test = synthetic_mc(300, 0, "train"), synthetic_mc(60, 1, "test")
+    assert train == synthetic_mc(300, 0, "train") and train != synthetic_mc(300, 1, "train")
+    assert not {q["question"] for q in train} & {q["question"] for q in test}
+    assert all(q["choices"][q["answer"]] not in q["choices"][:q["answer"]] + q["choices"][q["answer"] + 1:]
+               for q in train)  # one right choice
+    ins = synthetic_instructions(200, 0, "train")
+    assert ins == synthetic_instructions(200, 0, "train")
+    assert not {i["instruction"] + i["context"] for i in ins} & \
+        {i["instruction"] + i["context"] for i in synthetic_instructions(50, 1, "test")}
+
+
+def test_toy_analogues_load_in_the_official_layouts(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
+    for task in ("mmlu", "arc_challenge", "dolly", "text"):
+        train, test, data = load_task(None, 0, task)
+        assert train and test and Path(data).parent == tmp_path
+    assert {q["subject"] for q in load_mmlu(tmp_path / "toy-mmlu-1000-200-0", "test")} == {"toy_arithmetic", "toy_parity", "toy_lookup", "toy_compare"}
+    arc = (tmp_path / "toy-arc_challenge-1000-200-0" / "ARC-Challenge-Test.jsonl").read_text()
+    assert '"label": "1"' in arc and '"label": "A"' in arc  # both label styles, as the official files
+
+
+def test_finetune_task_mmlu_on_the_toy_analogue(tmp_path, monkeypatch):
+    from minipeft.finetune import main
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["--task", "mmlu", "--max-steps", "2", "--limit", "16", "--eval-limit", "8", "--batch-size", "4",
+                 "--no-baseline", "--out", str(out), "--quiet"]) == 0
+    config, summary = json.loads((out / "config.json").read_text()), json.loads((out / "summary.json").read_text())
+    assert config["train"]["task"] == "mmlu" and "toy-mmlu" in config["data"] and summary["n_test"] == 8
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and {"gold", "prediction", "letter_logprobs"} <= set(records[0])
+    assert summary["after"]["accuracy"] == sum(r["correct"] for r in records) / 8
+
+
+def test_task_flag_reaches_the_config_and_its_own_run_folder():
+    from minipeft.finetune import build_parser, check_config, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["--task", "arc_challenge", "--method", "ia3pp", "--set", "use_l_o=false"]))
+    assert (cfg.task, cfg.out, cfg.method_args) == ("arc_challenge", "runs/toy/arc_challenge/ia3pp", {"use_l_o": False})
+    assert config_from_args(build_parser().parse_args([])).out == "runs/toy/lora"  # GSM8K keeps its folders
+    cfg.task = "squad"
+    with pytest.raises(ValueError, match="--task 'squad': must be one of gsm8k, mmlu, arc_challenge, dolly, text"):
+        check_config(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["arc_challenge", "dolly", "text"])
+def test_finetune_other_tasks_on_their_toy_analogues(tmp_path, monkeypatch, task):
+    from minipeft.evaluate import main as evaluate_main
+    from minipeft.finetune import TrainConfig, train
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path / "cache"))
+    s = train(TrainConfig(task=task, max_steps=3, limit=24, eval_limit=8, batch_size=4, max_len=256,
+                          out=str(tmp_path / "run"), baseline=False), progress=False)
+    assert math.isfinite(s["after"]["test_bpt"]) and (task == "arc_challenge") == math.isfinite(s["after"]["accuracy"])
+    assert evaluate_main(["--adapter", str(tmp_path / "run"), "--limit", "8", "--quiet"]) == 0  # reuses the run's task
+
+# ----------------------------------------------------------------------------- download script
+
+
+def _download_script():
+    spec = importlib.util.spec_from_file_location("download_task", ROOT / "scripts" / "download_task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tar(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return buf.getvalue()
+
+
+def test_download_mmlu_from_a_local_archive(tmp_path, capsys):
+    script = _download_script()
+    blob = _tar({"data/dev/anatomy_dev.csv": MMLU_CSV, "data/val/anatomy_val.csv": MMLU_CSV,
+                 "data/test/anatomy_test.csv": MMLU_CSV, "data/auxiliary_train/race.csv": MMLU_CSV,
+                 "data/test/._anatomy_test.csv": "x", "data/README.txt": "ignored"})
+    counts = script.install("mmlu", blob, tmp_path / "mmlu", "data.tar", dict(dev=3, val=3, test=3, auxiliary_train=3))
+    assert counts == dict(auxiliary_train=3, dev=3, test=3, val=3)
+    assert len(load_mmlu(tmp_path / "mmlu", "test")) == 3 and not list(tmp_path.glob(".*"))  # no staging left
+    (tmp_path / "data.tar").write_bytes(blob)  # the official counts: a tiny archive is refused, nothing written
+    assert script.main(["--task", "mmlu", "--source", str(tmp_path / "data.tar"), "--out", str(tmp_path / "m2")]) == 1
+    assert "auxiliary_train: expected 99842 rows, got 3" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+    bad = _tar({"data/test/anatomy_test.csv": MMLU_CSV + "Q,a,b,c,d\n"})
+    with pytest.raises(ValueError, match=r"data\.tar member test/anatomy_test\.csv:5: expected 6 fields"):
+        script.install("mmlu", bad, tmp_path / "m3", "data.tar", {})
+
+
+def test_download_arc_and_dolly_from_local_files(tmp_path, capsys):
+    script = _download_script()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for split in ("Train", "Dev", "Test"):
+            z.writestr(f"ARC-V1-Feb2018-2/ARC-Challenge/ARC-Challenge-{split}.jsonl",
+                       arc_line("s", ["a", "b", "c", "d"], list("1234"), "2") + "\n")
+        z.writestr("ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Test.jsonl", "not needed")
+    expected = {f"ARC-Challenge-{s}.jsonl": 1 for s in ("Train", "Dev", "Test")}
+    assert script.install("arc_challenge", buf.getvalue(), tmp_path / "arc", "arc.zip", expected) == expected
+    assert load_arc(tmp_path / "arc", "dev")[0]["answer"] == 1
+    rows = "".join(json.dumps(dict(instruction="i", context="", response="r", category="c")) + "\n" for _ in range(3))
+    (tmp_path / DOLLY_FILE).write_text(rows)
+    assert script.main(["--task", "dolly", "--source", str(tmp_path / DOLLY_FILE), "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "expected 15011 rows, got 3" in err
+    assert script.install("dolly", rows.encode(), tmp_path / "d", DOLLY_FILE, {DOLLY_FILE: 3}) == {DOLLY_FILE: 3}
