@@ -93,13 +93,15 @@ def assert_same_outputs_and_grads(mine: Callable[[], torch.Tensor], theirs: Call
                                   pairs: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0,
                                   atol: float = 1e-5) -> float:
     """Assert that mine() and theirs() give the same output, and that L = <G, output> (one fixed random G)
-    gives each (my tensor, their tensor) in `pairs` the same gradient. Returns the largest difference seen."""
+    gives each (my tensor, their tensor) in `pairs` the same gradient, each to `atol` relative to the largest
+    value (or 1). Returns the largest relative difference seen."""
     for p in (t for pair in pairs for t in pair):
         p.grad = None
     out_mine, out_theirs = mine(), theirs()
     assert out_mine.shape == out_theirs.shape, f"output shapes differ: {tuple(out_mine.shape)} vs {tuple(out_theirs.shape)}"
-    worst = (out_mine - out_theirs).abs().max().item()
-    assert worst <= atol, f"outputs differ by up to {worst:.2e} (tolerance {atol:g})"
+    scale = max(1.0, out_theirs.abs().max().item())  # tolerances are relative to the largest value (or 1)
+    worst = (out_mine - out_theirs).abs().max().item() / scale
+    assert worst <= atol, f"outputs differ by up to {worst * scale:.2e} (tolerance {atol:g} x {scale:.3g})"
     G = torch.randn(out_theirs.shape, generator=torch.Generator().manual_seed(seed), dtype=out_theirs.dtype)
     (G * out_mine).sum().backward()
     (G * out_theirs).sum().backward()
