@@ -83,3 +83,65 @@ def train(student: Llama, data: list, lr: float,
     with torch.no_grad():
         held_out = sum(kl_loss(student, idx, target).item() for idx, target, _ in data[-4:])
     return losses, held_out / sum(base_kl for _, _, base_kl in data[-4:])
+
+
+# ----------------------------------------------------------------------------------------------
+# "Build, then check": the labs' student-written methods against minipeft's modules
+
+
+def assert_same_outputs_and_grads(mine: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor],
+                                  pairs: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0,
+                                  atol: float = 1e-5) -> float:
+    """Assert that mine() and theirs() give the same output, and that L = <G, output> (one fixed random G)
+    gives each (my tensor, their tensor) in `pairs` the same gradient, each to `atol` relative to the largest
+    value (or 1). Returns the largest relative difference seen."""
+    for p in (t for pair in pairs for t in pair):
+        p.grad = None
+    out_mine, out_theirs = mine(), theirs()
+    assert out_mine.shape == out_theirs.shape, f"output shapes differ: {tuple(out_mine.shape)} vs {tuple(out_theirs.shape)}"
+    scale = max(1.0, out_theirs.abs().max().item())  # tolerances are relative to the largest value (or 1)
+    worst = (out_mine - out_theirs).abs().max().item() / scale
+    assert worst <= atol, f"outputs differ by up to {worst * scale:.2e} (tolerance {atol:g} x {scale:.3g})"
+    G = torch.randn(out_theirs.shape, generator=torch.Generator().manual_seed(seed), dtype=out_theirs.dtype)
+    (G * out_mine).sum().backward()
+    (G * out_theirs).sum().backward()
+    for i, (p_mine, p_theirs) in enumerate(pairs):
+        assert p_mine.shape == p_theirs.shape, f"pair {i}: shapes {tuple(p_mine.shape)} vs {tuple(p_theirs.shape)}"
+        assert p_mine.grad is not None, f"pair {i} {tuple(p_mine.shape)}: your tensor got no gradient"
+        diff = (p_mine.grad - p_theirs.grad).abs().max().item()
+        scale = max(1.0, p_theirs.grad.abs().max().item())
+        assert diff <= atol * scale, f"pair {i} {tuple(p_mine.shape)}: gradients differ by up to {diff:.2e}"
+        worst = max(worst, diff / scale)
+    return worst
+
+
+def check_build(mine: torch.nn.Module, theirs: torch.nn.Module, idx: torch.Tensor,
+                rename: dict[str, str] | Callable[[str], str] = None, noise: float = 0.1, seed: int = 0,
+                atol: float = 1e-5) -> str:
+    """The labs' check of a method built in the notebook (`mine`, a model) against minipeft's (`theirs`).
+
+    Each trainable parameter of `mine` is paired with one of `theirs`: its name with the last part renamed by
+    the dict `rename` ({"A": "lora_A"}), or mapped by the function `rename`. Both must train the same number
+    of values. Then `theirs`' trainable tensors get random noise of size `noise` (so no factor sits at its
+    zero initialisation and every gradient is exercised), are copied into `mine`, and both models must give
+    the same logits on `idx` and the same gradient for every pair. Returns a one-line summary."""
+    if rename is None:
+        rename = {}
+    to_theirs = rename if callable(rename) else (
+        lambda name: ".".join(name.split(".")[:-1] + [rename.get(name.split(".")[-1], name.split(".")[-1])]))
+    theirs_params = dict(theirs.named_parameters())
+    mine_trainable = [(n, p) for n, p in mine.named_parameters() if p.requires_grad]
+    missing = [n for n, _ in mine_trainable if to_theirs(n) not in theirs_params]
+    assert not missing, f"no parameter of minipeft's model is called {to_theirs(missing[0])!r} (yours: {missing[0]!r})"
+    n_mine = sum(p.numel() for _, p in mine_trainable)
+    n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert n_mine == n_theirs, f"you train {n_mine:,} numbers, minipeft trains {n_theirs:,}"
+    g = torch.Generator().manual_seed(seed)
+    pairs = [(p, theirs_params[to_theirs(n)]) for n, p in mine_trainable]
+    with torch.no_grad():
+        for p_mine, p_theirs in pairs:
+            p_theirs.add_(noise * torch.randn(p_theirs.shape, generator=g))
+            p_mine.copy_(p_theirs)
+    worst = assert_same_outputs_and_grads(lambda: mine(idx), lambda: theirs(idx), pairs, seed, atol)
+    return (f"same logits and same gradients for all {len(pairs)} trainable tensors ({n_mine:,} numbers); "
+            f"largest difference {worst:.1e}")
