@@ -30,25 +30,27 @@ ADAPTER    ?=
 ARGS       ?=
 RUN        ?=
 
-TASK       ?= gsm8k
+TASK       ?=
+TASK_DATA  := data/$(or $(TASK),gsm8k)
 
 # TASK=gsm8k (default), mmlu, arc_challenge or dolly: download into data/$(TASK) (licences: data/README.md)
 data:
-	$(if $(filter gsm8k,$(TASK)),$(PY) scripts/download_gsm8k.py --out data/gsm8k,$(PY) scripts/download_task.py --task $(TASK) --out data/$(TASK))
+	$(if $(filter-out gsm8k,$(TASK)),$(PY) scripts/download_task.py --task $(TASK) --out data/$(TASK),$(PY) scripts/download_gsm8k.py --out data/gsm8k)
 
-# no CHECKPOINT: the embedded toy default (pretrained here, cached); with one: GSM8K from data/gsm8k
+# no CHECKPOINT: the shipped toy base on the task's toy analogue; with one: the task's files in data/$(TASK)
 finetune:
-	$(PY) -m minipeft.finetune --method $(METHOD) $(if $(RUN),--out $(RUN)) \
-	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data data/gsm8k) $(ARGS)
+	$(PY) -m minipeft.finetune --method $(METHOD) $(if $(TASK),--task $(TASK)) $(if $(RUN),--out $(RUN)) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data $(TASK_DATA)) $(ARGS)
 
 evaluate:
-	$(PY) -m minipeft.evaluate $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data data/gsm8k) \
+	$(PY) -m minipeft.evaluate $(if $(TASK),--task $(TASK)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data $(TASK_DATA)) \
 	  $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
 # every method + full fine-tuning, 3 seeds (long: see README); QUICK=1: one seed, 50 steps, a few minutes
 QUICK ?=
 compare:
-	$(PY) -m minipeft.compare $(if $(QUICK),--quick) $(ARGS)
+	$(PY) -m minipeft.compare $(if $(TASK),--task $(TASK)) $(if $(QUICK),--quick) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) \
+	  --data $(TASK_DATA)) $(ARGS)
 
 notebooks:
 	$(PY) -m pytest -q tests/test_notebooks.py

@@ -51,6 +51,7 @@ from .finetune import Diverged, TrainConfig, parse_method_args, train, train_ste
 from .peft import count_parameters, param_groups
 from .recipes import describe, recipe
 from .safetensors_io import atomic_write
+from .tasks import TASKS
 from .toy import TOY_TRAINING
 
 QUICK = dict(steps=50, eval_limit=50, seeds=(0,))  # `--quick`: every method in a few minutes on 2 cores
@@ -77,23 +78,23 @@ def run_folder(out: Path, label: str, lr: float, seed: int) -> Path:
 
 def plan_runs(entries: list[str], seeds: list[int], out: Path, steps: int, checkpoint: str | None,
               data: str | None, limit: int, eval_limit: int, batch_size: int, max_new_tokens: int,
-              lrs: dict[str, list[float]] | None = None) -> list[TrainConfig]:
+              lrs: dict[str, list[float]] | None = None, task: str = "gsm8k") -> list[TrainConfig]:
     """One TrainConfig per (entry, peak rate, seed): the entry's recipe plus its `+field=value` settings."""
-    task = "toy" if checkpoint is None else "llama-3.2-1b"
+    recipe_task = "toy" if checkpoint is None else "llama-3.2-1b"
     cfgs = []
     for entry in entries:
         method, settings = parse_entry(entry)
-        plan = recipe(method, task)
+        plan = recipe(method, recipe_task)
         for lr in (lrs or {}).get(entry, [plan.lr]):
             for seed in seeds:
                 cfgs.append(TrainConfig(
-                    checkpoint=checkpoint, data=data, method=method, method_args={**plan.method_args, **settings},
+                    checkpoint=checkpoint, data=data, task=task, method=method, method_args={**plan.method_args, **settings},
                     out=str(run_folder(out, entry, lr, seed)), max_steps=steps, lr=lr, seed=seed,
                     batch_size=batch_size, max_len=TOY_TRAINING["max_len"], limit=limit, eval_limit=eval_limit,
                     eval_every=max(1, steps // 7), max_new_tokens=max_new_tokens, baseline=False,
-                    recipe=dict(method=method, task=task, lr=plan.lr, method_args=plan.method_args, entry=entry,
-                                lr_from="recipe" if lr == plan.lr else "--sweep",
-                                line=f"{describe(method, task, lr, lr == plan.lr)}; compare entry {entry}")))
+                    recipe=dict(method=method, task=recipe_task, lr=plan.lr, method_args=plan.method_args,
+                                entry=entry, lr_from="recipe" if lr == plan.lr else "--sweep",
+                                line=f"{describe(method, recipe_task, lr, lr == plan.lr)}; compare entry {entry}")))
     return cfgs
 
 
@@ -221,13 +222,13 @@ def aggregate(runs: list[dict]) -> list[dict]:
 def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = None, data: str | None = None,
             limit: int = 0, eval_limit: int = 0, batch_size: int = 16, max_new_tokens: int = 160,
             progress: bool = True, seeds: list[int] = (0, 1, 2), jobs: int = 1, overwrite: bool = False,
-            lrs: dict[str, list[float]] | None = None, report: bool = False) -> list[dict]:
+            lrs: dict[str, list[float]] | None = None, report: bool = False, task: str = "gsm8k") -> list[dict]:
     """Train each method entry once per seed with the same budget; returns the base row and one
     aggregated row per entry (mean ± std over seeds), also written to compare.{md,json} and two plots.
     `lrs` maps an entry to the peak rate(s) to use instead of its recipe's (e.g. chosen by a sweep)."""
     cfgs = plan_runs(methods, list(seeds), out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens,
-                     lrs)
-    total, base = evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress, out)
+                     lrs, task)
+    total, base = evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress, out, task)
     say(progress, f"{len(methods)} methods x {len(seeds)} seeds = {len(cfgs)} runs of {steps} steps; "
                   f"results in {out}/")
     runs = execute(cfgs, jobs, overwrite, progress, report)
@@ -236,23 +237,26 @@ def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = 
         seeds = sorted({r["seed"] for r in runs})
     settings = dict(steps=steps, batch_size=batch_size, seeds=list(seeds), eval_limit=eval_limit, limit=limit,
                     max_new_tokens=max_new_tokens, base_params=total, base=checkpoint or "toy base (data/toy_base)",
-                    data=data or "toy GSM8K-format task", task="toy" if checkpoint is None else "llama-3.2-1b")
+                    data=data or f"toy {task} task", task=task,
+                    recipes="toy" if checkpoint is None else "llama-3.2-1b")
     write_outputs(rows, runs, out, settings)
     say(progress, "\n" + "\n".join(table_lines(rows)))
     return rows
 
 
-def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress, out: Path) -> tuple[int, dict]:
+def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress, out: Path,
+                  task: str = "gsm8k") -> tuple[int, dict]:
     """The base model's row (evaluated once per --out and settings, kept in base_eval.json) and its size."""
-    settings = dict(checkpoint=checkpoint, data=data, limit=limit, eval_limit=eval_limit, max_new_tokens=max_new_tokens)
+    settings = dict(checkpoint=checkpoint, data=data, limit=limit, eval_limit=eval_limit, max_new_tokens=max_new_tokens,
+                    task=task)
     cached = out / "base_eval.json"
     if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
         saved = json.loads(cached.read_text())
         total, base = saved["total_params"], saved["base"]
     else:
         model, tok, _ = load_base(checkpoint, None, pick_device(), progress)
-        _, test, _ = load_task(data, limit)
-        base = evaluate(model, tok, test[:eval_limit] if eval_limit else test, max_new_tokens=max_new_tokens)
+        _, test, _ = load_task(data, limit, task)
+        base = evaluate(model, tok, test[:eval_limit] if eval_limit else test, max_new_tokens=max_new_tokens, task=task)
         total = count_parameters(model)[1]
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(cached, "w") as f:
@@ -327,12 +331,13 @@ def chosen_rates(path: Path) -> dict[str, list[float]]:
 def sweep(methods: list[str], out: Path, steps: int, factors=SWEEP_FACTORS, checkpoint: str | None = None,
           data: str | None = None, limit: int = 0, eval_limit: int = 0, batch_size: int = 16,
           max_new_tokens: int = 160, progress: bool = True, seed: int = 0, jobs: int = 1,
-          overwrite: bool = False) -> list[dict]:
+          overwrite: bool = False, task: str = "gsm8k") -> list[dict]:
     """The write-up's protocol: a grid of peak rates per method (recipe rate x factors), one seed; the
     lowest training loss of the last epoch wins. Writes sweep.md / sweep.json; returns one row per rate."""
-    task = "toy" if checkpoint is None else "llama-3.2-1b"
-    lrs = {e: sorted(float(f"{recipe(parse_entry(e)[0], task).lr * f:.2g}") for f in factors) for e in methods}
-    cfgs = plan_runs(methods, [seed], out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens, lrs)
+    recipes = "toy" if checkpoint is None else "llama-3.2-1b"
+    lrs = {e: sorted(float(f"{recipe(parse_entry(e)[0], recipes).lr * f:.2g}") for f in factors) for e in methods}
+    cfgs = plan_runs(methods, [seed], out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens, lrs,
+                     task)
     say(progress, f"sweep: {len(methods)} methods x {len(factors)} rates = {len(cfgs)} runs of {steps} steps")
     rows = aggregate(execute(cfgs, jobs, overwrite, progress))
     for entry in methods:
@@ -369,8 +374,10 @@ def table_lines(rows: list[dict]) -> list[str]:
         params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         pct = "-" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3f}"
         seeds = str(len(r["seeds"])) + (f" ({r['failed']} diverged)" if r["failed"] else "") if r["seeds"] else "-"
-        lines.append(f"| {r['method']} | {params} | {pct} | {pm(r['test_bpt'], r.get('test_bpt_std', float('nan')))} | "
-                     f"{pm(r['accuracy'], r.get('accuracy_std', float('nan')), 100, 1)} | {r['seconds']:.0f} | "
+        n = len(r["seeds"]) - r["failed"]
+        std = lambda key: r.get(key + "_std", float("nan")) if n > 1 else float("nan")  # one run: no spread to show
+        lines.append(f"| {r['method']} | {params} | {pct} | {pm(r['test_bpt'], std('test_bpt'))} | "
+                     f"{pm(r['accuracy'], std('accuracy'), 100, 1)} | {r['seconds']:.0f} | "
                      f"{'-' if r['lr'] is None else format(r['lr'], '.3g')} | {seeds} |")
     return lines
 
@@ -382,7 +389,7 @@ def write_outputs(rows: list[dict], runs: list[dict], out: Path, settings: dict)
             f"warmup + cosine schedule; mean ± sample std over seeds {settings['seeds']} (adapter init and data "
             f"order); {settings['base_params']:,} base parameters; base: {settings['base']}; data: {settings['data']}"
             + (f"; first {settings['eval_limit']} test problems" if settings["eval_limit"] else "")
-            + f". Peak rates from minipeft/recipes.py ({settings['task']}). Diverged runs: {errors}\n")
+            + f". Peak rates from minipeft/recipes.py ({settings['recipes']}). Diverged runs: {errors}\n")
     with atomic_write(out / "compare.md", "w") as f:
         f.write("\n".join(table_lines(rows)) + "\n" + note)
     with atomic_write(out / "compare.json", "w") as f:
@@ -493,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "runs/sweep)")
     p.add_argument("--overwrite", action="store_true", help="replace runs in --out made with other settings")
     p.add_argument("--checkpoint", help="base model folder; when not given: the toy base")
-    p.add_argument("--data", help="GSM8K-format folder; when not given: the toy task")
+    p.add_argument("--task", choices=tuple(TASKS), default="gsm8k", help="what to train and evaluate on "
+                   "(minipeft/tasks.py); accuracy is NaN for dolly and text: read bits/token there")
+    p.add_argument("--data", help="the task's data folder; when not given: its toy analogue")
     p.add_argument("--limit", type=int, default=0, help="first N train and test examples (0: all)")
     p.add_argument("--eval-limit", type=int, default=0, help="first N test examples (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget for accuracy")
@@ -521,11 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.sweep:
             sweep(methods, out, args.steps, SWEEP_FACTORS, args.checkpoint, args.data, args.limit, args.eval_limit,
-                  args.batch_size, args.max_new_tokens, seed=seeds[0], jobs=args.jobs, overwrite=args.overwrite)
+                  args.batch_size, args.max_new_tokens, seed=seeds[0], jobs=args.jobs, overwrite=args.overwrite,
+                  task=args.task)
             print(f"wrote {out}/sweep.md, sweep.json in {time.time() - t0:.0f}s")
             return 0
         compare(methods, out, args.steps, args.checkpoint, args.data, args.limit, args.eval_limit, args.batch_size,
-                args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite,
+                args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite, task=args.task,
                 lrs=chosen_rates(Path(args.rates)) if args.rates else None, report=args.report)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
