@@ -118,6 +118,7 @@ def test_packed_rows_give_each_example_its_own_boundary():
     idx, targets, seg = pack(examples, max_len=64)
     with torch.no_grad():
         packed = m(idx, targets, segment_ids=seg)[0]
+        assert (packed - tiny()(idx, segment_ids=seg)).abs().max() > 1e-3  # the answers did read the infix
         t = 0
         for x, y in examples:
             alone = m(torch.tensor([x]), torch.tensor([y]))[0]
