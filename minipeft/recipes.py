@@ -92,6 +92,14 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         # (200 virtual tokens there; --set prompt_len=200 to match)
         "llama-3.2-1b": Recipe(1e-3),
     },
+    "infix_tuning": {
+        "toy": Recipe(1e-2),  # TOY_INFIX
+        "llama-3.2-1b": Recipe(1e-3),  # minipeft's choice: prefix tuning's published rate (PEFT_BENCH above)
+    },
+    "pasta": {
+        "toy": Recipe(3e-2),  # TOY_PASTA
+        "llama-3.2-1b": Recipe(5e-3),  # minipeft's choice: (IA)3's published rate for vectors (PEFT_BENCH ia3)
+    },
     "llama_adapter": {
         "toy": Recipe(1e-2),  # minipeft's choice (compare.py)
         # PEFT_BENCH adaptionprompt/llama-3.2-3B-lr_0.0005: lr 5e-4 (adapter_len 100 on all 28 layers there).
