@@ -378,17 +378,18 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_start, k, v)               # (B, n_kv, S, hd)
         prefixes = [(*prefix_kv, None)] if prefix_kv is not None else []  # (k, v, queries that see them)
         if self.kv_prefix is not None:
-            seen_by = None  # None: every query; infix tuning: the answer positions only
+            seen_by = None  # None: every query; infix tuning: the answer positions only (none without a mask)
             if getattr(self.kv_prefix, "answer_only", False):
-                seen_by = answer_mask if answer_mask is not None else torch.zeros(B, T, dtype=torch.bool, device=x.device)
+                seen_by = torch.zeros(B, T, dtype=torch.bool, device=x.device) if answer_mask is None else answer_mask
             prefixes.append((*self.kv_prefix(B), seen_by))
         if prefixes:  # extra keys/values at the front (they carry no position, so their order is free)
             mask = causal_mask(T, k.shape[2], x.device) if mask is None else mask
             mask = mask.expand(B, 1, T, mask.shape[-1])
             k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _, _ in prefixes] + [k], dim=2)
             v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv, _ in prefixes] + [v], dim=2)
-            mask = torch.cat([(mask.new_ones(()) if seen is None else seen[:, None, :, None]).expand(B, 1, T, pk.shape[2])
-                              for pk, _, seen in prefixes] + [mask], dim=-1)  # (B, 1, T, P + S)
+            visible = [(mask.new_ones(()) if seen is None else seen[:, None, :, None]).expand(B, 1, T, pk.shape[2])
+                       for pk, _, seen in prefixes]
+            mask = torch.cat(visible + [mask], dim=-1)  # (B, 1, T, P + S)
         if BlockMask is not None and isinstance(mask, BlockMask):  # packed rows, no prefixes, no cache
             y = _flex(q, k, v, block_mask=mask, enable_gqa=True)
         else:
@@ -698,9 +699,9 @@ class Llama(nn.Module):
 
         Prompts are left-padded into one batch; the padding is its own segment (id 0), so it is never
         attended to and real tokens keep positions 0, 1, ... . The prompt's last token and every generated
-        token are answer positions (`answer_mask`): an infix sits right after the prompt. temperature 0 is greedy; otherwise
-        nucleus sampling over the smallest set of tokens with probability >= top_p. A row stops at its
-        first stop token (not included in the output) or after max_new_tokens.
+        token are answer positions (`answer_mask`): an infix sits at the end of the prompt. temperature 0 is
+        greedy; otherwise nucleus sampling over the smallest set of tokens with probability >= top_p. A row
+        stops at its first stop token (not included in the output) or after max_new_tokens.
         """
         self._check_generate_args(prompts, max_new_tokens, temperature, top_p)
         B, T0, dev = len(prompts), max(map(len, prompts)), self.embed_tokens.weight.device
