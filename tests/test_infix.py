@@ -58,6 +58,10 @@ def test_answer_mask_defaults_to_the_targets_prompt_mask():
         torch.testing.assert_close(logits, m(IDX, answer_mask=answer_mask()), atol=0, rtol=0)
         _, fast = m(IDX, targets, return_logits=False)  # the training/evaluation path
         torch.testing.assert_close(fast, loss, atol=1e-5, rtol=1e-5)
+    m.train()
+    m.grad_checkpoint = True  # the recomputed blocks get the mask too
+    _, recomputed = m(IDX, targets)
+    torch.testing.assert_close(recomputed, loss, atol=1e-5, rtol=1e-5)
 
 
 def test_only_the_infix_trains_and_base_is_bit_identical():
