@@ -600,6 +600,9 @@ class Llama(nn.Module):
         cos, sin = self.rope(positions)
         if answer_mask is None and targets is not None:
             answer_mask = targets != IGNORE_INDEX
+        elif answer_mask is not None and (answer_mask.shape != idx.shape or answer_mask.dtype != torch.bool):
+            raise ValueError(f"answer_mask must be a bool tensor shaped like idx {tuple(idx.shape)}, got "
+                             f"{answer_mask.dtype} {tuple(answer_mask.shape)}")
         x = self.embed_tokens(idx)  # (B, T, dim)
         for i, (layer, prefix_kv) in enumerate(zip(self.layers, self.input_prefix_kvs(cache_start))):
             if self.token_adapter is not None:

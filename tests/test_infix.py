@@ -143,6 +143,9 @@ def test_save_load_round_trip_and_wrong_base(tmp_path):
 def test_config_errors_and_word_init():
     with pytest.raises(ValueError, match="kv_prefix is already filled by LayerPrefix"):
         apply_method(apply_method(tiny(), "prefix_tuning", prefix_len=2), "infix_tuning")
+    with pytest.raises(ValueError, match=r"answer_mask must be a bool tensor shaped like idx \(2, 12\), got "
+                                         r"torch.int64 \(2, 12\)"):
+        adapted()(IDX, answer_mask=answer_mask().long())
     with pytest.raises(ValueError, match="infix_len must be >= 1, got 0"):
         apply_method(tiny(), "infix_tuning", infix_len=0)
     words = apply_method(tiny(), "infix_tuning", infix_len=3, init_token_ids=tuple(b"add"))
