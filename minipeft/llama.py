@@ -13,10 +13,19 @@ PEFT methods plug in two ways, and only two (see minipeft/peft.py):
   * Linear wrappers swapped in by module name (LoRA, DoRA, (IA)^3, ...), and
   * three named slots in `Attention` that are None (a no-op) unless a method fills them:
       `qk_adapter(q, k) -> (q, k)`      on the projected queries/keys, before RoPE ((IA)^3++)
-      `kv_prefix(batch) -> (k, v)`      extra keys/values every query may attend to (prefix tuning)
+      `kv_prefix(batch) -> (k, v)`      extra keys/values every query may attend to (prefix tuning);
+                                        a module with `answer_only = True` shows them only to the
+                                        queries that `answer_mask` marks (infix tuning)
       `extra_branch(q, attn) -> y`      a second attention output added before o_proj (LLaMA-Adapter)
-    plus one model-level slot `input_prefix() -> (P, dim)`: soft-prompt embeddings placed before every
-    sequence (prompt tuning).
+    plus two model-level slots:
+      `input_prefix() -> (P, dim)`      soft-prompt embeddings placed before every sequence (prompt tuning)
+      `token_adapter(i, x, idx) -> x`   changes the hidden states x (B, T, dim) entering layer i, seeing
+                                        the token ids idx (B, T) (PaSTA: vectors added at special tokens)
+
+`answer_mask` (B, T) bool, an argument of `Llama.forward`, says which positions predict an answer
+token: the last prompt token and the answer tokens (the data pipeline's `targets != -100`, the
+default when targets are given). Only infix tuning reads it; `generate` sets it for the prompt's last
+token and every generated one.
 
 Loaders: `Llama.from_pretrained(dir)` reads Hugging Face (`config.json` + `*.safetensors`) and Meta
 (`params.json` + `consolidated.00.pth`) layouts; `save_pretrained(dir)` writes the HF layout.
@@ -353,8 +362,9 @@ class Attention(nn.Module):
         self.kv_prefix: nn.Module | None = None
         self.extra_branch: nn.Module | None = None
 
-    def forward(self, x, cos, sin, mask=None, cache_start=None, prefix_kv=None):
-        """x (B, T, dim); mask (B, 1, T, S) bool or None for plain causal. Returns (y, (k, v))."""
+    def forward(self, x, cos, sin, mask=None, cache_start=None, prefix_kv=None, answer_mask=None):
+        """x (B, T, dim); mask (B, 1, T, S) bool or None for plain causal; answer_mask (B, T) bool or
+        None (no query is an answer position). Returns (y, (k, v))."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, n_heads, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
@@ -366,14 +376,20 @@ class Attention(nn.Module):
         new_kv = (k, v)
         if self.kv_cache is not None and cache_start is not None:
             k, v = self.kv_cache.update(cache_start, k, v)               # (B, n_kv, S, hd)
-        prefixes = [prefix_kv] if prefix_kv is not None else []
+        prefixes = [(*prefix_kv, None)] if prefix_kv is not None else []  # (k, v, queries that see them)
         if self.kv_prefix is not None:
-            prefixes.append(self.kv_prefix(B))
-        if prefixes:  # extra keys/values at the front, visible to every query
+            seen_by = None  # None: every query; infix tuning: the answer positions only (none without a mask)
+            if getattr(self.kv_prefix, "answer_only", False):
+                seen_by = torch.zeros(B, T, dtype=torch.bool, device=x.device) if answer_mask is None else answer_mask
+            prefixes.append((*self.kv_prefix(B), seen_by))
+        if prefixes:  # extra keys/values at the front (they carry no position, so their order is free)
             mask = causal_mask(T, k.shape[2], x.device) if mask is None else mask
-            k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _ in prefixes] + [k], dim=2)
-            v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv in prefixes] + [v], dim=2)
-            mask = F.pad(mask, (k.shape[2] - mask.shape[-1], 0), value=True)
+            mask = mask.expand(B, 1, T, mask.shape[-1])
+            k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _, _ in prefixes] + [k], dim=2)
+            v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv, _ in prefixes] + [v], dim=2)
+            visible = [(mask.new_ones(()) if seen is None else seen[:, None, :, None]).expand(B, 1, T, pk.shape[2])
+                       for pk, _, seen in prefixes]
+            mask = torch.cat(visible + [mask], dim=-1)  # (B, 1, T, P + S)
         if BlockMask is not None and isinstance(mask, BlockMask):  # packed rows, no prefixes, no cache
             y = _flex(q, k, v, block_mask=mask, enable_gqa=True)
         else:
@@ -405,8 +421,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache_start=None, prefix_kv=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start, prefix_kv)
+    def forward(self, x, cos, sin, mask=None, cache_start=None, prefix_kv=None, answer_mask=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start, prefix_kv, answer_mask)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -535,6 +551,7 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # ONE shared Parameter
         self.input_prefix: nn.Module | None = None  # prompt-tuning slot, see module docstring
+        self.token_adapter: nn.Module | None = None  # PaSTA's slot: sees the token ids, see module docstring
         self.grad_checkpoint = False  # recompute each block in backward to save activation memory
         # packed rows' document mask: "flex" (a FlexAttention block mask), "dense" (a (B, 1, T, T) bool
         # mask), "auto" = flex on CUDA where available, dense elsewhere (eager flex on CPU is slower;
@@ -560,7 +577,8 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache_start: int | None = None, return_logits: bool = True):
+                cache_start: int | None = None, return_logits: bool = True,
+                answer_mask: torch.Tensor | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy when targets are given.
 
         targets (B, T): the token to predict at each position (no shift inside), IGNORE_INDEX to skip;
@@ -571,18 +589,28 @@ class Llama(nn.Module):
         cache_start: with a KV cache set up (setup_kv_cache), where in the cache idx begins.
         return_logits=False (with targets): returns (None, loss) and never builds the (B, T, vocab)
             logits (linear_cross_entropy): what training and evaluation of the loss use.
+        answer_mask (B, T) bool: the positions that predict an answer token (read by infix tuning only);
+            None: `targets != IGNORE_INDEX` when targets are given (the prompt's targets are -100), else
+            no position (idx is all prompt).
         """
         if targets is idx:
             raise ValueError("model(idx, targets): targets is idx itself. minipeft does not shift inside "
                              "(targets[t] is the token after idx[t]); pass model(idx[:, :-1], idx[:, 1:])")
         mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
         cos, sin = self.rope(positions)
+        if answer_mask is None and targets is not None:
+            answer_mask = targets != IGNORE_INDEX
+        elif answer_mask is not None and (answer_mask.shape != idx.shape or answer_mask.dtype != torch.bool):
+            raise ValueError(f"answer_mask must be a bool tensor shaped like idx {tuple(idx.shape)}, got "
+                             f"{answer_mask.dtype} {tuple(answer_mask.shape)}")
         x = self.embed_tokens(idx)  # (B, T, dim)
-        for layer, prefix_kv in zip(self.layers, self.input_prefix_kvs(cache_start)):
+        for i, (layer, prefix_kv) in enumerate(zip(self.layers, self.input_prefix_kvs(cache_start))):
+            if self.token_adapter is not None:
+                x = self.token_adapter(i, x, idx)
             if self.grad_checkpoint and self.training:
-                x, _ = checkpoint(layer, x, cos, sin, mask, cache_start, prefix_kv, use_reentrant=False)
+                x, _ = checkpoint(layer, x, cos, sin, mask, cache_start, prefix_kv, answer_mask, use_reentrant=False)
             else:
-                x, _ = layer(x, cos, sin, mask, cache_start, prefix_kv)
+                x, _ = layer(x, cos, sin, mask, cache_start, prefix_kv, answer_mask)
         x = self.norm(x)
         if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets)
@@ -673,9 +701,10 @@ class Llama(nn.Module):
         """Continue each prompt (token lists of any lengths) with the KV cache; return only the new tokens.
 
         Prompts are left-padded into one batch; the padding is its own segment (id 0), so it is never
-        attended to and real tokens keep positions 0, 1, ... . temperature 0 is greedy; otherwise
-        nucleus sampling over the smallest set of tokens with probability >= top_p. A row stops at its
-        first stop token (not included in the output) or after max_new_tokens.
+        attended to and real tokens keep positions 0, 1, ... . The prompt's last token and every generated
+        token are answer positions (`answer_mask`): an infix sits at the end of the prompt. temperature 0 is
+        greedy; otherwise nucleus sampling over the smallest set of tokens with probability >= top_p. A row
+        stops at its first stop token (not included in the output) or after max_new_tokens.
         """
         self._check_generate_args(prompts, max_new_tokens, temperature, top_p)
         B, T0, dev = len(prompts), max(map(len, prompts)), self.embed_tokens.weight.device
@@ -690,7 +719,9 @@ class Llama(nn.Module):
             stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             new = []
-            logits = self(idx, segment_ids=seg, positions=pos, cache_start=0)[:, -1]
+            answer = torch.zeros(B, T0, dtype=torch.bool, device=dev)
+            answer[:, -1] = True  # the last prompt token predicts the first answer token
+            logits = self(idx, segment_ids=seg, positions=pos, cache_start=0, answer_mask=answer)[:, -1]
             for step in range(max_new_tokens):
                 nxt = sample(logits, temperature, top_p, generator)  # (B,)
                 new.append(nxt)
@@ -698,7 +729,8 @@ class Llama(nn.Module):
                 if step == max_new_tokens - 1 or done.all():  # one host sync per token
                     break
                 pos = pos[:, -1:] + 1
-                logits = self(nxt[:, None], segment_ids=seg[:, -1:], positions=pos, cache_start=T0 + step)[:, -1]
+                logits = self(nxt[:, None], segment_ids=seg[:, -1:], positions=pos, cache_start=T0 + step,
+                              answer_mask=answer[:, -1:])[:, -1]
         finally:
             self.clear_kv_cache()
         out = []

@@ -91,6 +91,36 @@ def test_word_initialised_prefix_equals_words_prepended():
         torch.testing.assert_close(m(idx), ref(idx), atol=1e-5, rtol=1e-5)  # = prompt tuning from the same words
 
 
+def test_embedding_only_prefix_tuning_is_prompt_tuning():
+    """Li & Liang's embedding-only ablation (section 7): the virtual tokens' activations are free at the
+    input layer only and every deeper layer computes them with the frozen model. Built here from the
+    paper's definition on the base blocks, it is minipeft's prompt tuning: the same function and the
+    same P x dim parameters. It is also the special case of full prefix tuning whose per-layer keys and
+    values are what the frozen model makes of those P input embeddings."""
+    P, T = 4, 9
+    prompt = apply_method(tiny(), "prompt_tuning", prompt_len=P)
+    with torch.no_grad():
+        prompt.input_prefix.embeddings.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+    virtual = prompt.input_prefix.embeddings.detach().clone()  # (P, dim): the only free activations
+    idx = torch.randint(0, 512, (2, T))
+    base = tiny()
+    with torch.no_grad():
+        x = torch.cat([virtual[None].expand(2, -1, -1), base.embed_tokens(idx)], dim=1)  # layer 0: [P_e; x]
+        cos, sin = base.rope(torch.arange(-P, T)[None])  # real tokens keep positions 0..T-1
+        for layer in base.layers:  # every deeper activation, virtual tokens' included, by the frozen model
+            x, _ = layer(x, cos, sin)
+        embedding_only = base.lm_head(base.norm(x))[:, P:]
+        torch.testing.assert_close(prompt(idx), embedding_only, atol=1e-5, rtol=1e-5)
+        full = apply_method(tiny(), "prefix_tuning", prefix_len=P)  # free keys/values at every layer ...
+        for layer, (k, v) in zip(full.layers, prompt.run_input_prefix()):
+            layer.self_attn.kv_prefix.key.copy_(k[0])  # ... set to the frozen model's function of P_e
+            layer.self_attn.kv_prefix.value.copy_(v[0])
+        torch.testing.assert_close(full(idx), embedding_only, atol=1e-5, rtol=1e-5)
+    c = base.config
+    assert peft.count_parameters(prompt)[0] == P * c.dim  # embedding-only: P x dim
+    assert peft.count_parameters(full)[0] == c.n_layers * 2 * P * c.n_kv_heads * c.head_dim  # full: per layer
+
+
 def test_prefix_keeps_causality_packing_and_loss_masking():
     m = adapted("prefix")
     a = torch.randint(0, 512, (1, 12))

@@ -18,6 +18,8 @@ METHODS = {
     "ia3pp": ("minipeft.methods.ia3pp", "IA3PPConfig"),
     "prefix_tuning": ("minipeft.methods.prefix_tuning", "PrefixTuningConfig"),
     "prompt_tuning": ("minipeft.methods.prompt_tuning", "PromptTuningConfig"),
+    "infix_tuning": ("minipeft.methods.infix_tuning", "InfixTuningConfig"),
+    "pasta": ("minipeft.methods.pasta", "PaSTAConfig"),
     "llama_adapter": ("minipeft.methods.llama_adapter", "LlamaAdapterConfig"),
     "bitfit": ("minipeft.methods.bitfit", "BitFitConfig"),
     "bottleneck_adapter": ("minipeft.methods.bottleneck_adapter", "BottleneckAdapterConfig"),

@@ -24,6 +24,15 @@ study in section 7: better and more stable than random, especially with little d
 them become that layer's prefix. At init the model then behaves exactly as if those words were
 prepended to every input.
 
+The ablations of section 7 ("Intrinsic Evaluation"):
+  * embedding-only (virtual tokens in the input layer only, every deeper activation computed by the
+    frozen model) is prompt tuning, method `prompt_tuning` with prompt_len = P: the same function and
+    the same P x dim parameters (tests/test_prefix_prompt.py builds it from the paper's definition and
+    compares). minipeft keeps that one implementation. The paper finds it clearly weaker than full
+    prefix tuning: free activations at every layer are more expressive.
+  * infix ([x; INFIX; y]): method `infix_tuning` (methods/infix_tuning.py), these prefixes shown only
+    to the answer positions.
+
 Known differences from Hugging Face PEFT (so its prefix-tuning adapters do not load here as they are):
   * positions: here the prefixes have no position and the real tokens keep RoPE positions 0, 1, ...;
     PEFT passes the prefix as a past_key_values cache of length P, so the real tokens sit at

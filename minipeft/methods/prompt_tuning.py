@@ -12,6 +12,9 @@ is causal, this equals prepending the k embeddings to the input, with the real t
 0, 1, ... (a test checks that equality). Unlike prefix tuning, the deeper layers' prefixes are not
 free parameters: they are what the frozen model computes from the soft prompt.
 
+This is also Li & Liang's "embedding-only" ablation of prefix tuning (arXiv:2101.00190, section 7):
+virtual tokens whose activations are free in the input layer only (see methods/prefix_tuning.py).
+
 Trains: k * dim numbers. Initialisation (the paper compares three): embeddings of given words
 (`init_token_ids`, e.g. `tuple(tokenizer.encode("Solve the problem:"))`, tiled or cut to k), or
 "sampled vocab": rows of random tokens. Lester et al. sample among the 5,000 most common tokens; we
