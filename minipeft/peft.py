@@ -128,18 +128,23 @@ def wrap_modules(model: nn.Module, targets, wrap: Callable[[str, nn.Module], nn.
     return names
 
 
+MODEL_SLOTS = ("input_prefix", "token_adapter")  # the model-level slots (llama.py's docstring)
+
+
 def fill_slot(model: nn.Module, slot: str, make: Callable[[int, nn.Module], nn.Module],
               layers: list[int] | None = None) -> None:
     """Freeze the base model and fill `slot` of the chosen layers' attention (all by default)
-    with `make(layer_index, attention)`; slot "input_prefix" is the model's prompt slot."""
-    if slot == "input_prefix" and model.input_prefix is not None:
-        raise ValueError(f"the model's input_prefix slot is already filled by {type(model.input_prefix).__name__}")
-    freeze_base_once(model)
-    if slot == "input_prefix":
-        model.input_prefix = make(-1, model).train(model.training)
+    with `make(layer_index, attention)`; a model-level slot ("input_prefix": the prompt slot,
+    "token_adapter": the token-id slot) is filled once with `make(-1, model)`."""
+    if slot in MODEL_SLOTS:
+        if getattr(model, slot) is not None:
+            raise ValueError(f"the model's {slot} slot is already filled by {type(getattr(model, slot)).__name__}")
+        freeze_base_once(model)
+        setattr(model, slot, make(-1, model).train(model.training))
         return
     if slot not in SLOTS:
-        raise ValueError(f"unknown slot '{slot}'; the attention has {SLOTS} and the model 'input_prefix'")
+        raise ValueError(f"unknown slot '{slot}'; the attention has {SLOTS} and the model {MODEL_SLOTS}")
+    freeze_base_once(model)
     layers = range(len(model.layers)) if layers is None else layers
     for i in layers:  # check every layer before filling any, so a refusal changes nothing
         attn = model.layers[i].self_attn

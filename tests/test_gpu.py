@@ -87,6 +87,7 @@ def test_one_training_step_of_every_method(method):
     trained = {n: p for n, p in m.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(param_groups(m, 1e-3), lr=1e-3)
     idx = tokens((2, 65))
+    idx[:, 0] = m.config.vocab_size - 256  # <|begin_of_text|>, as every prompt starts: PaSTA trains only there
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
         _, loss = m(idx[:, :-1], idx[:, 1:], return_logits=False)
     loss.backward()

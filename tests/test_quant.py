@@ -91,6 +91,7 @@ def test_every_method_trains_on_an_nf4_base(method):
     apply_method(m, method, **kwargs)
     m.train()
     idx = torch.randint(0, 512, (2, 10))
+    idx[:, 0] = 256  # <|begin_of_text|>, as every prompt starts: PaSTA trains only at special tokens
     _, loss = m(idx[:, :-1], idx[:, 1:], return_logits=False)
     loss.backward()
     trained = [p for p in m.parameters() if p.requires_grad]

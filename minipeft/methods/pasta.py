@@ -86,11 +86,7 @@ def apply(model: nn.Module, config: PaSTAConfig) -> nn.Module:
         raise ValueError(f"pasta: token_ids holds {bad[0]!r}; ids must be integers in [0, {cfg.vocab_size})")
     if len(set(ids)) != len(ids):
         raise ValueError(f"pasta: token_ids {ids} repeats an id (one vector per id and layer)")
-    if model.token_adapter is not None:
-        raise ValueError(f"pasta: the model's token_adapter slot is already filled by "
-                         f"{type(model.token_adapter).__name__}")
-    peft.freeze_base_once(model)
-    model.token_adapter = SpecialTokenVectors(cfg.n_layers, ids, cfg.dim, model.embed_tokens.weight.device)
-    model.token_adapter.train(model.training)
+    peft.fill_slot(model, "token_adapter",
+                   lambda _, m: SpecialTokenVectors(cfg.n_layers, ids, cfg.dim, m.embed_tokens.weight.device))
     peft.record(model, replace(config, token_ids=ids))  # the saved config names the ids it resolved
     return model
