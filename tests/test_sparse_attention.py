@@ -107,6 +107,27 @@ def test_model_is_causal_and_cached_generation_equals_the_full_forward(kind):
 
 
 @pytest.mark.parametrize("kind", ["strided", "fixed"])
+def test_left_padded_cached_decoding_gives_each_prompt_its_own_logits(kind):
+    """generate's path, logit by logit: a left-padded prefill (segment ids, positions) and one-token
+    steps through the cache equal each sequence's full forward alone."""
+    m = tiny(attention=kind, sparse_block=3, sparse_summary=1)
+    a, b = torch.randint(0, 512, (12,)), torch.randint(0, 512, (8,))
+    idx, seg = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
+    idx[0], idx[1, 4:], seg[0], seg[1, 4:] = a[:6], b[:2], 1, 1
+    pos = (seg.cumsum(1) - 1).clamp(min=0)
+    m.setup_kv_cache(2, 12)
+    steps = [m(idx, segment_ids=seg, positions=pos, cache_start=0)[:, -1]]
+    for t in range(6):
+        pos = pos[:, -1:] + 1
+        steps.append(m(torch.stack([a[6 + t], b[2 + t]])[:, None], segment_ids=torch.ones(2, 1, dtype=torch.long),
+                       positions=pos, cache_start=6 + t)[:, -1])
+    m.clear_kv_cache()
+    steps = torch.stack(steps, dim=1)  # (2, 7, vocab)
+    torch.testing.assert_close(steps[0], m(a[None])[0, 5:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steps[1], m(b[None])[0, 1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["strided", "fixed"])
 def test_a_packed_document_sees_the_pattern_it_sees_alone(kind):
     m = tiny(attention=kind, sparse_block=3, sparse_summary=1)
     a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 10))
@@ -151,6 +172,8 @@ def test_dense_is_unchanged_and_the_config_is_checked():
     idx = torch.randint(0, 512, (1, 9))
     mask, _ = m.mask_and_positions(idx, None, None, None)
     assert mask is None  # the dense default keeps SDPA's mask-free causal path
+    sparse_mask, _ = tiny(attention="fixed").mask_and_positions(idx, None, None, None)
+    assert sparse_mask.kernel == "gather"  # on CPU the model runs the block-sparse kernel, not a dense mask
     wide = tiny(attention="strided", sparse_block=16)  # l >= T: every causal pair allowed
     torch.testing.assert_close(wide(idx), m(idx), rtol=1e-5, atol=1e-6)
     assert m.config.fingerprint() == wide.config.fingerprint()  # adapters move between the two
