@@ -102,7 +102,7 @@ class TrainConfig:
     device: str = "auto"
     quantize: str | None = None    # "nf4" (QLoRA) or "int8": a frozen quantised base (minipeft/quant.py)
     attention: str = "dense"       # "strided" | "fixed": Child et al.'s sparse patterns (minipeft/sparse_attention.py)
-    sparse_block: int = 128        # l of the sparse patterns
+    sparse_block: int = 64         # l of the sparse patterns
     sparse_summary: int = 8        # c of the "fixed" pattern
     recipe: dict = field(default_factory=dict)  # which recipes.py entry set lr/method_args (CLI runs)
 

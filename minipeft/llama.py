@@ -74,7 +74,7 @@ class LlamaConfig:
     # "dense" (all earlier tokens), or the sparse "strided" / "fixed" patterns. Not part of the weights:
     # left out of fingerprint() and of the checkpoint's config.json.
     attention: str = "dense"
-    sparse_block: int = 128      # l: block length / stride of the sparse patterns (minipeft's choice)
+    sparse_block: int = 64       # l: block length / stride of the sparse patterns (minipeft's choice, ~sqrt(4096))
     sparse_summary: int = 8      # c: "fixed": the last c tokens of every block are visible to all later ones
 
     def __post_init__(self):

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # FlexAttention (torch >= 2.5); on CPU forward only
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -122,7 +123,7 @@ class SparseMask:
         decoding = q.shape[2] != k.shape[2]
         if self.kernel == "gather" and not decoding:
             return block_sparse_attention(q, k, v, self.kind, self.block, self.summary, self.q_pos,
-                                          self.q_seg, pk, pv)
+                                          self.q_seg, pk, pv, chunk=QUERY_CHUNK)
         if self.kernel == "flex" and not decoding:
             return flex_sparse_attention(q, k, v, self, pk, pv)
         # one-token (or short) decoding with a cache, or the dense reference: T x S scores are cheap
@@ -134,14 +135,20 @@ class SparseMask:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+QUERY_CHUNK = 1024  # queries per chunk: the scores of one chunk are all that is held at once
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, block: int,
                            summary: int, pos: torch.Tensor, seg: torch.Tensor | None = None,
                            prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                           ) -> torch.Tensor:
+                           chunk: int = QUERY_CHUNK) -> torch.Tensor:
     """Child et al.'s pattern computed block-sparsely: see the module docstring.
 
     q (B, H, T, hd), k/v (B, Hk, T, hd) with H a multiple of Hk (GQA), pos/seg (B, T), prefix_k/v
-    (B, Hk, P, hd) or None. Returns (B, H, T, hd), equal to softmax over the allowed keys only."""
+    (B, Hk, P, hd) or None. Returns (B, H, T, hd), equal to softmax over the allowed keys only.
+    The queries go in chunks of about `chunk`; with gradients each chunk is checkpointed: backward
+    recomputes its scores instead of keeping them (the paper's "recomputation of attention weights"),
+    so a training step holds one chunk's scores, not a layer's."""
     B, H, T, hd = q.shape
     Hk, l = k.shape[1], block
     g, nb = H // Hk, math.ceil(T / block)
@@ -149,64 +156,80 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ki
     if seg is None:
         seg = torch.zeros_like(pos)
     # pad T up to nb * l; padded keys get segment -1 so no real query sees them
-    seg = F.pad(seg, (0, pad), value=-1)
-    pos = F.pad(pos, (0, pad))
-    qb = F.pad(q, (0, 0, 0, pad)).view(B, Hk, g, nb, l, hd)      # (B, Hk, g, nb, l, hd)
-    kb = F.pad(k, (0, 0, 0, pad)).view(B, Hk, 1, nb, l, hd)      # (B, Hk, 1, nb, l, hd)
+    seg, pos = F.pad(seg, (0, pad), value=-1), F.pad(pos, (0, pad))
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, Hk, g, nb, l, hd)       # (B, Hk, g, nb, l, hd)
+    kb = F.pad(k, (0, 0, 0, pad)).view(B, Hk, 1, nb, l, hd)       # (B, Hk, 1, nb, l, hd)
     vb = F.pad(v, (0, 0, 0, pad)).view(B, Hk, 1, nb, l, hd)
-    seg_b, pos_b = seg.view(B, nb, l), pos.view(B, nb, l)
-    scale = hd ** -0.5
-
-    # local part: each query block against [previous block | its own block], 2l keys
-    k_loc = torch.cat([_previous_block(kb), kb], dim=-2)          # (B, Hk, 1, nb, 2l, hd)
-    v_loc = torch.cat([_previous_block(vb), vb], dim=-2)
-    seg_loc = torch.cat([_previous_block(seg_b, fill=-2), seg_b], dim=-1)  # (B, nb, 2l); -2: no block
-    pos_loc = torch.cat([_previous_block(pos_b), pos_b], dim=-1)
-    dist = l + torch.arange(l, device=q.device)[:, None] - torch.arange(2 * l, device=q.device)  # (l, 2l) i - j
-    ok_loc = (dist >= 0) & (seg_b[..., :, None] == seg_loc[..., None, :])  # (B, nb, l, 2l)
+    ids = (seg.view(B, nb, l), pos.view(B, nb, l))
+    # each query block's local keys: [previous block | own block], 2l of them
+    local = (torch.cat([_previous_block(kb), kb], dim=-2),        # (B, Hk, 1, nb, 2l, hd)
+             torch.cat([_previous_block(vb), vb], dim=-2),
+             torch.cat([_previous_block(ids[0], fill=-2), ids[0]], dim=-1),  # (B, nb, 2l); -2: no block
+             torch.cat([_previous_block(ids[1]), ids[1]], dim=-1))
     if kind == "strided":
-        ok_loc = ok_loc & (dist <= l)  # A1; the multiples of l inside the window (0, l) are in it too
+        far = (kb, vb)
+    else:  # fixed: the summary columns, gathered once per row
+        idx, valid = _summary_columns(pos[:, :T], l, summary)     # (B, M)
+        gather = idx[:, None, :, None].expand(B, Hk, idx.shape[1], hd)
+        far = (k.gather(2, gather)[:, :, None, None], v.gather(2, gather)[:, :, None, None],  # (B, Hk, 1, 1, M, hd)
+               seg.gather(1, idx), pos.gather(1, idx), valid)
+    per = max(1, chunk // l)  # query blocks per chunk
+    outs = []
+    for a0 in range(0, nb, per):
+        args = (kind, l, a0, qb[..., a0:a0 + per, :, :], ids, local, far, prefix_k, prefix_v)
+        outs.append(checkpoint(_query_blocks, *args, use_reentrant=False) if torch.is_grad_enabled()
+                    else _query_blocks(*args))
+    return torch.cat(outs, dim=-3).reshape(B, H, nb * l, hd)[:, :, :T]
+
+
+def _query_blocks(kind, l, a0, qc, ids, local, far, prefix_k, prefix_v) -> torch.Tensor:
+    """The output (B, Hk, g, n, l, hd) of query blocks a0 .. a0 + n - 1: one softmax over
+    [local window | strided or summary columns | prefix keys]."""
+    n, dev, scale = qc.shape[-3], qc.device, qc.shape[-1] ** -0.5
+    blocks = slice(a0, a0 + n)
+    seg_q, pos_q = ids[0][:, blocks], ids[1][:, blocks]           # (B, n, l)
+    k_loc, v_loc, seg_loc, pos_loc = local[0][..., blocks, :, :], local[1][..., blocks, :, :], \
+        local[2][:, blocks], local[3][:, blocks]
+    dist = l + torch.arange(l, device=dev)[:, None] - torch.arange(2 * l, device=dev)  # (l, 2l): i - j
+    ok = (dist >= 0) & (seg_q[..., :, None] == seg_loc[..., None, :])  # (B, n, l, 2l)
+    if kind == "strided":
+        ok = ok & (dist <= l)  # A1; the multiples of l inside the window (0, l) are in it too
     else:
-        ok_loc = ok_loc & (pos_b[..., :, None] // l == pos_loc[..., None, :] // l)  # A1: the same block
-    scores = [(qb @ k_loc.transpose(-1, -2)) * scale]             # (B, Hk, g, nb, l, 2l)
-    masks = [ok_loc[:, None, None]]
+        ok = ok & (pos_q[..., :, None] // l == pos_loc[..., None, :] // l)  # A1: the same block
+    scores, masks = [(qc @ k_loc.transpose(-1, -2)) * scale], [ok[:, None, None]]  # (B, Hk, g, n, l, 2l)
 
     if kind == "strided":  # A2 minus the window: keys l*m back, m >= 2, grouped by residue i mod l
-        q_res, k_res = qb.transpose(-3, -2), kb.transpose(-3, -2)  # (B, Hk, ., l, nb, hd)
-        s = (q_res @ k_res.transpose(-1, -2)) * scale              # (B, Hk, g, l, nb_q, nb_k)
-        scores.append(s.transpose(-3, -2))                         # (B, Hk, g, nb_q, l, nb_k)
-        a = torch.arange(nb, device=q.device)
-        earlier = (a[None, :] <= a[:, None] - 2)                   # (nb_q, nb_k)
-        seg_r = seg_b.transpose(1, 2)                              # (B, l, nb)
-        same = (seg_r[:, :, :, None] == seg_r[:, :, None, :]).transpose(1, 2)  # (B, nb_q, l, nb_k)
-        masks.append((earlier[None, :, None, :] & same)[:, None, None])
-    else:  # fixed, A2 minus the own block: the summary columns, gathered once per row
-        idx, valid = _summary_columns(pos[:, :T], l, summary)        # (B, M)
-        gather = idx[:, None, :, None].expand(B, Hk, idx.shape[1], hd)
-        k_sum = k.gather(2, gather)[:, :, None, None]               # (B, Hk, 1, 1, M, hd)
-        v_sum = v.gather(2, gather)[:, :, None, None]
-        scores.append((qb @ k_sum.transpose(-1, -2)) * scale)        # (B, Hk, g, nb, l, M)
-        seg_s, pos_s = seg.gather(1, idx), pos.gather(1, idx)       # (B, M)
-        ok = (seg_b[..., None] == seg_s[:, None, None, :]) & (pos_s[:, None, None, :] // l < pos_b[..., None] // l)
-        masks.append((ok & valid[:, None, None, :])[:, None, None])
+        nk = a0 + n                                               # key blocks up to the chunk's last
+        k_res = far[0][..., :nk, :, :].transpose(-3, -2)          # (B, Hk, 1, l, nk, hd)
+        s = (qc.transpose(-3, -2) @ k_res.transpose(-1, -2)) * scale  # (B, Hk, g, l, n, nk)
+        scores.append(s.transpose(-3, -2))                        # (B, Hk, g, n, l, nk)
+        a, b = torch.arange(a0, nk, device=dev), torch.arange(nk, device=dev)
+        seg_k = ids[0][:, :nk].transpose(1, 2)[:, None]          # (B, 1, l, nk)
+        ok = (b[None, :] <= a[:, None] - 2)[None, :, None, :] & (seg_q[..., None] == seg_k)  # (B, n, l, nk)
+    else:  # fixed, A2 minus the own block: the summary columns of earlier blocks
+        k_sum, _, seg_s, pos_s, valid = far
+        scores.append((qc @ k_sum.transpose(-1, -2)) * scale)      # (B, Hk, g, n, l, M)
+        ok = ((seg_q[..., None] == seg_s[:, None, None, :]) & (pos_s[:, None, None, :] // l < pos_q[..., None] // l)
+              & valid[:, None, None, :])
+    masks.append(ok[:, None, None])
 
     if prefix_k is not None:  # trainable or soft-prompt keys: every query sees all of them
-        pk = prefix_k[:, :, None, None]                             # (B, Hk, 1, 1, P, hd)
-        scores.append((qb @ pk.transpose(-1, -2)) * scale)           # (B, Hk, g, nb, l, P)
-        masks.append(torch.ones(1, 1, 1, 1, 1, pk.shape[-2], dtype=torch.bool, device=q.device))
+        scores.append((qc @ prefix_k[:, :, None, None].transpose(-1, -2)) * scale)  # (B, Hk, g, n, l, P)
+        masks.append(torch.ones(prefix_k.shape[-2], dtype=torch.bool, device=dev))
 
-    widths = [s.shape[-1] for s in scores]
+    widths = [sc.shape[-1] for sc in scores]
     s = torch.cat([sc.masked_fill(~m, float("-inf")) for sc, m in zip(scores, masks)], dim=-1)
-    s = s.to(torch.promote_types(s.dtype, torch.float32))          # bf16/fp16 scores: softmax in fp32
-    p = torch.softmax(s, dim=-1).to(q.dtype).split(widths, dim=-1)  # one softmax over the union
-    y = p[0] @ v_loc                                                # (B, Hk, g, nb, l, hd)
+    s = s.to(torch.promote_types(s.dtype, torch.float32))         # bf16/fp16 scores: softmax in fp32
+    p = torch.softmax(s, dim=-1).to(qc.dtype).split(widths, dim=-1)  # one softmax over the union
+    y = p[0] @ v_loc                                              # (B, Hk, g, n, l, hd)
     if kind == "strided":
-        y = y + (p[1].transpose(-3, -2) @ vb.transpose(-3, -2)).transpose(-3, -2)
+        v_res = far[1][..., :a0 + n, :, :].transpose(-3, -2)      # (B, Hk, 1, l, nk, hd)
+        y = y + (p[1].transpose(-3, -2) @ v_res).transpose(-3, -2)
     else:
-        y = y + p[1] @ v_sum
+        y = y + p[1] @ far[1]
     if prefix_k is not None:
         y = y + p[2] @ prefix_v[:, :, None, None]
-    return y.reshape(B, H, nb * l, hd)[:, :, :T]
+    return y
 
 
 def _previous_block(x: torch.Tensor, fill: float = 0) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_cached_decoding_equals_full_forward, tiny
+from minipeft import sparse_attention
 from minipeft.adapters import apply_method
 from minipeft.llama import LlamaConfig, segment_positions
 from minipeft.sparse_attention import SparseMask, block_sparse_attention, create_block_mask, describe
@@ -49,10 +50,12 @@ def test_pattern_is_the_papers_and_really_sparse(kind):
 
 
 @pytest.mark.parametrize("kind", ["strided", "fixed"])
-@pytest.mark.parametrize("packed", [False, True])
-def test_block_sparse_kernel_equals_the_dense_masked_reference(kind, packed):
+@pytest.mark.parametrize("packed,chunk", [(False, 1024), (True, 1024), (True, 7)])
+def test_block_sparse_kernel_equals_the_dense_masked_reference(kind, packed, chunk, monkeypatch):
     """Outputs and gradients (float64) of q, k, v and prefix keys/values, GQA, T not a multiple of l,
-    packed rows (segments, positions restarting per document)."""
+    packed rows (segments, positions restarting per document), queries in one or in several
+    checkpointed chunks."""
+    monkeypatch.setattr(sparse_attention, "QUERY_CHUNK", chunk)
     for l, T, c in SHAPES:
         q, k, v, pk, pv = _qkv(T=T, P=2, seed=l * T)
         seg = torch.tensor([[1] * (T // 3) + [2] * (T - T // 3), [1] * T]) if packed else None
