@@ -11,7 +11,8 @@ every token; LLaMA-Adapter (prompt_len 10, all layers) applied, AdamW. Variants:
                  as in attention written out (softmax(q k^T / sqrt(d)) v, e.g. Meta's original LLaMA code)
   strided/fixed  Child et al.'s patterns through the block-sparse gather kernel (minipeft/sparse_attention.py)
   strided-mask   the strided pattern as a dense (T, T) mask over full scores (the reference; --mask-reference)
-Each variant runs in a fresh process: one warm-up step, then --steps timed steps (median reported).
+Each variant runs in a fresh process: one warm-up step, then --steps timed steps (median of wall time
+and of the process's CPU time: on a shared machine the CPU time is the steadier figure).
 Peak memory is the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs
 before the timed steps) minus the resident size just before them: the step's transient memory
 (activations, scores, gradients), the model and optimiser state excluded. The children run with
@@ -62,23 +63,24 @@ def child(T: int, version: int, variant: str, args) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     idx = torch.randint(0, cfg.vocab_size, (1, T + 1))
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         _, loss = model(idx[:, :-1], idx[:, 1:], return_logits=False)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     if variant == "dense-math":  # route every SDPA call of this process to the math backend
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        sdpa_kernel(SDPBackend.MATH).__enter__()
+        math_only = sdpa_kernel(SDPBackend.MATH)  # kept referenced: collected, it would restore the backends
+        math_only.__enter__()
     step()  # warm-up: lazy allocations, optimiser state
     rss = vm_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     times = [step() for _ in range(args.steps)]
-    return dict(T=T, version=version, variant=variant, step_s=statistics.median(times),
-                peak_mib=(vm_kib("VmHWM") - rss) / 1024)
+    return dict(T=T, version=version, variant=variant, step_s=statistics.median(t for t, _ in times),
+                cpu_s=statistics.median(c for _, c in times), peak_mib=(vm_kib("VmHWM") - rss) / 1024)
 
 
 def main() -> None:
@@ -102,7 +104,7 @@ def main() -> None:
     print(f"model: toy shape {PRESETS['toy']['dim']} dim, {PRESETS['toy']['n_layers']} layers; batch 1; "
           f"LLaMA-Adapter prompt_len 10; l={args.block}, c={args.summary}; median of {args.steps} steps after 1 warm-up")
     print(describe("strided", args.block, args.summary, torch.device("cpu")))
-    print(f"{'T':>5} {'ver':>3} {'variant':>13} {'step s':>8} {'peak MiB':>9}")
+    print(f"{'T':>5} {'ver':>3} {'variant':>13} {'step s':>8} {'CPU s':>7} {'peak MiB':>9}")
     rows = []
     for T in args.seq_len:
         for version in args.versions:
@@ -115,7 +117,8 @@ def main() -> None:
                     continue
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"{T:>5} {version:>3} {variant:>13} {row['step_s']:>8.2f} {row['peak_mib']:>9.0f}", flush=True)
+                print(f"{T:>5} {version:>3} {variant:>13} {row['step_s']:>8.2f} {row['cpu_s']:>7.2f} "
+                      f"{row['peak_mib']:>9.0f}", flush=True)
     print(f"load average at the end {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
