@@ -40,7 +40,7 @@ as in dense attention; LLaMA-Adapter's gated prompt attention is a separate soft
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,8 @@ class SparseMask:
     q_seg: torch.Tensor | None = None
     k_seg: torch.Tensor | None = None
     kernel: str = "gather"
+    block_masks: dict = field(default_factory=dict, repr=False)  # FlexAttention's, per prefix length: built
+                                                                 # once per forward, shared by all layers
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, T, S) bool over full scores: causal, same segment, and the pattern."""
@@ -266,8 +268,9 @@ def flex_sparse_attention(q, k, v, m: SparseMask, prefix_k=None, prefix_v=None) 
         real = (j <= q_idx) & (seg[b, q_idx] == seg[b, j]) & allowed(kind, l, c, pos[b, q_idx], pos[b, j])
         return (kv_idx < P) | ((kv_idx >= P) & real)
 
-    block_mask = create_block_mask(mask_mod, B=B, H=None, Q_LEN=T, KV_LEN=T + P, device=q.device)
-    return _flex(q, k, v, block_mask)
+    if P not in m.block_masks:
+        m.block_masks[P] = create_block_mask(mask_mod, B=B, H=None, Q_LEN=T, KV_LEN=T + P, device=q.device)
+    return _flex(q, k, v, m.block_masks[P])
 
 
 def _flex(q, k, v, block_mask):

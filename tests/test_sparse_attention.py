@@ -199,6 +199,12 @@ def test_flex_block_mask_forward_equals_the_gather_kernel():
             a = SparseMask(kind, 6, 2, pos, pos, seg, seg, "flex").attend(q, k, v, [(pk, pv)])
             b = SparseMask(kind, 6, 2, pos, pos, seg, seg, "gather").attend(q, k, v, [(pk, pv)])
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    m, idx = tiny(attention="fixed", sparse_block=4, sparse_summary=1), torch.randint(0, 512, (1, 19))
+    apply_method(m, "prefix_tuning", prefix_len=2)
+    with torch.no_grad():
+        gathered = m(idx)
+        m.attention_kernel = "flex"  # one block mask built, shared by both layers
+        torch.testing.assert_close(m(idx), gathered, rtol=1e-5, atol=1e-5)
     assert "gather kernel" in describe("strided", 64, 8, torch.device("cpu"))
 
 
