@@ -139,11 +139,12 @@ def main() -> None:
     variants = args.variants + (["strided-mask"] if args.mask_reference else [])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}, load average {os.getloadavg()}")
-    print(f"model: toy shape {PRESETS['toy']['dim']} dim, {PRESETS['toy']['n_layers']} layers; batch 1; "
-          f"LLaMA-Adapter prompt_len 10; l={args.block}, c={args.summary}; median of {args.steps} steps after 1 warm-up")
     print(describe("strided", args.block, args.summary, torch.device("cpu")))
     rows, sections = [], args.sections.split(",")
     if "steps" in sections:
+        print(f"model: toy shape {PRESETS['toy']['dim']} dim, {PRESETS['toy']['n_layers']} layers; batch 1; "
+              f"LLaMA-Adapter prompt_len 10; l={args.block}, c={args.summary}; median of {args.steps} steps after "
+              "1 warm-up; CPU = process time, peak = VmHWM above the state before the steps")
         rows += step_rows(args, variants)
     if "loss" in sections:
         rows += loss_runs(args)
