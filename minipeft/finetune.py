@@ -137,7 +137,8 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be {need}")
-    if cfg.attention not in ("dense", "strided", "fixed") or cfg.sparse_summary > cfg.sparse_block:
+    if (cfg.attention not in ("dense", "strided", "fixed")
+            or cfg.attention == "fixed" and cfg.sparse_summary > cfg.sparse_block):
         raise ValueError(f"--attention {cfg.attention!r} --sparse-summary {cfg.sparse_summary} --sparse-block "
                          f"{cfg.sparse_block}: attention must be dense, strided or fixed, and c <= l")
     if cfg.format not in ("plain", "chat"):
@@ -684,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("nf4", "int8"), help="quantise the frozen base (QLoRA: nf4)")
     p.add_argument("--attention", choices=("dense", "strided", "fixed"), default=d.attention,
                    help="sparse attention pattern (Child et al. 2019; default dense)")
-    p.add_argument("--sparse-block", type=int, default=d.sparse_block, help=f"l, the pattern's block (default {d.sparse_block})")
+    p.add_argument("--sparse-block", type=int, default=d.sparse_block,
+                   help=f"l, the pattern's block (default {d.sparse_block})")
     p.add_argument("--sparse-summary", type=int, default=d.sparse_summary,
                    help=f"c, summary tokens per block of 'fixed' (default {d.sparse_summary})")
     return p

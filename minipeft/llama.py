@@ -84,7 +84,7 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.attention not in ("dense", "strided", "fixed"):
             raise ValueError(f"LlamaConfig: attention must be 'dense', 'strided' or 'fixed', got {self.attention!r}")
-        if self.sparse_summary > self.sparse_block:
+        if self.attention == "fixed" and self.sparse_summary > self.sparse_block:
             raise ValueError(f"LlamaConfig: sparse_summary {self.sparse_summary} must be <= sparse_block "
                              f"{self.sparse_block} (c summary tokens per block of l)")
         if self.head_dim == 0:

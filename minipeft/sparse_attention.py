@@ -26,7 +26,10 @@ and for one-token decoding) saves nothing. Two kernels do it:
       - local: the query block and the block before it (2l keys; covers A1 of both patterns);
       - strided A2 \\ A1: queries and keys regrouped by residue i mod l, (T/l) x (T/l) per residue;
       - fixed A2 \\ A1: the summary columns gathered once per row (c T/l keys).
-    Scores held: T * (2l + T/l) (strided), T * (2l + cT/l) (fixed), instead of T * T.
+    Scores computed: T * (2l + T/l) (strided), T * (2l + cT/l) (fixed), instead of T * T; the queries
+    go in checkpointed chunks of QUERY_CHUNK, so a training step holds one chunk's scores at a time.
+    Measured against dense kernels in README ("Sparse attention for long context"): far less memory and
+    time than attention that keeps its T x T scores; no memory saving against a fused (flash) kernel.
   * FlexAttention (torch.nn.attention.flex_attention) with the pattern as a block mask, compiled on
     CUDA; it skips only (128 x 128) blocks with no allowed pair, and with l <= 128 the strided and
     summary columns reach into almost every block, so there the saving is memory (no scores kept),

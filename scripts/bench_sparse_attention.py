@@ -14,8 +14,9 @@ every token; LLaMA-Adapter (prompt_len 10, all layers) applied, AdamW. Variants:
   strided-mask   the strided pattern as a dense (T, T) mask over full scores (the reference; --mask-reference)
 The loss section fine-tunes the shipped toy base with LLaMA-Adapter v1 on packed rows of 1024 tokens,
 once per pattern (LOSS_ARGS: 40 steps of 2 rows), and prints the test bits/token of the base under the
-pattern and after the run. Each variant of the step section runs in a fresh process: one warm-up step, then --steps timed steps (median of wall time
-and of the process's CPU time: on a shared machine the CPU time is the steadier figure).
+pattern and after the run. Each variant of the step section runs in a fresh process: one warm-up step,
+then --steps timed steps (median of wall time and of the process's CPU time: on a shared machine the CPU
+time is the steadier figure).
 Peak memory is the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs
 before the timed steps) minus the resident size just before them: the step's transient memory
 (activations, scores, gradients), the model and optimiser state excluded. The children run with
@@ -102,8 +103,8 @@ def loss_runs(args) -> list[dict]:
         out = Path(args.out) / attention
         cmd = [sys.executable, "-m", "minipeft.finetune", *LOSS_ARGS, "--attention", attention, "--sparse-block",
                str(args.block), "--sparse-summary", str(args.summary), "--out", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        path = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
         if done.returncode:
             print(f"{attention:>9}  failed: {done.stderr.strip().splitlines()[-1:]}")
             continue
@@ -124,7 +125,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--versions", type=int, nargs="+", default=[1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ("strided-mask",))
-    p.add_argument("--mask-reference", action="store_true", help="also run strided-mask (a dense mask over full scores)")
+    p.add_argument("--mask-reference", action="store_true",
+                   help="also run strided-mask (the pattern as a dense mask over full scores)")
     p.add_argument("--block", type=int, default=64, help="l (default 64)")
     p.add_argument("--summary", type=int, default=8, help="c of fixed (default 8)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant (median)")

@@ -215,3 +215,20 @@ def test_finetune_flag_sets_the_pattern():
     assert (cfg.attention, cfg.sparse_block, cfg.sparse_summary) == ("fixed", 32, 4)
     with pytest.raises(ValueError, match="c <= l"):
         check_config(dataclasses.replace(cfg, sparse_summary=33))
+    check_config(dataclasses.replace(cfg, attention="strided", sparse_summary=33))  # c only matters to fixed
+
+
+@pytest.mark.slow
+def test_bench_script_runs():
+    """scripts/bench_sparse_attention.py's step section on a short row (about 30 s: 4 fresh processes)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_sparse_attention.py"), "--sections", "steps",
+                          "--seq-len", "128", "--versions", "1", "--steps", "1", "--block", "16", "--json", "/dev/stdout"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out[out.index("\n[") + 1:])
+    assert [r["variant"] for r in rows] == ["dense", "dense-math", "strided", "fixed"]
+    assert all(r["step_s"] > 0 and r["peak_mib"] >= 0 for r in rows)
