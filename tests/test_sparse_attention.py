@@ -86,6 +86,18 @@ def test_gather_kernel_never_builds_a_T_by_T_tensor():
     assert seen.numel >= T * T
 
 
+def test_backward_keeps_no_scores():
+    """The chunks are checkpointed: what autograd keeps for backward is O(T) (inputs, gathered keys), not
+    the T (2l + T/l) scores; without the checkpoint it would keep about 50 times more here."""
+    T, l, H, hd = 512, 16, 2, 4
+    q, k, v, _, _ = _qkv(B=1, H=H, Hk=1, T=T, hd=hd)
+    for kind in ("strided", "fixed"):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            block_sparse_attention(q, k, v, kind, l, 1, torch.arange(T)[None])
+        assert sum(kept) <= 4 * T * H * hd, (kind, sum(kept))
+
+
 class LargestTensor(TorchDispatchMode):
     numel = 0
 
