@@ -18,6 +18,9 @@ PEFT methods plug in two ways, and only two (see minipeft/peft.py):
     plus one model-level slot `input_prefix() -> (P, dim)`: soft-prompt embeddings placed before every
     sequence (prompt tuning).
 
+Which keys a query sees: all earlier ones (`LlamaConfig.attention = "dense"`), or Child et al.'s sparse
+"strided" / "fixed" patterns, computed block-sparsely by minipeft/sparse_attention.py.
+
 Loaders: `Llama.from_pretrained(dir)` reads Hugging Face (`config.json` + `*.safetensors`) and Meta
 (`params.json` + `consolidated.00.pth`) layouts; `save_pretrained(dir)` writes the HF layout.
 
