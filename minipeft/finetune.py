@@ -440,12 +440,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
-    if cfg.quantize:  # QLoRA: a frozen NF4 (or int8) base, quantised before the method wraps it
-        quantize_model(model, cfg.quantize)
     if cfg.attention != "dense":  # before the baseline, so base and fine-tuned model see the same pattern
         model.config = dataclasses.replace(model.config, attention=cfg.attention, sparse_block=cfg.sparse_block,
                                            sparse_summary=cfg.sparse_summary)
         say(progress, describe_sparse(cfg.attention, cfg.sparse_block, cfg.sparse_summary, device))
+    if cfg.quantize:  # QLoRA: a frozen NF4 (or int8) base, quantised before the method wraps it
+        quantize_model(model, cfg.quantize)
     train_set, test_set, data_name = load_task(cfg.data, cfg.limit)
     test_set = test_set[:cfg.eval_limit] if cfg.eval_limit else test_set
     test_enc = encode_all(tok, test_set, cfg.format, cfg.max_len)
