@@ -65,6 +65,7 @@ from .quant import quantize_model
 from .recipes import describe, recipe
 from .tasks import TASKS, get_task
 from .safetensors_io import atomic_write
+from .sparse_attention import describe as describe_sparse
 from .toy import TOY_TRAINING
 
 STATE_FILE = "train_state.pt"
@@ -103,6 +104,9 @@ class TrainConfig:
     baseline: bool = True          # evaluate the base model before training
     device: str = "auto"
     quantize: str | None = None    # "nf4" (QLoRA) or "int8": a frozen quantised base (minipeft/quant.py)
+    attention: str = "dense"       # "strided" | "fixed": Child et al.'s sparse patterns (minipeft/sparse_attention.py)
+    sparse_block: int = 64         # l of the sparse patterns
+    sparse_summary: int = 8        # c of the "fixed" pattern
     recipe: dict = field(default_factory=dict)  # which recipes.py entry set lr/method_args (CLI runs)
 
 
@@ -120,7 +124,8 @@ RANGES = [
     ("seed", lambda v: v >= 0, ">= 0"), ("eval_every", lambda v: v >= 0, ">= 0 (0: per epoch)"),
     ("save_every", lambda v: v >= 0, ">= 0 (0: with evaluations)"), ("limit", lambda v: v >= 0, ">= 0 (0: all)"),
     ("eval_limit", lambda v: v >= 0, ">= 0 (0: all)"), ("max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval_batch_size", lambda v: v >= 1, ">= 1"), ("sparse_block", lambda v: v >= 1, ">= 1"),
+    ("sparse_summary", lambda v: v >= 1, ">= 1 (and <= --sparse-block)"),
 ]
 
 
@@ -135,6 +140,10 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be {need}")
+    if (cfg.attention not in ("dense", "strided", "fixed")
+            or cfg.attention == "fixed" and cfg.sparse_summary > cfg.sparse_block):
+        raise ValueError(f"--attention {cfg.attention!r} --sparse-summary {cfg.sparse_summary} --sparse-block "
+                         f"{cfg.sparse_block}: attention must be dense, strided or fixed, and c <= l")
     if cfg.format not in ("plain", "chat"):
         raise ValueError(f"--format {cfg.format!r}: must be 'plain' or 'chat'")
     get_task(cfg.task)  # raises for an unknown task, naming the tasks
@@ -435,6 +444,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
+    if cfg.attention != "dense":  # before the baseline, so base and fine-tuned model see the same pattern
+        model.config = dataclasses.replace(model.config, attention=cfg.attention, sparse_block=cfg.sparse_block,
+                                           sparse_summary=cfg.sparse_summary)
+        say(progress, describe_sparse(cfg.attention, cfg.sparse_block, cfg.sparse_summary, device))
     if cfg.quantize:  # QLoRA: a frozen NF4 (or int8) base, quantised before the method wraps it
         quantize_model(model, cfg.quantize)
     train_set, test_set, data_name = load_task(cfg.data, cfg.limit, cfg.task)
@@ -700,6 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.add_argument("--quantize", choices=("nf4", "int8"), help="quantise the frozen base (QLoRA: nf4)")
+    p.add_argument("--attention", choices=("dense", "strided", "fixed"), default=d.attention,
+                   help="sparse attention pattern (Child et al. 2019; default dense)")
+    p.add_argument("--sparse-block", type=int, default=d.sparse_block,
+                   help=f"l, the pattern's block (default {d.sparse_block})")
+    p.add_argument("--sparse-summary", type=int, default=d.sparse_summary,
+                   help=f"c, summary tokens per block of 'fixed' (default {d.sparse_summary})")
     return p
 
 

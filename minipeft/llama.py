@@ -27,6 +27,9 @@ token: the last prompt token and the answer tokens (the data pipeline's `targets
 default when targets are given). Only infix tuning reads it; `generate` sets it for the prompt's last
 token and every generated one.
 
+Which keys a query sees: all earlier ones (`LlamaConfig.attention = "dense"`), or Child et al.'s sparse
+"strided" / "fixed" patterns, computed block-sparsely by minipeft/sparse_attention.py.
+
 Loaders: `Llama.from_pretrained(dir)` reads Hugging Face (`config.json` + `*.safetensors`) and Meta
 (`params.json` + `consolidated.00.pth`) layouts; `save_pretrained(dir)` writes the HF layout.
 
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .safetensors_io import atomic_write, load_file, save_file
+from .sparse_attention import SparseMask, kernel_for
 
 try:  # FlexAttention (torch >= 2.5): document masks as a block mask instead of a dense (B, 1, T, T) tensor
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -78,11 +82,23 @@ class LlamaConfig:
         factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
     max_seq_len: int = 131072    # longest position the RoPE tables are built for (lazily, on demand)
     tie_embeddings: bool = True  # lm_head shares embed_tokens' weight (1B and 3B do)
+    # Which keys a query sees (minipeft/sparse_attention.py; Child et al. 2019, arXiv:1904.10509):
+    # "dense" (all earlier tokens), or the sparse "strided" / "fixed" patterns. Not part of the weights:
+    # left out of fingerprint() and of the checkpoint's config.json.
+    attention: str = "dense"
+    sparse_block: int = 64       # l: block length / stride of the sparse patterns (minipeft's choice, ~sqrt(4096))
+    sparse_summary: int = 8      # c: "fixed": the last c tokens of every block are visible to all later ones
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "sparse_block",
+                     "sparse_summary"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.attention not in ("dense", "strided", "fixed"):
+            raise ValueError(f"LlamaConfig: attention must be 'dense', 'strided' or 'fixed', got {self.attention!r}")
+        if self.attention == "fixed" and self.sparse_summary > self.sparse_block:
+            raise ValueError(f"LlamaConfig: sparse_summary {self.sparse_summary} must be <= sparse_block "
+                             f"{self.sparse_block} (c summary tokens per block of l)")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
@@ -172,9 +188,11 @@ class LlamaConfig:
 
     def fingerprint(self) -> dict:
         """The fields that decide whether weights (and adapters) fit this model."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "max_seq_len"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUNTIME_FIELDS}
 
 
+# fields that change how the model runs, not which weights it has
+RUNTIME_FIELDS = ("max_seq_len", "attention", "sparse_block", "sparse_summary")
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -382,18 +400,25 @@ class Attention(nn.Module):
             if getattr(self.kv_prefix, "answer_only", False):
                 seen_by = torch.zeros(B, T, dtype=torch.bool, device=x.device) if answer_mask is None else answer_mask
             prefixes.append((*self.kv_prefix(B), seen_by))
-        if prefixes:  # extra keys/values at the front (they carry no position, so their order is free)
-            mask = causal_mask(T, k.shape[2], x.device) if mask is None else mask
-            mask = mask.expand(B, 1, T, mask.shape[-1])
-            k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _, _ in prefixes] + [k], dim=2)
-            v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv, _ in prefixes] + [v], dim=2)
-            visible = [(mask.new_ones(()) if seen is None else seen[:, None, :, None]).expand(B, 1, T, pk.shape[2])
-                       for pk, _, seen in prefixes]
-            mask = torch.cat(visible + [mask], dim=-1)  # (B, 1, T, P + S)
-        if BlockMask is not None and isinstance(mask, BlockMask):  # packed rows, no prefixes, no cache
-            y = _flex(q, k, v, block_mask=mask, enable_gqa=True)
+        if isinstance(mask, SparseMask):  # a sparse pattern; prefix keys are extra columns every query sees
+            if any(seen is not None for _, _, seen in prefixes):
+                raise ValueError("infix tuning (prefix keys seen by answer positions only) does not run with a sparse "
+                                 "attention pattern; use attention='dense'")
+            y = mask.attend(q, k, v, [(pk.expand(B, -1, -1, -1).to(k.dtype), pv.expand(B, -1, -1, -1).to(v.dtype))
+                                      for pk, pv, _ in prefixes])
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            if prefixes:  # extra keys/values at the front (they carry no position, so their order is free)
+                mask = causal_mask(T, k.shape[2], x.device) if mask is None else mask
+                mask = mask.expand(B, 1, T, mask.shape[-1])
+                k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _, _ in prefixes] + [k], dim=2)
+                v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv, _ in prefixes] + [v], dim=2)
+                visible = [(mask.new_ones(()) if seen is None else seen[:, None, :, None]).expand(B, 1, T, pk.shape[2])
+                           for pk, _, seen in prefixes]
+                mask = torch.cat(visible + [mask], dim=-1)  # (B, 1, T, P + S)
+            if BlockMask is not None and isinstance(mask, BlockMask):  # packed rows, no prefixes, no cache
+                y = _flex(q, k, v, block_mask=mask, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         if self.extra_branch is not None:
             y = y + self.extra_branch(q, self)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
@@ -555,7 +580,8 @@ class Llama(nn.Module):
         self.grad_checkpoint = False  # recompute each block in backward to save activation memory
         # packed rows' document mask: "flex" (a FlexAttention block mask), "dense" (a (B, 1, T, T) bool
         # mask), "auto" = flex on CUDA where available, dense elsewhere (eager flex on CPU is slower;
-        # README, Performance: bench/bench_masks.py)
+        # README, Performance: bench/bench_masks.py). With a sparse config.attention: "auto" (flex on CUDA,
+        # the block-sparse "gather" kernel elsewhere), "flex", "gather", or "dense" (the masked reference)
         self.attention_kernel = "auto"
         self.cache_segments: torch.Tensor | None = None
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, computed on first use
@@ -623,14 +649,8 @@ class Llama(nn.Module):
     def mask_and_positions(self, idx, segment_ids, positions, cache_start):
         """The attention mask (None = plain causal, the fast path) and the RoPE positions (B, T)."""
         B, T = idx.shape
-        mask = None
         if segment_ids is not None and cache_start is not None:
             self.cache_segments[:, cache_start:cache_start + T] = segment_ids
-            mask = segment_mask(segment_ids, self.cache_segments[:, :cache_start + T])
-        elif segment_ids is not None:
-            mask = self.document_mask(segment_ids)
-        elif cache_start:
-            mask = causal_mask(T, cache_start + T, idx.device)
         if positions is None and segment_ids is not None and cache_start:
             # decoding: restart counting at each segment of everything in the cache so far, so a
             # token continues its segment's positions instead of starting again at 0
@@ -638,7 +658,28 @@ class Llama(nn.Module):
         elif positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else torch.arange(T, device=idx.device).expand(B, T) + (cache_start or 0))
+        if self.config.attention != "dense":  # never builds a (T, T) mask (minipeft/sparse_attention.py)
+            return self.sparse_mask(segment_ids, positions, cache_start), positions
+        mask = None
+        if segment_ids is not None and cache_start is not None:
+            mask = segment_mask(segment_ids, self.cache_segments[:, :cache_start + T])
+        elif segment_ids is not None:
+            mask = self.document_mask(segment_ids)
+        elif cache_start:
+            mask = causal_mask(T, cache_start + T, idx.device)
         return mask, positions
+
+    def sparse_mask(self, segment_ids, positions, cache_start) -> SparseMask:
+        """The config's sparse pattern for these queries. While decoding, the cached keys' positions are
+        counted from the cache's segment ids (as the queries' own positions are)."""
+        cfg, S = self.config, (cache_start or 0) + positions.shape[1]
+        k_pos, k_seg = positions, segment_ids
+        if cache_start:
+            k_seg = self.cache_segments[:, :S] if segment_ids is not None else None
+            k_pos = (segment_positions(k_seg) if k_seg is not None
+                     else torch.arange(S, device=positions.device).expand(positions.shape[0], S))
+        return SparseMask(cfg.attention, cfg.sparse_block, cfg.sparse_summary, positions, k_pos, segment_ids, k_seg,
+                          kernel_for(positions.device, self.attention_kernel))
 
     def document_mask(self, segment_ids: torch.Tensor):
         """segment_mask(seg, seg), as a FlexAttention BlockMask where attention_kernel asks for it, no slot

@@ -158,3 +158,10 @@ def test_parameter_count_closed_form_on_llama_3_2_1b():
     with torch.device("meta"):
         m = apply_method(Llama(c), "infix_tuning", infix_len=10)
     assert peft.count_parameters(m)[0] == c.n_layers * 2 * 10 * c.n_kv_heads * c.head_dim == 163_840
+
+
+def test_a_sparse_attention_pattern_is_refused_with_the_reason():
+    torch.manual_seed(0)
+    m = apply_method(tiny(attention="strided", sparse_block=3, sparse_summary=1), "infix_tuning", infix_len=2)
+    with pytest.raises(ValueError, match="infix tuning .* does not run with a sparse attention pattern"):
+        m(IDX, answer_mask=answer_mask())
