@@ -9,12 +9,13 @@ and the committed files carry no outputs and declare the kernel `make install` r
     python -m tests.test_notebooks --run [NAME ...]   # execute some, one after the other; print each one's time
 
 Running them early. Executing a notebook is mostly one busy single-threaded kernel (see KERNEL_ENV), so
-when pytest has collected the session, `pytest_collection_finish` below starts every selected notebook
-at once in the background, WORKERS at a time, each in its own process (`--execute`), and the tests
-only wait for their notebook's result. The notebooks then run while the rest of the suite does, on
-the other core. This module registers itself as a pytest plugin (`pytest_plugins`) for that one hook
-and `pytest_sessionfinish`, which stops what is still running. A notebook whose test is not selected
-(-k, -m slow) is never started.
+when pytest has collected the session, `pytest_collection_finish` below queues every selected notebook
+for execution in the background, WORKERS at a time, each in a process of its own (`--execute`), and the
+tests only wait for their notebook's result: the notebooks run while the rest of the suite does. The
+slowest of the last run start first (kernel CPU seconds kept in pytest's cache), so no long notebook
+starts last. This module registers itself as a pytest plugin (`pytest_plugins`) for that hook and for
+`pytest_sessionfinish`, which stops what still runs. A notebook whose test is not selected (-k, -m slow)
+is never started.
 
 The kernel: notebooks declare KERNEL ("minipeft"), the name `make install` registers with ipykernel.
 The tests run them under that name with a kernelspec made on the spot whose interpreter is the
@@ -31,6 +32,7 @@ solutions/NN_name_solutions.ipynb.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -52,8 +54,10 @@ ALL = NOTEBOOKS + SOLUTIONS
 IDS = [str(p.relative_to(NOTEBOOK_DIR).with_suffix("")) for p in ALL]
 KERNEL = "minipeft"
 KERNELSPEC = {"display_name": "minipeft", "language": "python", "name": KERNEL}
-TIMEOUT_S = 120        # per cell
-MAX_KERNEL_CPU_S = 60  # per notebook: the labs' budget ("under a minute on 2 cores"), in kernel CPU seconds
+TIMEOUT_S = 300        # per cell: a guard against a hung kernel, generous because a loaded machine slows every cell
+# per notebook: the labs' budget ("under a minute on 2 cores"), counted in the kernel's CPU seconds because
+# the wall time on a shared machine measures the neighbours as much as the notebook
+MAX_KERNEL_CPU_S = 60
 WORKERS = 2            # notebooks executing at once in the background during a pytest session
 # Notebooks whose exercises are still to be written (issue 14): the list may only shrink; a notebook on it
 # that has exercises fails test_every_lab_has_exercises_and_solutions, so it is taken off when they land.
@@ -137,12 +141,14 @@ _children: set[subprocess.Popen] = set()
 
 
 def _execute_in_child(path: Path) -> dict:
-    """`python tests/test_notebooks.py --execute PATH OUT` in its own process group; its result."""
+    """`python tests/test_notebooks.py --execute PATH OUT` in a process of its own; its result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
+        # a session of its own: a Ctrl-C at the terminal reaches pytest, whose stop() then ends the child
+        # (and so its kernel: ipykernel exits within a second of its parent)
         child = subprocess.Popen([sys.executable, __file__, "--execute", str(path), str(out)], cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)  # its own group: stop() ends the kernel with it
+                                 start_new_session=True)
         _children.add(child)
         try:
             log, _ = child.communicate()
@@ -164,7 +170,7 @@ def start(path: Path) -> Future:
 
 
 def stop() -> None:
-    """Cancel what has not started; end the running notebooks (process group: child and its kernel)."""
+    """Cancel what has not started; end the running notebook processes (their kernels follow them)."""
     for future in _runs.values():
         future.cancel()
     for child in list(_children):
@@ -179,17 +185,30 @@ def stop() -> None:
 pytest_plugins = [__name__]  # so that pytest calls the two hooks below
 
 
+CACHE_KEY = "minipeft/notebook_cpu_seconds"  # in pytest's cache (.pytest_cache/): each notebook's last kernel CPU
+
+
 def pytest_collection_finish(session) -> None:
-    """Start every notebook that a selected test of this module needs, in the order the tests use them."""
-    for item in session.items:
-        if Path(str(item.path)).resolve() == Path(__file__).resolve() and hasattr(item, "callspec"):
-            path = item.callspec.params.get("path")
-            if path is not None:
-                start(path)
+    """Start every notebook that a selected test of this module needs: the slowest of the last run first
+    (so that no long one starts last), those never timed before them, otherwise in the tests' order."""
+    if session.config.option.collectonly:
+        return
+    needed = [item.callspec.params["path"] for item in session.items
+              if Path(str(item.path)).resolve() == Path(__file__).resolve()
+              and "path" in getattr(getattr(item, "callspec", None), "params", {})]
+    cache = getattr(session.config, "cache", None)  # None with -p no:cacheprovider
+    last = cache.get(CACHE_KEY, {}) if cache is not None else {}
+    for path in sorted(dict.fromkeys(needed), key=lambda p: -last.get(p.relative_to(ROOT).as_posix(), math.inf)):
+        start(path)
 
 
 def pytest_sessionfinish(session) -> None:
     stop()
+    cache = getattr(session.config, "cache", None)
+    timed = {path.relative_to(ROOT).as_posix(): future.result()["cpu_seconds"] for path, future in _runs.items()
+             if future.done() and not future.cancelled() and future.exception() is None}
+    if cache is not None and timed:
+        cache.set(CACHE_KEY, {**cache.get(CACHE_KEY, {}), **timed})
 
 
 # ---------------------------------------------------------------------------- reading notebooks
