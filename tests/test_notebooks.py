@@ -11,11 +11,11 @@ and the committed files carry no outputs and declare the kernel `make install` r
 Running them early. Executing a notebook is mostly one busy single-threaded kernel (see KERNEL_ENV), so
 when pytest has collected the session, `pytest_collection_finish` below queues every selected notebook
 for execution in the background, WORKERS at a time, each in a process of its own (`--execute`), and the
-tests only wait for their notebook's result: the notebooks run while the rest of the suite does. The
-slowest of the last run start first (kernel CPU seconds kept in pytest's cache), so no long notebook
-starts last. This module registers itself as a pytest plugin (`pytest_plugins`) for that hook and for
-`pytest_sessionfinish`, which stops what still runs. A notebook whose test is not selected (-k, -m slow)
-is never started.
+tests only wait for their notebook's result; `pytest_collection_modifyitems` puts them at the end of the
+session, so the notebooks run while the rest of the suite does. The slowest of the last run start first
+(kernel CPU seconds kept in pytest's cache), so no long notebook starts last. This module registers
+itself as a pytest plugin (`pytest_plugins`) for those hooks and for `pytest_sessionfinish`, which stops
+what still runs. A notebook whose test is not selected (-k, -m slow) is never started.
 
 The kernel: notebooks declare KERNEL ("minipeft"), the name `make install` registers with ipykernel.
 The tests run them under that name with a kernelspec made on the spot whose interpreter is the
@@ -182,10 +182,20 @@ def stop() -> None:
         _pool.shutdown(wait=True)
 
 
-pytest_plugins = [__name__]  # so that pytest calls the two hooks below
+pytest_plugins = [__name__]  # so that pytest calls the hooks below
 
 
 CACHE_KEY = "minipeft/notebook_cpu_seconds"  # in pytest's cache (.pytest_cache/): each notebook's last kernel CPU
+
+
+def _is_here(item) -> bool:
+    return Path(str(item.path)).resolve() == Path(__file__).resolve()
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """This module's tests go last: pytest then waits for the background notebooks only once the rest of
+    the suite is done, instead of idling a core in the middle of it."""
+    items[:] = [item for item in items if not _is_here(item)] + [item for item in items if _is_here(item)]
 
 
 def pytest_collection_finish(session) -> None:
@@ -194,8 +204,7 @@ def pytest_collection_finish(session) -> None:
     if session.config.option.collectonly:
         return
     needed = [item.callspec.params["path"] for item in session.items
-              if Path(str(item.path)).resolve() == Path(__file__).resolve()
-              and "path" in getattr(getattr(item, "callspec", None), "params", {})]
+              if _is_here(item) and "path" in getattr(getattr(item, "callspec", None), "params", {})]
     cache = getattr(session.config, "cache", None)  # None with -p no:cacheprovider
     last = cache.get(CACHE_KEY, {}) if cache is not None else {}
     for path in sorted(dict.fromkeys(needed), key=lambda p: -last.get(p.relative_to(ROOT).as_posix(), math.inf)):
