@@ -126,8 +126,9 @@ def execute(path: Path) -> dict:
     start = time.perf_counter()
     NotebookClient(nb, timeout=TIMEOUT_S, resources={"metadata": {"path": str(path.parent)}}).execute()
     seconds = time.perf_counter() - start
-    line = next(out["text"] for out in nb.cells[-1].outputs if out.get("text", "").startswith("FIGURES_CHECKED"))
-    _, cpu_seconds, checked = line.split()
+    # a print may reach us in several stream messages: join them before reading the line
+    stdout = "".join(out.get("text", "") for out in nb.cells[-1].outputs if out.get("name") == "stdout")
+    cpu_seconds, checked = re.search(r"FIGURES_CHECKED (\S+) (\d+)", stdout).groups()
     nb.cells = nb.cells[1:1 + n_cells]
     return dict(notebook=nbformat.writes(nb), figures_checked=int(checked), seconds=seconds,
                 cpu_seconds=float(cpu_seconds))
@@ -235,8 +236,9 @@ def count_images(nb) -> int:
 
 
 def printed(nb) -> str:
+    """Everything the notebook printed to stdout (a print may come in several stream messages)."""
     return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-                   if out.get("output_type") == "stream")
+                   if out.get("output_type") == "stream" and out.get("name") == "stdout")
 
 
 def exercises(nb) -> set[int]:
