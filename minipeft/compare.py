@@ -236,8 +236,9 @@ def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = 
     if report:
         seeds = sorted({r["seed"] for r in runs})
     settings = dict(steps=steps, batch_size=batch_size, seeds=list(seeds), eval_limit=eval_limit, limit=limit,
-                    max_new_tokens=max_new_tokens, base_params=total, base=checkpoint or "toy base (data/toy_base)",
-                    data=data or f"toy {task} task", task=task,
+                    max_new_tokens=max_new_tokens, base_params=total,
+                    base=Path(checkpoint).name if checkpoint else "toy base (data/toy_base)",
+                    data=Path(data).name if data else f"toy {task} task", task=task,
                     recipes="toy" if checkpoint is None else "llama-3.2-1b")
     write_outputs(rows, runs, out, settings)
     say(progress, "\n" + "\n".join(table_lines(rows)))
@@ -406,16 +407,16 @@ def write_outputs(rows: list[dict], runs: list[dict], out: Path, settings: dict)
 def plot_vs_params(rows: list[dict], path: Path, key: str, ylabel: str, scale: float, title: str) -> None:
     """`key` against trainable parameters (log x) with ±1 std error bars, one marker per method
     (legend outside the axes), the base model as a dashed line (cf. LoRA, Fig. 2)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9.5, 5))
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend (and its plots) alone
+    from matplotlib import colormaps
+    fig = Figure(figsize=(9.5, 5))
+    ax = fig.subplots()
     pts = [r for r in rows if r["trainable_params"] and r[key] == r[key]]
     markers = "osD^v<>ph*X"  # ten colours, then the next marker shape: up to 110 distinct points
     for i, r in enumerate(sorted(pts, key=lambda r: r["trainable_params"])):
         std = r.get(key + "_std", 0.0)
         ax.errorbar(r["trainable_params"], scale * r[key], yerr=scale * std if std == std else None,
-                    fmt=markers[(i // 10) % 11], color=plt.cm.tab10(i % 10), capsize=3, ms=6, label=r["method"])
+                    fmt=markers[(i // 10) % 11], color=colormaps["tab10"](i % 10), capsize=3, ms=6, label=r["method"])
     base = next((r for r in rows if r["method"] == "base model"), None)
     if base is not None and base[key] == base[key]:
         ax.axhline(scale * base[key], color="gray", ls="--", lw=1, label="base model (no fine-tuning)")
@@ -428,7 +429,6 @@ def plot_vs_params(rows: list[dict], path: Path, key: str, ylabel: str, scale: f
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- GPU throughput

@@ -634,11 +634,10 @@ def loss_plot_series(records: list[dict]) -> dict[str, list[tuple[float, float]]
 def plot_losses(records: list[dict], path: Path, title: str) -> None:
     """Train bits/token per step (and its running mean), test bits/token at each evaluation and after
     training (the final evaluation), and the learning rate on a second axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend (and its plots) alone
     series = loss_plot_series(records)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
     if series["train"]:
         steps, bits = zip(*series["train"])
         ax.plot(steps, bits, color="tab:blue", alpha=0.3, lw=0.8)
@@ -665,7 +664,6 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
