@@ -8,7 +8,7 @@ base model is the same), and the table gives mean ± standard deviation over the
 model is evaluated once, up front.
 
     python -m minipeft.compare                          # every method + full fine-tuning, seeds 0,1,2
-    python -m minipeft.compare --quick                  # one seed, 50 steps, 50 test problems (labs)
+    python -m minipeft.compare --quick                  # one seed, 40 steps, 40 test problems (labs)
     python -m minipeft.compare --methods lora,ia3pp,ia3pp+use_l_o=false --seeds 0,1,2
 
 A method entry is a name from the methods table, optionally followed by `+field=value` settings of
@@ -54,7 +54,7 @@ from .safetensors_io import atomic_write
 from .tasks import TASKS
 from .toy import TOY_TRAINING
 
-QUICK = dict(steps=50, eval_limit=50, seeds=(0,))  # `--quick`: every method in a few minutes on 2 cores
+QUICK = dict(steps=40, eval_limit=40, seeds=(0,), evals=1)  # `--quick`: every method in a few minutes on 2 cores
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)                  # `--sweep`: peak rates tried around each recipe's
 
 
@@ -78,8 +78,9 @@ def run_folder(out: Path, label: str, lr: float, seed: int) -> Path:
 
 def plan_runs(entries: list[str], seeds: list[int], out: Path, steps: int, checkpoint: str | None,
               data: str | None, limit: int, eval_limit: int, batch_size: int, max_new_tokens: int,
-              lrs: dict[str, list[float]] | None = None, task: str = "gsm8k") -> list[TrainConfig]:
-    """One TrainConfig per (entry, peak rate, seed): the entry's recipe plus its `+field=value` settings."""
+              lrs: dict[str, list[float]] | None = None, task: str = "gsm8k", evals: int = 7) -> list[TrainConfig]:
+    """One TrainConfig per (entry, peak rate, seed): the entry's recipe plus its `+field=value` settings;
+    the test loss is measured `evals` times during each run (and at epoch ends)."""
     recipe_task = "toy" if checkpoint is None else "llama-3.2-1b"
     cfgs = []
     for entry in entries:
@@ -91,7 +92,7 @@ def plan_runs(entries: list[str], seeds: list[int], out: Path, steps: int, check
                     checkpoint=checkpoint, data=data, task=task, method=method, method_args={**plan.method_args, **settings},
                     out=str(run_folder(out, entry, lr, seed)), max_steps=steps, lr=lr, seed=seed,
                     batch_size=batch_size, max_len=TOY_TRAINING["max_len"], limit=limit, eval_limit=eval_limit,
-                    eval_every=max(1, steps // 7), max_new_tokens=max_new_tokens, baseline=False,
+                    eval_every=max(1, steps // evals), max_new_tokens=max_new_tokens, baseline=False,
                     recipe=dict(method=method, task=recipe_task, lr=plan.lr, method_args=plan.method_args,
                                 entry=entry, lr_from="recipe" if lr == plan.lr else "--sweep",
                                 line=f"{describe(method, recipe_task, lr, lr == plan.lr)}; compare entry {entry}")))
@@ -222,12 +223,13 @@ def aggregate(runs: list[dict]) -> list[dict]:
 def compare(methods: list[str], out: Path, steps: int, checkpoint: str | None = None, data: str | None = None,
             limit: int = 0, eval_limit: int = 0, batch_size: int = 16, max_new_tokens: int = 160,
             progress: bool = True, seeds: list[int] = (0, 1, 2), jobs: int = 1, overwrite: bool = False,
-            lrs: dict[str, list[float]] | None = None, report: bool = False, task: str = "gsm8k") -> list[dict]:
+            lrs: dict[str, list[float]] | None = None, report: bool = False, task: str = "gsm8k",
+            evals: int = 7) -> list[dict]:
     """Train each method entry once per seed with the same budget; returns the base row and one
     aggregated row per entry (mean ± std over seeds), also written to compare.{md,json} and two plots.
     `lrs` maps an entry to the peak rate(s) to use instead of its recipe's (e.g. chosen by a sweep)."""
     cfgs = plan_runs(methods, list(seeds), out, steps, checkpoint, data, limit, eval_limit, batch_size, max_new_tokens,
-                     lrs, task)
+                     lrs, task, evals)
     total, base = evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress, out, task)
     say(progress, f"{len(methods)} methods x {len(seeds)} seeds = {len(cfgs)} runs of {steps} steps; "
                   f"results in {out}/")
@@ -525,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.steps, args.eval_limit, seeds = QUICK["steps"], args.eval_limit or QUICK["eval_limit"], list(QUICK["seeds"])
+    evals = QUICK["evals"] if args.quick else 7
     out = Path(args.out or ("runs/sweep" if args.sweep else "runs/compare-quick" if args.quick else "runs/compare"))
     t0 = time.time()
     try:
@@ -535,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}/sweep.md, sweep.json in {time.time() - t0:.0f}s")
             return 0
         compare(methods, out, args.steps, args.checkpoint, args.data, args.limit, args.eval_limit, args.batch_size,
-                args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite, task=args.task,
+                args.max_new_tokens, seeds=seeds, jobs=args.jobs, overwrite=args.overwrite, task=args.task, evals=evals,
                 lrs=chosen_rates(Path(args.rates)) if args.rates else None, report=args.report)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
