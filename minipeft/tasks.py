@@ -37,7 +37,7 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .data import (IGNORE, NAMES, OBJECTS, Example, _fact, encode_example, load_split, synthetic_arithmetic_text,
                    write_jsonl)
@@ -158,6 +158,20 @@ def encode_mc(tok, ex: dict, fmt: str = "plain", max_len: int | None = None) -> 
     """Zero-shot prompt, loss on the answer letter only (no EOS: the letter is the whole answer)."""
     return [encode_pair(tok, mc_prompt(ex), ex["labels"][ex["answer"]], fmt, max_len, end=False)]
 
+def json_lines(path: str | Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed object) for each line of a JSON-lines file (trailing blank lines ignored);
+    a line that is not JSON raises naming file, line and column."""
+    path = Path(path)
+    lines = read_utf8(path).split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for n, line in enumerate(lines, start=1):
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 # ----------------------------------------------------------------------------- ARC
 
 ARC_FILES = {"train": "ARC-Challenge-Train.jsonl", "dev": "ARC-Challenge-Dev.jsonl",
@@ -166,19 +180,11 @@ ARC_FILES = {"train": "ARC-Challenge-Train.jsonl", "dev": "ARC-Challenge-Dev.jso
 
 def load_arc_jsonl(path: str | Path) -> list[dict]:
     """ARC JSON lines; digit labels "1".."5" become "A".."E". A bad line raises naming file and line."""
-    path = Path(path)
-    lines = read_utf8(path).split("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
     out = []
-    for n, line in enumerate(lines, start=1):
-        where = f"{path}:{n}"
+    for where, obj in json_lines(path):
         try:
-            obj = json.loads(line)
             stem, choices, key = obj["question"]["stem"], obj["question"]["choices"], obj["answerKey"]
             texts, labels = [c["text"] for c in choices], [str(c["label"]) for c in choices]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: expected question.stem, question.choices[].text/label and answerKey "
                              f"(missing or wrong type: {e})") from None
@@ -222,19 +228,11 @@ DOLLY_KEYS = ("instruction", "context", "response", "category")
 
 def load_dolly_jsonl(path: str | Path) -> list[dict]:
     """dolly JSON lines (string instruction, context, response, category); errors name file and line."""
-    path = Path(path)
-    lines = read_utf8(path).split("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
     out = []
-    for n, line in enumerate(lines, start=1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for where, obj in json_lines(path):
         bad = [k for k in DOLLY_KEYS if not isinstance(obj, dict) or not isinstance(obj.get(k), str)]
         if bad:
-            raise ValueError(f"{path}:{n}: {', '.join(map(repr, bad))} missing or not a string")
+            raise ValueError(f"{where}: {', '.join(map(repr, bad))} missing or not a string")
         out.append({k: obj[k] for k in DOLLY_KEYS})
     return out
 
