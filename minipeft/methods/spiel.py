@@ -52,7 +52,7 @@ class SpIELConfig(SparseFTConfig):
     growth: str = "gradient"      # "gradient" (SpIEL-AG) or "momentum" (SpIEL-MA)
     every: int = 20               # S: steps between reselections
     accumulate: int = 5           # γ: gradient-accumulation steps before each (AG); the first comes at t = γ
-    drop_fraction: float = 0.2    # ζ0: fraction of k swapped at t = S + γ, decaying linearly
+    drop_fraction: float = 0.2    # ζ0: later reselections swap ζ0 (1 - t / total_steps) of k
     total_steps: int = 1000       # ζ reaches 0 here; no reselection afterwards
 
     def __post_init__(self):
