@@ -34,10 +34,11 @@ is diff_pruning.py, whose final cut gives a module of this kind. SpIEL (η chang
 is spiel.py, on this core: it sets `dense_grad_observer` to see dL/dW (the one dense tensor, one
 weight at a time, in backward) during its few accumulation steps.
 
-Measured (tests/test_sparse.py, slow): peak RSS of three AdamW steps over the model's own RSS, a 57 M
-weight Llama (dim 1024, 4 layers), batch 2 x 128, all-linear, 581,632 trainable: LoRA r=8 96 MiB,
-sparse_ft 112 MiB (η's rows/columns as int64 live until backward), dense full fine-tuning of the same
-weights 566 MiB (gradient + AdamW moments: 12 bytes per weight).
+Measured (tests/test_sparse.py, slow; 2-core shared CPU): peak RSS of three AdamW steps over the
+model's own RSS, a 57 M weight Llama (dim 1024, 4 layers), batch 2 x 128, all-linear, 581,632
+trainable: LoRA r=8 108.7 MiB, sparse_ft 125.9 MiB (η's rows/columns as int64 live until backward),
+SpIEL-AG 172.3 MiB and SpIEL-MA 125.8 MiB (spiel.py), dense full fine-tuning of the same weights
+579.0 MiB (gradient + AdamW moments: 12 bytes per weight).
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ The step hook (peft.add_step_hook) runs after `opt.step()`. It reaches AdamW's s
 torch's global optimiser post-step hook, which records which optimiser steps our φ; without one, only
 η and φ change. After a swap η is sorted again and φ and the moments are permuted with it.
 Only φ trains (AdamW state: 2k). Merges exactly like sparse_ft (scatter-add; unmerge restores).
-Memory: see tests/test_sparse.py's slow measurement and the README.
+Measured (tests/test_sparse.py, slow; peak RSS of 3 AdamW steps incl. a full reselection, 57 M weight
+Llama, all-linear, 581,632 trainable): LoRA r=8 108.7 MiB, sparse_ft 125.9, SpIEL-MA 125.8, SpIEL-AG
+172.3 (one weight's dense gradient and its top-k temporaries in backward), full fine-tuning 579.0.
 """
 
 from __future__ import annotations
