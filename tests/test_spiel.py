@@ -52,7 +52,7 @@ def test_identity_at_init_and_k(growth):
 
 @pytest.mark.parametrize("growth", spiel.GROWTH)
 def test_k_fixed_across_swaps_base_untouched_and_loss_falls(growth):
-    """12 steps with S = 4, γ = 2 (reselections at 2, 6, 10): η changes, every module keeps k unique,
+    """7 steps with S = 4, γ = 2 (reselections at 2 and 6): η changes, every module keeps k unique,
     sorted entries, only φ ever has a gradient, the base weights stay bit-identical, the loss falls."""
     m = tiny().train()
     apply_method(m, "spiel", **HYPER, growth=growth)
@@ -60,7 +60,7 @@ def test_k_fixed_across_swaps_base_untouched_and_loss_falls(growth):
     base = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
     start = [x.indices.clone() for x in mods(m)]
     loss0 = m(DATA[:, :-1], DATA[:, 1:])[1].item()
-    train(m, 12)
+    train(m, 7, lr=3e-2)
     assert all(torch.equal(dict(m.named_parameters())[n], t) for n, t in base.items())
     for x, s in zip(mods(m), start):
         assert len(x.indices) == len(s) == len(x.indices.unique()) and torch.all(x.indices.diff() > 0)
@@ -79,7 +79,7 @@ def test_cached_decoding_equals_full_forward():
 def test_save_load_roundtrip_after_swaps_and_wrong_base(tmp_path):
     m = tiny().train()
     apply_method(m, "spiel", **HYPER)
-    train(m, 7)
+    train(m, 3)  # the full reselection at step 2 moved η
     m.eval()
     out = m(IDX)
     save_adapter(m, tmp_path)
