@@ -28,10 +28,10 @@ from minipeft.recipes import recipe
 from minipeft.safetensors_io import atomic_write
 
 
-def run_one(method: str, method_args: dict, args, out: Path) -> dict:
+def run_one(method: str, method_args: dict, args, out: Path, lr: float = 0.0) -> dict:
     """Train with the finetune machinery; the summary (its final evaluation is on the first --test problems)."""
     cfg = TrainConfig(method=method, method_args=method_args, out=str(out), max_steps=args.steps,
-                      lr=recipe(method, "toy").lr, batch_size=16, max_len=256, max_new_tokens=160,
+                      lr=lr or recipe(method, "toy").lr, batch_size=16, max_len=256, max_new_tokens=160,
                       eval_limit=args.test, limit=0, baseline=False, eval_every=args.steps, seed=args.seed)
     return train(cfg, progress=False)
 
@@ -71,13 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test", type=int, default=100, help="test problems evaluated per rank")
     p.add_argument("--lora-ranks", default="1,2,4,8", help="ranks at which plain LoRA is trained ('' for none)")
     p.add_argument("--frozen", action="store_true", help="DyLoRA's frozen mode (only the b-th row/column trains)")
+    p.add_argument("--lr", type=float, default=0.0, help="DyLoRA's peak rate (0: its toy recipe's)")
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out, targets, t0 = Path(args.out), tuple(args.targets.split(",")), time.time()
     torch.set_num_threads(1)
     rows = []
-    run_one("dylora", dict(r=8, r_min=1, alpha=16.0, targets=targets, frozen=args.frozen), args, out / "dylora")
+    run_one("dylora", dict(r=8, r_min=1, alpha=16.0, targets=targets, frozen=args.frozen), args, out / "dylora",
+            args.lr)
     for b in range(1, 9):
         rows.append(dict(method="dylora", rank=b, **evaluate_adapter(out / "dylora" / "adapter", args, b)))
         print(rows[-1], flush=True)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = run_one("lora", dict(r=r, alpha=16.0, targets=targets), args, out / f"lora_r{r}")
         rows.append(dict(method="lora", rank=r, **summary["after"]))
         print(rows[-1], flush=True)
-    settings = dict(vars(args), lr_dylora=recipe("dylora", "toy").lr, lr_lora=recipe("lora", "toy").lr,
+    settings = dict(vars(args), lr_dylora=args.lr or recipe("dylora", "toy").lr, lr_lora=recipe("lora", "toy").lr,
                     batch_size=16, wall_seconds=round(time.time() - t0), threads=1)
     with atomic_write(out / "curve.json", "w") as f:
         json.dump(dict(settings=settings, rows=rows), f, indent=1)
