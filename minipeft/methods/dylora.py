@@ -9,17 +9,18 @@ target uses the first b rows of A and the first b columns of B (the paper's eq. 
 
 so the update of rank b is the rank-(b-1) update plus one more outer product: the ranks are nested
 ("sorted") as in nested dropout. `frozen=True` (the paper's eqs. 5-6, its default as we read it) lets
-only the b-th row of A and the b-th column of B change in that step (the first b-1 are used with
-.detach()); `frozen=False` trains A[:b] and B[:, :b] together. Either way the rows the step does not
-train are put back after the optimiser step (the step hook): AdamW would otherwise still move a
-zero-gradient row by its momentum from earlier steps and by weight decay, an update the paper's
-per-step rule (only the sampled part changes) does not make. Their AdamW moments still decay.
-Checked for issue 16: a public port that names huawei-noah/KD-NLP/DyLoRA as its source (kohya-style
-`DyLoRAModule`, read in a PaddlePaddle copy) keeps each rank as its own parameter and turns
-requires_grad on for the b-th only, so its optimiser never touches the others, which the put-back
-reproduces; that port runs every rank in the forward with a sqrt(r / b) scale, unlike eq. 3, which we
-keep. The official repository was not in the stored snapshot and the paper's Section 3 text could not
-be retrieved here: the frozen default remains our reading.
+only the b-th row of A and the b-th column of B receive a gradient in that step (the first b-1 are
+used with .detach()); `frozen=False` trains A[:b] and B[:, :b] together. AdamW still moves a
+zero-gradient row by its momentum and weight decay: "frozen" is about the gradient, as in the paper.
+Checked for issue 16 (eq. 3's truncation and alpha / b scale, the frozen gradient): the official
+repository (huawei-noah/KD-NLP/DyLoRA) was not in the stored snapshot and the paper's Section 3 text
+could not be retrieved here; a public port naming it as its source (kohya-style `DyLoRAModule`, read
+in a PaddlePaddle copy) keeps each rank as its own parameter with requires_grad on for the b-th only,
+so its optimiser leaves the others alone, but it also runs every rank in the forward with a
+sqrt(r / b) scale instead of eq. 3. We keep eq. 3 and one tensor per factor. Putting the untrained
+rows back after each AdamW step (tried on branch spiel, commit cae4351) made the toy-task curve worse
+(scripts/dylora_curve.py, 300 steps: frozen 0.17-0.19 vs 0.06-0.11 bits/token, non-frozen b = 8
+0.0551 vs 0.0491), so it was not kept; the frozen default remains our reading, not verified.
 Initialisation as LoRA (A Kaiming-uniform, B = 0): the model starts unchanged. A and B train.
 
 Outside training (eval mode) the adapter runs at `eval_rank` (0 = r_max). `truncate(model, b)` cuts
@@ -50,7 +51,7 @@ class DyLoRAConfig:
     dropout: float = 0.0        # dropout on the branch's input
     targets: str | tuple[str, ...] = ("q_proj", "v_proj")  # names, globs or "all-linear"
     eval_rank: int = 0          # the rank used outside training and by merge (0 = r)
-    frozen: bool = True         # only the b-th row of A / column of B trains in a step (eqs. 5-6)
+    frozen: bool = True         # only the b-th row of A / column of B gets a gradient (eqs. 5-6)
 
     def __post_init__(self):
         if not (1 <= self.r_min <= self.r and 0 <= self.eval_rank <= self.r and 0 <= self.dropout < 1):
@@ -73,9 +74,6 @@ class SampledRank:
         self.b = int(torch.randint(self.config.r_min, self.config.r + 1, ()))
 
     def __call__(self, model: nn.Module, step: int) -> None:
-        for m in model.modules():  # after opt.step(): undo what AdamW did to the rows this step did not train
-            if isinstance(m, DyLoRALinear) and m.rank is self:
-                m.put_back_untrained(self.b)
         self.resample()
 
 
@@ -94,7 +92,6 @@ class DyLoRALinear(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.register_buffer("weight_before_merge", None, persistent=False)
-        self.before_step = None  # (A, B) as the training forward saw them, until the step hook
 
     @property
     def weight(self) -> torch.Tensor:
@@ -108,19 +105,6 @@ class DyLoRALinear(nn.Module):
             B = torch.cat([B[:, :-1].detach(), B[:, -1:]], dim=1)
         return A, B
 
-    @torch.no_grad()
-    def put_back_untrained(self, b: int) -> None:
-        """Restore the rows of A / columns of B that the step at rank b did not train (from forward)."""
-        if self.before_step is None:
-            return
-        A0, B0 = self.before_step
-        first = b - 1 if self.config.frozen else 0  # trained: row b-1 (frozen) or rows 0..b-1
-        keep = torch.ones(self.config.r, dtype=torch.bool, device=A0.device)
-        keep[first:b] = False
-        self.lora_A[keep] = A0[keep]
-        self.lora_B[:, keep] = B0[:, keep]
-        self.before_step = None
-
     def current_rank(self) -> int:
         return self.rank.b if self.training else self.config.rank_for_eval
 
@@ -129,8 +113,6 @@ class DyLoRALinear(nn.Module):
         if self.merged:
             return y
         b = self.current_rank()
-        if self.training and torch.is_grad_enabled() and self.before_step is None:
-            self.before_step = (self.lora_A.detach().clone(), self.lora_B.detach().clone())  # for put_back_untrained
         A, B = self.factors(b, frozen=self.training and self.config.frozen)
         h = F.linear(F.linear(self.dropout(x).to(A.dtype), A), B)
         return y + (h * (self.config.alpha / b)).to(y.dtype)
@@ -166,7 +148,6 @@ def truncate(model: nn.Module, b: int) -> nn.Module:
         m.config = new[id(c)]
         m.lora_A = nn.Parameter(m.lora_A.detach()[:b].clone())
         m.lora_B = nn.Parameter(m.lora_B.detach()[:, :b].clone())
-        m.before_step = None
         m.rank.config = m.config
         m.rank.b = min(m.rank.b, b)
     model.peft_configs = [new.get(id(c), c) for c in model.peft_configs]
