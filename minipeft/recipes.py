@@ -151,6 +151,15 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "toy": Recipe(1e-2),  # minipeft's choice
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
+    "spiel": {
+        # minipeft's choice: sparse_ft's rate; total_steps = the toy run's 375 steps (3 epochs x 125), so the
+        # drop fraction decays to 0 at the end as in the released code's linear schedule (github.com/AlanAnsell/peft)
+        "toy": Recipe(1e-2, dict(total_steps=375)),
+        # minipeft's choice (sparse_ft's rate). ducdauge/sft-llm (the paper's instruction-tuning scripts,
+        # scripts/finetune_peft_with_accelerate.sh) sets LEARNING_RATE=1e-5 for Llama-2 7B/13B at batch 128;
+        # set --set total_steps=<the run's steps> so that the drop fraction reaches 0 at the end.
+        "llama-3.2-1b": Recipe(1e-4),
+    },
     "full": {
         "toy": Recipe(1e-3),  # minipeft's choice (every weight: far below the adapters' rates)
         "llama-3.2-1b": Recipe(2e-5),  # minipeft's choice (a usual full fine-tuning rate for 1B models)

@@ -30,4 +30,5 @@ METHODS = {
     "dylora": ("minipeft.methods.dylora", "DyLoRAConfig"),
     "sparse_ft": ("minipeft.methods.sparse_ft", "SparseFTConfig"),
     "diff_pruning": ("minipeft.methods.diff_pruning", "DiffPruningConfig"),
+    "spiel": ("minipeft.methods.spiel", "SpIELConfig"),
 }

@@ -12,6 +12,15 @@ so the update of rank b is the rank-(b-1) update plus one more outer product: th
 only the b-th row of A and the b-th column of B receive a gradient in that step (the first b-1 are
 used with .detach()); `frozen=False` trains A[:b] and B[:, :b] together. AdamW still moves a
 zero-gradient row by its momentum and weight decay: "frozen" is about the gradient, as in the paper.
+Checked for issue 16 (eq. 3's truncation and alpha / b scale, the frozen gradient): the official
+repository (huawei-noah/KD-NLP/DyLoRA) was not in the stored snapshot and the paper's Section 3 text
+could not be retrieved here; a public port naming it as its source (kohya-style `DyLoRAModule`, read
+in a PaddlePaddle copy) keeps each rank as its own parameter with requires_grad on for the b-th only,
+so its optimiser leaves the others alone, but it also runs every rank in the forward with a
+sqrt(r / b) scale instead of eq. 3. We keep eq. 3 and one tensor per factor. Putting the untrained
+rows back after each AdamW step (tried on branch spiel, commit cae4351) made the toy-task curve worse
+(scripts/dylora_curve.py, 300 steps: frozen 0.17-0.19 vs 0.06-0.11 bits/token, non-frozen b = 8
+0.0551 vs 0.0491), so it was not kept; the frozen default remains our reading, not verified.
 Initialisation as LoRA (A Kaiming-uniform, B = 0): the model starts unchanged. A and B train.
 
 Outside training (eval mode) the adapter runs at `eval_rank` (0 = r_max). `truncate(model, b)` cuts

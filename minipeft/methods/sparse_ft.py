@@ -30,13 +30,15 @@ Choosing η (`select`, before training; the selection itself is dense: one score
     phase 1 is the short SGD warm-up below, not the paper's full-length dense fine-tuning run.
 The warm-up (plain SGD on the targeted weights) is undone afterwards: training starts from the
 pretrained W with φ = 0, as LT-SFT's reset. Diff pruning (a learned L0 mask, dense while training)
-is diff_pruning.py, whose final cut gives a module of this kind. Not implemented: SpIEL (η changing
-during training).
+is diff_pruning.py, whose final cut gives a module of this kind. SpIEL (η changing during training)
+is spiel.py, on this core: it sets `dense_grad_observer` to see dL/dW (the one dense tensor, one
+weight at a time, in backward) during its few accumulation steps.
 
-Measured (tests/test_sparse.py, slow): peak RSS of three AdamW steps over the model's own RSS, a 57 M
-weight Llama (dim 1024, 4 layers), batch 2 x 128, all-linear, 581,632 trainable: LoRA r=8 96 MiB,
-sparse_ft 112 MiB (η's rows/columns as int64 live until backward), dense full fine-tuning of the same
-weights 566 MiB (gradient + AdamW moments: 12 bytes per weight).
+Measured (tests/test_sparse.py, slow; 2-core shared CPU): peak RSS of three AdamW steps over the
+model's own RSS, a 57 M weight Llama (dim 1024, 4 layers), batch 2 x 128, all-linear, 581,632
+trainable: LoRA r=8 108.7 MiB, sparse_ft 125.9 MiB (η's rows/columns as int64 live until backward),
+SpIEL-AG 172.3 MiB and SpIEL-MA 125.8 MiB (spiel.py), dense full fine-tuning of the same weights
+579.0 MiB (gradient + AdamW moments: 12 bytes per weight).
 """
 
 from __future__ import annotations
@@ -70,13 +72,13 @@ class SparseDelta(torch.autograd.Function):
     """y (N, out) = scatter(η, φ) x for x (N, in): the k entries only, in chunks of entries."""
 
     @staticmethod
-    def forward(ctx, x, values, rows, cols, out_features: int, step: int):
+    def forward(ctx, x, values, rows, cols, out_features: int, step: int, observer=None):
         y = x.new_zeros(x.shape[0], out_features)
         for s in range(0, len(values), step):
             e = slice(s, s + step)
             y.index_add_(1, rows[e], x[:, cols[e]] * values[e])  # (N, chunk) temporary
         ctx.save_for_backward(x, values, rows, cols)
-        ctx.step = step
+        ctx.step, ctx.observer = step, observer
         return y
 
     @staticmethod
@@ -90,7 +92,9 @@ class SparseDelta(torch.autograd.Function):
             gv[e] = (g * x[:, cols[e]]).sum(0)  # dL/dφ_i = Σ_n gy[n, row_i] x[n, col_i]
             if gx is not None:
                 gx.index_add_(1, cols[e], g * values[e])
-        return gx, gv, None, None, None, None
+        if ctx.observer is not None:  # SpIEL-AG: the dense dL/dW (out, in) of this one weight, then dropped
+            ctx.observer(gy.T.float() @ x.float())
+        return gx, gv, None, None, None, None, None
 
 
 class SparseLinear(nn.Module):
@@ -110,6 +114,7 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(k, device=dev))                    # φ (k,)
         self.merged = False
         self.register_buffer("entries_before_merge", None, persistent=False)  # W.flat[η] while merged
+        self.dense_grad_observer = None  # a callable given the dense dL/dW in backward (SpIEL-AG), else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -122,7 +127,7 @@ class SparseLinear(nn.Module):
         rows, cols = self.indices // self.base.in_features, self.indices % self.base.in_features
         x2 = x.reshape(-1, x.shape[-1]).to(self.values.dtype)  # (N, in)
         step = max(1, self.config.chunk // max(1, x2.shape[0]))
-        d = SparseDelta.apply(x2, self.values, rows, cols, self.base.out_features, step)
+        d = SparseDelta.apply(x2, self.values, rows, cols, self.base.out_features, step, self.dense_grad_observer)
         return y + d.reshape(*x.shape[:-1], -1).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
