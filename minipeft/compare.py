@@ -5,9 +5,11 @@ schedule and evaluation; the peak learning rate and any method settings are each
 (minipeft/recipes.py: "toy" without --checkpoint, else "llama-3.2-1b"), the table finetune reads.
 Every method runs once per seed (the seed sets the adapter's initialisation and the data order; the
 base model is the same), and the table gives mean ± standard deviation over the seeds. The base
-model is evaluated once, up front.
+model is evaluated once, up front. The default budget is one epoch of the toy task (125 steps of batch 16)
+and the first 100 test problems, so that every method and the claims' variants (96 runs) finish in about
+an hour on 2 CPU cores, one one-thread process per core; `--steps`, `--eval-limit` and `--jobs` change it.
 
-    python -m minipeft.compare                          # every method + full fine-tuning, seeds 0,1,2
+    python -m minipeft.compare                          # every method + the claims' variants, seeds 0,1,2
     python -m minipeft.compare --quick                  # one seed, 40 steps, 40 test problems (labs)
     python -m minipeft.compare --methods lora,ia3pp,ia3pp+use_l_o=false --seeds 0,1,2
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -54,14 +57,30 @@ from .safetensors_io import atomic_write
 from .tasks import TASKS
 from .toy import TOY_TRAINING
 
+# The budgets. A full compare (every method, the claims' variants, 3 seeds: 96 runs) at the sweep's three
+# epochs would take about 2.5 h on 2 CPU cores; one epoch on half the test problems fits in about an hour.
+COMPARE = dict(steps=125, eval_limit=100)                   # the default: one epoch of the toy task, 100 problems
 QUICK = dict(steps=40, eval_limit=40, seeds=(0,), evals=1)  # `--quick`: every method in a few minutes on 2 cores
-SWEEP_FACTORS = (1 / 3, 1.0, 3.0)                  # `--sweep`: peak rates tried around each recipe's
+SWEEP = dict(steps=375, eval_limit=0)                       # `--sweep`: three epochs (the protocol), every problem
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)                           # `--sweep`: peak rates tried around each recipe's
 
 
 def available_methods() -> list[str]:
     """The METHODS whose module exists in this checkout."""
     import importlib.util
     return [m for m, (module, _) in METHODS.items() if importlib.util.find_spec(module) is not None]
+
+
+def default_entries() -> list[str]:
+    """What a full compare runs without --methods: every method, then the claims' variants (CLAIMS)."""
+    methods = available_methods()
+    variants = [e for _, a, b, _, _ in CLAIMS for e in (a, b) if "+" in e and e.split("+")[0] in methods]
+    return methods + list(dict.fromkeys(variants))
+
+
+def default_jobs(checkpoint: str | None) -> int:
+    """One one-thread process per CPU core (at most 8) on the toy base; one process with a checkpoint."""
+    return 1 if checkpoint else max(1, min(8, os.cpu_count() or 1))
 
 
 def parse_entry(entry: str) -> tuple[str, dict]:
@@ -488,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="comma-separated entries, each a method name with optional +field=value "
                                      "settings (e.g. ia3pp+use_l_o=false); when not given: every method")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (adapter init and data order)")
-    p.add_argument("--steps", type=int, default=375, help="optimiser steps per run (375 = the toy default's 3 epochs)")
+    p.add_argument("--steps", type=int, help=f"optimiser steps per run; default {COMPARE['steps']} (one epoch of the "
+                   f"toy task), {SWEEP['steps']} with --sweep (three epochs)")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK['steps']} steps, {QUICK['eval_limit']} test problems, seed 0: a few minutes on 2 cores")
     p.add_argument("--sweep", action="store_true", help="choose peak rates: recipe x 1/3, 1, 3, one seed, three "
@@ -496,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", help="a sweep.json: each entry it chose a rate for runs at that rate, not its recipe's")
     p.add_argument("--report", action="store_true", help="train nothing: the tables and plots of the runs "
                                                          "already finished in --out")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each a process with one thread")
+    p.add_argument("--jobs", type=int, help="runs at a time, each a process with one thread; default: one per "
+                   "CPU core (at most 8), 1 with --checkpoint")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (at most 8 with --throughput)")
     p.add_argument("--out", help="folder for the tables, plots and runs; default runs/compare (runs/compare-quick, "
                                  "runs/sweep)")
@@ -506,14 +527,16 @@ def main(argv: list[str] | None = None) -> int:
                    "(minipeft/tasks.py); accuracy is NaN for dolly and text: read bits/token there")
     p.add_argument("--data", help="the task's data folder; when not given: its toy analogue")
     p.add_argument("--limit", type=int, default=0, help="first N train and test examples (0: all)")
-    p.add_argument("--eval-limit", type=int, default=0, help="first N test examples (0: all)")
+    p.add_argument("--eval-limit", type=int, help=f"first N test examples (0: all); default {COMPARE['eval_limit']}, "
+                   f"all with --sweep")
     p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget for accuracy")
     p.add_argument("--throughput", action="store_true", help="measure tokens/s and memory on --preset instead")
     p.add_argument("--preset", default="llama-3.2-1b", help="model shape for --throughput (random weights)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per packed row for --throughput")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (--throughput)")
     args = p.parse_args(argv)
-    methods = args.methods.split(",") if args.methods else available_methods()
+    full = not (args.methods or args.quick or args.sweep or args.throughput)
+    methods = args.methods.split(",") if args.methods else default_entries() if full else available_methods()
     try:
         for entry in methods:
             parse_entry(entry)
@@ -525,8 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         throughput(args.preset, [parse_entry(e)[0] for e in methods], args.max_len, min(args.batch_size, 8),
                    grad_checkpoint=args.grad_checkpoint)
         return 0
+    budget = QUICK if args.quick else SWEEP if args.sweep else COMPARE
+    args.steps = args.steps if args.steps is not None else budget["steps"]
+    args.eval_limit = args.eval_limit if args.eval_limit is not None else budget["eval_limit"]
+    args.jobs = args.jobs if args.jobs is not None else default_jobs(args.checkpoint)
     if args.quick:
-        args.steps, args.eval_limit, seeds = QUICK["steps"], args.eval_limit or QUICK["eval_limit"], list(QUICK["seeds"])
+        seeds = list(QUICK["seeds"])
     evals = QUICK["evals"] if args.quick else 7
     out = Path(args.out or ("runs/sweep" if args.sweep else "runs/compare-quick" if args.quick else "runs/compare"))
     t0 = time.time()

@@ -357,6 +357,30 @@ def test_sweep_picks_the_rate_with_the_lowest_last_epoch_train_loss(checkpoint, 
 
 
 
+def test_compare_budgets_entries_and_jobs_by_mode(monkeypatch):
+    """The full compare runs one epoch on 100 problems, with the claims' variants; the sweep keeps the
+    protocol's three epochs on every problem; --quick its 40/40; explicit flags win."""
+    import minipeft.compare as cmp
+    seen = {}
+    monkeypatch.setattr(cmp, "compare", lambda methods, out, steps, checkpoint, data, limit, eval_limit, *a, **k:
+                        seen.update(mode="compare", methods=methods, steps=steps, eval_limit=eval_limit, jobs=k["jobs"]))
+    monkeypatch.setattr(cmp, "sweep", lambda methods, out, steps, factors, checkpoint, data, limit, eval_limit, *a, **k:
+                        seen.update(mode="sweep", methods=methods, steps=steps, eval_limit=eval_limit, jobs=k["jobs"]))
+    monkeypatch.setattr(cmp.os, "cpu_count", lambda: 2)
+    assert cmp.main([]) == 0
+    assert (seen["steps"], seen["eval_limit"], seen["jobs"]) == (125, 100, 2)
+    assert seen["methods"][:len(cmp.available_methods())] == cmp.available_methods()
+    assert {"lora+gamma=4", "lora+r=6", "partially_tied_lora+r=16", "ia3pp+use_l_o=false",
+            "prefix_tuning+mlp_hidden=64", "llama_adapter+version=2"} <= set(seen["methods"])
+    assert cmp.main(["--sweep"]) == 0
+    assert (seen["mode"], seen["steps"], seen["eval_limit"]) == ("sweep", 375, 0)
+    assert "+" not in ",".join(seen["methods"])
+    assert cmp.main(["--quick"]) == 0 and (seen["steps"], seen["eval_limit"]) == (40, 40)
+    assert cmp.main(["--methods", "lora", "--steps", "7", "--eval-limit", "0", "--jobs", "1"]) == 0
+    assert (seen["methods"], seen["steps"], seen["eval_limit"], seen["jobs"]) == (["lora"], 7, 0, 1)
+    assert cmp.main(["--checkpoint", "somewhere"]) == 0 and seen["jobs"] == 1
+
+
 def test_claims_verdicts_count_a_difference_only_beyond_two_standard_errors():
     from minipeft.compare import claims_table, judge
 
