@@ -1,6 +1,8 @@
 """DyLoRA (minipeft/methods/dylora.py) on the tiny seeded model: the five standard tests, the sampled
 rank and its scaling, the frozen-mode gradients, rank nesting and truncate(), and the 1B count."""
 
+import math
+
 import pytest
 import torch
 
@@ -57,6 +59,36 @@ def test_gradients_only_on_a_b_and_frozen_mode_only_on_the_bth(frozen):
         assert cols == rows
     opt.step()
     assert all(torch.equal(dict(m.named_parameters())[n], t) for n, t in base.items())
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_same_as_the_authors_code(frozen):
+    """The forward of huawei-noah/Efficient-NLP DyLoRA/loralib/DyLoRA.py (commit 278c345d), rewritten:
+    each factor cut to b = current_rank + 1 and multiplied by sqrt(r / b), the first b-1 rows of A
+    (columns of B) detached when frozen, the product scaled by LoRA's alpha / r. Same output and the same
+    gradients as ours in training mode, for every b."""
+    m = adapted(frozen=frozen).train()
+    x = mods(m)[1]
+    r, alpha = 4, 8.0
+    inp = torch.randn(3, x.base.in_features, generator=torch.Generator().manual_seed(2))
+
+    def official_dynamic(inputs, rank):  # inputs (rows, r): rank = b - 1, the column that trains
+        if frozen:
+            inputs = torch.cat([inputs[:, :rank].detach(), inputs[:, rank:rank + 1]], dim=-1)
+        else:
+            inputs = inputs[:, :rank + 1]
+        return inputs * math.sqrt(r / (rank + 1))
+
+    for b in range(1, r + 1):
+        x.rank.b = b
+        ours = x(inp)
+        (g_A, g_B) = torch.autograd.grad(ours.square().sum(), (x.lora_A, x.lora_B))
+        A, B = official_dynamic(x.lora_A.T, b - 1).T, official_dynamic(x.lora_B, b - 1)
+        theirs = x.base(inp) + inp @ A.T @ B.T * (alpha / r)
+        (t_A, t_B) = torch.autograd.grad(theirs.square().sum(), (x.lora_A, x.lora_B))
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(g_A, t_A)
+        torch.testing.assert_close(g_B, t_B)
 
 
 def test_rank_b_update_by_hand_and_the_sampled_rank():

@@ -8,19 +8,18 @@ target uses the first b rows of A and the first b columns of B (the paper's eq. 
     h = W x + (alpha / b) B[:, :b] A[:b] x,    A: (r_max, in),  B: (out, r_max)
 
 so the update of rank b is the rank-(b-1) update plus one more outer product: the ranks are nested
-("sorted") as in nested dropout. `frozen=True` (the paper's eqs. 5-6, its default as we read it) lets
-only the b-th row of A and the b-th column of B receive a gradient in that step (the first b-1 are
-used with .detach()); `frozen=False` trains A[:b] and B[:, :b] together. AdamW still moves a
-zero-gradient row by its momentum and weight decay: "frozen" is about the gradient, as in the paper.
-Checked for issue 16 (eq. 3's truncation and alpha / b scale, the frozen gradient): the official
-repository (huawei-noah/KD-NLP/DyLoRA) was not in the stored snapshot and the paper's Section 3 text
-could not be retrieved here; a public port naming it as its source (kohya-style `DyLoRAModule`, read
-in a PaddlePaddle copy) keeps each rank as its own parameter with requires_grad on for the b-th only,
-so its optimiser leaves the others alone, but it also runs every rank in the forward with a
-sqrt(r / b) scale instead of eq. 3. We keep eq. 3 and one tensor per factor. Putting the untrained
-rows back after each AdamW step (tried on branch spiel, commit cae4351) made the toy-task curve worse
-(scripts/dylora_curve.py, 300 steps: frozen 0.17-0.19 vs 0.06-0.11 bits/token, non-frozen b = 8
-0.0551 vs 0.0491), so it was not kept; the frozen default remains our reading, not verified.
+("sorted") as in nested dropout. `frozen=True` (the default) lets only the b-th row of A and the b-th
+column of B receive a gradient in that step (the first b-1 are used with .detach()); `frozen=False`
+trains A[:b] and B[:, :b] together. Checked (issue 16) against the authors' code, huawei-noah/Efficient-NLP,
+DyLoRA/ at commit 278c345d (the paper's Section 3 text could not be retrieved here): in
+loralib/DyLoRA.py, `dynamic.forward` detaches the first b-1 rows of A / columns of B when frozen and
+multiplies each factor by sqrt(r / b) on top of LoRA's alpha / r, i.e. alpha / b for the product (eq. 3);
+examples/NLU/examples/text-classification/run_glue.py draws b uniformly in 1..r before every step, one b
+for the whole model, and trains with frozen=True. We do the same (test_same_as_the_authors_code).
+AdamW still moves a zero-gradient row by its momentum and weight decay: "frozen" is about the gradient,
+in their code (one Parameter per factor under the HF Trainer's AdamW) as here. Putting the untrained rows
+back after each step (branch spiel, commit cae4351) made the toy-task curve worse (scripts/dylora_curve.py,
+300 steps: frozen 0.17-0.19 vs 0.06-0.11 bits/token, non-frozen b = 8 0.0551 vs 0.0491), so it was not kept.
 Initialisation as LoRA (A Kaiming-uniform, B = 0): the model starts unchanged. A and B train.
 
 Outside training (eval mode) the adapter runs at `eval_rank` (0 = r_max). `truncate(model, b)` cuts
@@ -51,7 +50,7 @@ class DyLoRAConfig:
     dropout: float = 0.0        # dropout on the branch's input
     targets: str | tuple[str, ...] = ("q_proj", "v_proj")  # names, globs or "all-linear"
     eval_rank: int = 0          # the rank used outside training and by merge (0 = r)
-    frozen: bool = True         # only the b-th row of A / column of B gets a gradient (eqs. 5-6)
+    frozen: bool = True         # only the b-th row of A / column of B gets a gradient (authors' default)
 
     def __post_init__(self):
         if not (1 <= self.r_min <= self.r and 0 <= self.eval_rank <= self.r and 0 <= self.dropout < 1):
