@@ -23,7 +23,9 @@ Choosing η (`select`, before training; the selection itself is dense: one score
     Adaptive Sparsity by Fine-Tuning", arXiv:2005.07683 (weights moving away from 0);
   * "fisher": FISH mask, Sung et al. 2021, "Training Neural Networks with Fixed Sparse Masks",
     arXiv:2111.09839: the k largest empirical Fisher entries, mean over batches of (∇W)², at the
-    pretrained weights (no update);
+    pretrained weights (no update). The paper squares per-example gradients (its create_fisher.py
+    reads batches of one example): pass batches of one for its estimator (notebook 13 checks both);
+    bigger batches square the batch-mean gradient, a cheaper and different mask;
   * "lt_sft": the k largest |W_T - W_0| after the warm-up, the selection of LT-SFT (Ansell et al. 2022,
     "Composable Sparse Fine-Tuning for Cross-Lingual Transfer", ACL): phase 1 fine-tunes densely and
     keeps the k entries that changed most, phase 2 trains only those from the pretrained values. Our
