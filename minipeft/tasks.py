@@ -28,8 +28,9 @@ multiple choice questions written in the MMLU and ARC layouts, an instruction se
 and toy prose as text. All are seeded and deterministic. The multiple-choice questions are MMLU's
 two-statement kind ("Statement 1 | 14 is even. Statement 2 | 9 is even." with the options "True, True",
 "False, False", "True, False", "False, True" in that order), the right letter balanced over A-D; toy_folder
-writes the parity subject, which the toy base learns at the toy budget (results/toy-mc/). With shuffled
-options (find the answer among them, then name its letter) it stayed at chance even with full fine-tuning.
+writes the parity subject, which the toy base learns at the toy budget (results/toy-mc/). On questions with
+shuffled options (find the answer among them, then name its letter) it stayed at chance there, with LoRA
+and with full fine-tuning (results/toy-mc/README.md, probes P1-P3).
 """
 from __future__ import annotations
 
