@@ -28,7 +28,8 @@ multiple choice questions written in the MMLU and ARC layouts, an instruction se
 and toy prose as text. All are seeded and deterministic. The multiple-choice questions are MMLU's
 two-statement kind ("Statement 1 | 14 is even. Statement 2 | 9 is even." with the options "True, True",
 "False, False", "True, False", "False, True" in that order), the right letter balanced over A-D; toy_folder
-writes the parity subject, which the toy base learns at the toy budget (results/toy-mc/). On questions with
+writes the parity subject, which full fine-tuning of the toy base learns within 300 steps and LoRA in one
+run of three within 400 (results/toy-mc/: the vector methods memorise instead). On questions with
 shuffled options (find the answer among them, then name its letter) it stayed at chance there, with LoRA
 and with full fine-tuning (results/toy-mc/README.md, probes P1-P3).
 """
@@ -296,7 +297,7 @@ def encode_text(tok, ex: dict, fmt: str = "plain", max_len: int | None = None) -
 # with these four options, always in this order, so the letter follows from the two truth values.
 STATEMENT_OPTIONS = ("True, True", "False, False", "True, False", "False, True")
 TOY_SUBJECTS = ("toy_parity", "toy_lookup", "toy_arithmetic")
-MC_SUBJECTS = ("toy_parity",)  # what toy_folder writes: the one the toy base learns at the toy budget (README)
+MC_SUBJECTS = ("toy_parity",)  # what toy_folder writes: the one fine-tuning learned in probes (results/toy-mc/)
 
 
 def _statement(r: random.Random, subject: str, true: bool, context: tuple) -> str:
