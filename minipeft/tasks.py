@@ -29,7 +29,7 @@ and toy prose as text. All are seeded and deterministic. The multiple-choice que
 two-statement kind ("Statement 1 | 14 is even. Statement 2 | 9 is even." with the options "True, True",
 "False, False", "True, False", "False, True" in that order), the right letter balanced over A-D; toy_folder
 writes the parity subject, which full fine-tuning of the toy base learns within 300 steps and LoRA in one
-run of three within 400 (results/toy-mc/: the vector methods memorise instead). On questions with
+run of three within 400 (results/toy-mc/: the vector methods did not). On questions with
 shuffled options (find the answer among them, then name its letter) it stayed at chance there, with LoRA
 and with full fine-tuning (results/toy-mc/README.md, probes P1-P3).
 """
