@@ -24,9 +24,14 @@ One `Task` per name in `TASKS`; adding a task is a row there and touches no meth
 * text: any plain-text file, scored by sliding-window perplexity (minipeft.evaluate.sliding_window_nll).
 
 Each task has a toy analogue that runs on the shipped toy base (minipeft.toy) with no download:
-multiple choice questions on its arithmetic and look-up world written in the MMLU and ARC layouts, an
-instruction set in the dolly layout, and toy prose as text. All are seeded and deterministic. (At the
-toy budget the toy base learns only the letter prior of the multiple-choice analogue: README, Tasks.)
+multiple choice questions written in the MMLU and ARC layouts, an instruction set in the dolly layout,
+and toy prose as text. All are seeded and deterministic. The multiple-choice questions are MMLU's
+two-statement kind ("Statement 1 | 14 is even. Statement 2 | 9 is even." with the options "True, True",
+"False, False", "True, False", "False, True" in that order), the right letter balanced over A-D; toy_folder
+writes the parity subject, which full fine-tuning of the toy base learns within 300 steps and LoRA in one
+run of three within 400 (results/toy-mc/: the vector methods did not). On questions with
+shuffled options (find the answer among them, then name its letter) it stayed at chance there, with LoRA
+and with full fine-tuning (results/toy-mc/README.md, probes P1-P3).
 """
 from __future__ import annotations
 
@@ -288,44 +293,56 @@ def encode_text(tok, ex: dict, fmt: str = "plain", max_len: int | None = None) -
 
 # ----------------------------------------------------------------------------- the toy analogues
 
-def _mc_question(r: random.Random) -> tuple[str, str, list[str], int, bool]:
-    """(subject, question, choices, index of the right one, shuffle the choices?) on the toy base's world.
-    Two subjects keep their options in a fixed order, so the letter follows from the content alone
-    (parity, who has more); two shuffle numeric options, so the model must also find its answer among
-    them (the MMLU situation)."""
-    kind = r.randrange(4)
-    if kind == 0:
+# MMLU's two-statement questions (abstract_algebra and others): "Statement 1 | ... Statement 2 | ..."
+# with these four options, always in this order, so the letter follows from the two truth values.
+STATEMENT_OPTIONS = ("True, True", "False, False", "True, False", "False, True")
+TOY_SUBJECTS = ("toy_parity", "toy_lookup", "toy_arithmetic")
+MC_SUBJECTS = ("toy_parity",)  # what toy_folder writes: the one fine-tuning learned in probes (results/toy-mc/)
+
+
+def _statement(r: random.Random, subject: str, true: bool, context: tuple) -> str:
+    """One statement of `subject` that is `true` or not, on what the toy base has read: its arithmetic
+    facts, an amount said in the question's first sentence (`context`), the parity of a number."""
+    if subject == "toy_arithmetic":
         a, b, op, c = _fact(r)
-        wrong = r.sample(sorted({c + 1, c - 1, c + 10, c + 2, abs(c - 10)} - {c}), 3)
-        return "toy_arithmetic", f"What is {a}{op}{b}?", [str(c), *map(str, wrong)], 0, True
-    if kind == 1:
-        n = r.randint(2, 999)
-        return "toy_parity", f"Is {n} even or odd?", ["even", "odd", "a fraction", "negative"], n % 2, False
-    names, o = r.sample(NAMES, 4), r.choice(OBJECTS)
-    amounts = r.sample(range(2, 40), 4)
-    if kind == 2:
-        listing = ", ".join(f"{n} has {k} {o}" for n, k in zip(names, amounts))
-        i = r.randrange(4)
-        wrong = [str(k) for k in amounts[:i] + amounts[i + 1:]]
-        return "toy_lookup", f"{listing}. How many {o} does {names[i]} have?", [str(amounts[i]), *wrong], 0, True
-    return ("toy_compare", f"{names[0]} has {amounts[0]} {o} and {names[1]} has {amounts[1]} {o}. Who has more {o}?",
-            [names[0], names[1], "they have the same", "nobody"], int(amounts[1] > amounts[0]), False)
+        return f"{a}{op}{b}={c if true else c + r.choice([1, 2, 10]) * r.choice([-1, 1]) if c > 10 else c + r.randint(1, 3)}."
+    if subject == "toy_lookup":
+        (name, amount), o = r.choice(context[0]), context[1]
+        return f"{name} has {amount if true else r.choice([k for k in range(2, 40) if k != amount])} {o}."
+    if subject == "toy_parity":
+        return f"{r.choice(range(2 if true else 3, 100, 2))} is even."
+    raise ValueError(f"unknown toy subject {subject!r}; expected one of {TOY_SUBJECTS}")
 
 
-def synthetic_mc(n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """`n` distinct four-choice questions; a hash of the question decides its split (never shared)."""
+def _mc_question(r: random.Random, subject: str, answer: int) -> str:
+    """A two-statement question of `subject` whose right option is STATEMENT_OPTIONS[answer]."""
+    truths = [option == "True" for option in STATEMENT_OPTIONS[answer].split(", ")]
+    names, o = r.sample(NAMES, 2), r.choice([o for o in OBJECTS if len(o) <= 5])  # prompts within 256 bytes
+    amounts = r.sample(range(2, 40), 2)
+    head = f"{names[0]} has {amounts[0]} {o} and {names[1]} has {amounts[1]} {o}. " if subject == "toy_lookup" else ""
+    first, second = (_statement(r, subject, t, (list(zip(names, amounts)), o)) for t in truths)
+    return f"{head}Statement 1 | {first} Statement 2 | {second}"
+
+
+def synthetic_mc(n: int, seed: int = 0, split: str = "train", subjects: Sequence[str] = MC_SUBJECTS) -> list[dict]:
+    """`n` distinct four-choice questions, the `subjects` (of TOY_SUBJECTS) in turn; a hash of the question
+    decides its split (never shared). The right letter is balanced: every four questions of a subject
+    put it once at each of A, B, C, D (a seeded order), so always answering one letter scores 25%."""
     r, seen, out = random.Random(seed), set(), []
+    slots: dict[str, list[int]] = {s: [] for s in subjects}
     for _ in range(100 * n + 1000):
         if len(out) == n:
             break
-        subject, question, choices, answer, shuffle = _mc_question(r)
+        subject = subjects[len(out) % len(subjects)]
+        if not slots[subject]:
+            slots[subject] = r.sample(range(4), 4)
+        question = _mc_question(r, subject, slots[subject][-1])
         is_test = zlib.crc32(question.encode()) % 4 == 0
         if question in seen or is_test != (split == "test"):
             continue
         seen.add(question)
-        order = r.sample(range(4), 4) if shuffle else list(range(4))
-        out.append(dict(question=question, choices=[choices[i] for i in order], labels=list(LETTERS[:4]),
-                        answer=order.index(answer), subject=subject))
+        out.append(dict(question=question, choices=list(STATEMENT_OPTIONS), labels=list(LETTERS[:4]),
+                        answer=slots[subject].pop(), subject=subject))
     return out
 
 
@@ -389,7 +406,8 @@ def synthetic_instructions(n: int, seed: int = 0, split: str = "train") -> list[
 
 @dataclass(frozen=True)
 class ToySizes:
-    n_train: int = 1000     # training questions / instructions
+    n_train: int = 1000     # training instructions / text lines
+    n_train_mc: int = 4000  # training questions (mmlu, arc_challenge): one letter of loss each
     n_test: int = 200
     n_dev: int = 40         # MMLU dev (the k-shot pool) / ARC dev
     seed: int = 0
@@ -399,14 +417,15 @@ def toy_folder(task: str, sizes: ToySizes = ToySizes(), root: Path | None = None
     """The toy analogue of `task`, written once under the cache folder, in the task's official layout."""
     if task == "gsm8k":
         return toy_task(root=root)
-    final = (root or cache_dir()) / f"toy-{task}-{sizes.n_train}-{sizes.n_test}-{sizes.seed}"
+    mc = task in ("mmlu", "arc_challenge")
+    final = (root or cache_dir()) / f"toy-{task}-{sizes.n_train_mc if mc else sizes.n_train}-{sizes.n_test}-{sizes.seed}"
     if (final / "done.json").exists():
         return final
     s = sizes.seed
 
     def build(tmp: Path) -> None:
-        if task in ("mmlu", "arc_challenge"):
-            sets = dict(train=synthetic_mc(sizes.n_train, s, "train"), test=synthetic_mc(sizes.n_test, s + 1, "test"),
+        if mc:
+            sets = dict(train=synthetic_mc(sizes.n_train_mc, s, "train"), test=synthetic_mc(sizes.n_test, s + 1, "test"),
                         dev=synthetic_mc(sizes.n_dev, s + 2, "train"))  # dev: the k-shot pool, never a test question
             if task == "mmlu":
                 write_mmlu_layout(tmp, dict(sets, val=sets["dev"]))
@@ -422,7 +441,8 @@ def toy_folder(task: str, sizes: ToySizes = ToySizes(), root: Path | None = None
                                           synthetic_arithmetic_text(sizes.n_test // 2, s + 4000))
         else:
             raise ValueError(f"no toy analogue for task {task!r}")
-        (tmp / "done.json").write_text(json.dumps(dict(task=task, n_train=sizes.n_train, n_test=sizes.n_test,
+        (tmp / "done.json").write_text(json.dumps(dict(task=task, n_train=sizes.n_train_mc if mc else sizes.n_train,
+                                                       n_test=sizes.n_test,
                                                        n_dev=sizes.n_dev, seed=sizes.seed)))
 
     return _publish(build, final)

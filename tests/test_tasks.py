@@ -10,6 +10,7 @@ import math
 import sys
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ import minipeft.evaluate as ev
 from minipeft.data import IGNORE
 from minipeft.evaluate import (bits_per_token, continuation_logprobs, encode_all, evaluate_choices, load_task,
                                sliding_window_nll)
-from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, dolly_prompt, dolly_split, encode_dolly, encode_mc,
-                            load_arc, load_arc_jsonl, load_dolly, load_dolly_jsonl, load_mmlu, load_mmlu_csv,
-                            load_text, mc_prompt, subject_category, synthetic_instructions, synthetic_mc)
+from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, MC_SUBJECTS, TOY_SUBJECTS, dolly_prompt, dolly_split,
+                            encode_dolly, encode_mc, load_arc, load_arc_jsonl, load_dolly, load_dolly_jsonl, load_mmlu,
+                            load_mmlu_csv, load_text, mc_prompt, subject_category, synthetic_instructions,
+                            synthetic_mc, toy_folder)
 from minipeft.tokenizer import Tokenizer
 
 from helpers import tiny
@@ -269,13 +271,45 @@ def test_toy_generators_are_deterministic_and_splits_disjoint():
         {i["instruction"] + i["context"] for i in synthetic_instructions(50, 1, "test")}
 
 
+def test_toy_multiple_choice_balances_the_right_letter(tmp_path, monkeypatch):
+    # Always answering one letter must score 25% on the toy MMLU and ARC test files (the old analogue's
+    # most frequent letter scored 41.5%, which a fine-tuned model could learn instead of the questions).
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
+    for task, loader in (("mmlu", load_mmlu), ("arc_challenge", load_arc)):
+        for split in ("train", "test"):
+            questions = loader(toy_folder(task), split)
+            counts = Counter(q["labels"][q["answer"]] for q in questions)
+            assert set(counts) == set("ABCD") and max(counts.values()) <= 0.26 * len(questions), (task, split, counts)
+    for subject in MC_SUBJECTS:  # and within each subject, every four questions use each letter once
+        answers = [q["answer"] for q in synthetic_mc(80, 3, "test") if q["subject"] == subject]
+        assert all(sorted(answers[i:i + 4]) == [0, 1, 2, 3] for i in range(0, len(answers), 4)), subject
+
+
+def statement_truth(subject: str, context: str, statement: str) -> bool:
+    """A toy statement checked by hand: "12+7=19.", "Ivy has 14 pens." (against the context), "8 is even."."""
+    if subject == "toy_arithmetic":
+        left, right = statement.rstrip(".").split("=")
+        return eval(left.replace("/", "//")) == int(right)  # the toy divisions are exact
+    if subject == "toy_lookup":
+        return statement.rstrip(".") in context.split(". ")[0].split(" and ")
+    return int(statement.split()[0]) % 2 == 0
+
+
+def test_toy_statement_questions_have_the_right_answer():
+    for q in synthetic_mc(90, 4, "train", TOY_SUBJECTS) + synthetic_mc(30, 5, "test", TOY_SUBJECTS):
+        context, _, rest = q["question"].rpartition("Statement 1 | ")
+        first, second = rest.split(" Statement 2 | ")
+        truths = [statement_truth(q["subject"], context, s) for s in (first, second)]
+        assert q["choices"][q["answer"]] == ", ".join(str(t) for t in truths), q
+
+
 def test_toy_analogues_load_in_the_official_layouts(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
     for task in ("mmlu", "arc_challenge", "dolly", "text"):
         train, test, data = load_task(None, 0, task)
         assert train and test and Path(data).parent == tmp_path
-    assert {q["subject"] for q in load_mmlu(tmp_path / "toy-mmlu-1000-200-0", "test")} == {"toy_arithmetic", "toy_parity", "toy_lookup", "toy_compare"}
-    arc = (tmp_path / "toy-arc_challenge-1000-200-0" / "ARC-Challenge-Test.jsonl").read_text()
+    assert {q["subject"] for q in load_mmlu(tmp_path / "toy-mmlu-4000-200-0", "test")} == set(MC_SUBJECTS)
+    arc = (tmp_path / "toy-arc_challenge-4000-200-0" / "ARC-Challenge-Test.jsonl").read_text()
     assert '"label": "1"' in arc and '"label": "A"' in arc  # both label styles, as the official files
 
 
