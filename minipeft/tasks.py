@@ -5,7 +5,8 @@ One `Task` per name in `TASKS`; adding a task is a row there and touches no meth
 * gsm8k: grade-school maths (minipeft.data), greedy generation scored by the number after `####`.
 * mmlu: Hendrycks et al., "Measuring Massive Multitask Language Understanding", arXiv:2009.03300.
   CSV files without a header (question, A, B, C, D, answer letter), `<subject>_{dev,val,test}.csv`
-  in dev/ val/ test/, and auxiliary_train/*.csv (the training pool). The prompt is the paper's:
+  in dev/ val/ test/, and auxiliary_train/*.csv (the training pool). The prompt is the paper's (with lm-eval-harness's
+  single space before the subject, where the paper's evaluate.py writes two):
 
       The following are multiple choice questions (with answers) about {subject}.\\n\\n
       [k solved dev questions, each "...Answer: B\\n\\n"]{question}\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer:
