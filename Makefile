@@ -46,7 +46,7 @@ evaluate:
 	$(PY) -m minipeft.evaluate $(if $(TASK),--task $(TASK)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data $(TASK_DATA)) \
 	  $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
-# every method + full fine-tuning, 3 seeds (long: see README); QUICK=1: one seed, 40 steps, a few minutes
+# every method + full + the claims' variants, 3 seeds, one epoch (see README); QUICK=1: one seed, 40 steps, minutes
 QUICK ?=
 compare:
 	$(PY) -m minipeft.compare $(if $(TASK),--task $(TASK)) $(if $(QUICK),--quick) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) \
