@@ -505,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Compare PEFT methods with a matched budget, over seeds.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", help="comma-separated entries, each a method name with optional +field=value "
-                                     "settings (e.g. ia3pp+use_l_o=false); when not given: every method")
+                                     "settings (e.g. ia3pp+use_l_o=false); when not given: every method, plus the "
+                                     "claims' variants in a full compare")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (adapter init and data order)")
     p.add_argument("--steps", type=int, help=f"optimiser steps per run; default {COMPARE['steps']} (one epoch of the "
                    f"toy task), {SWEEP['steps']} with --sweep (three epochs)")
