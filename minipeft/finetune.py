@@ -529,12 +529,24 @@ def with_answer_tokens(encoded: list, max_len: int) -> tuple[list, int]:
     return kept, len(encoded) - len(kept)
 
 
+# Config fields of a schedule that must end with the run (AdaLoRA's budget: PEFT's name `total_step`;
+# SpIEL's drop fraction: `total_steps`). Unless --set gives one, it is the run's number of optimiser steps.
+RUN_LENGTH_FIELDS = ("total_step", "total_steps")
+
+
+def with_run_length(method: str, method_args: dict, total_steps: int) -> dict:
+    """method_args plus the run's step count for each RUN_LENGTH_FIELDS field the method has and the
+    arguments leave unset (a schedule written for 1000 steps would not finish in a 125-step run)."""
+    fields = {f.name for f in dataclasses.fields(method_module(method)[1])}
+    return {**{name: total_steps for name in RUN_LENGTH_FIELDS if name in fields}, **method_args}
+
+
 def prepare_model(model: Llama, cfg: TrainConfig, total_steps: int, device: torch.device):
     """Apply the method, make its tensors fp32, and build AdamW (the method's parameter groups) with
     the warmup + cosine schedule. The adapter's random initialisation is seeded here, so it does not
     depend on what consumed random numbers before (e.g. a base pretrained in the same process)."""
     torch.manual_seed(cfg.seed)
-    apply_method(model, cfg.method, **cfg.method_args)
+    apply_method(model, cfg.method, **with_run_length(cfg.method, cfg.method_args, total_steps))
     for p in model.parameters():  # trainable tensors are fp32 master weights, even on a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

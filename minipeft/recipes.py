@@ -182,12 +182,11 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
     "spiel": {
-        # minipeft's choice: sparse_ft's rate; total_steps = the toy run's 375 steps (3 epochs x 125), so the
-        # drop fraction decays to 0 at the end as in the released code's linear schedule (github.com/AlanAnsell/peft)
-        "toy": Recipe(1e-2, dict(total_steps=375)),
+        # minipeft's choice: sparse_ft's rate. finetune sets total_steps to the run's steps (unless --set), so
+        # the drop fraction decays to 0 at the end as in the released code's linear schedule (github.com/AlanAnsell/peft)
+        "toy": Recipe(1e-2),
         # minipeft's choice (sparse_ft's rate). ducdauge/sft-llm (the paper's instruction-tuning scripts,
-        # scripts/finetune_peft_with_accelerate.sh) sets LEARNING_RATE=1e-5 for Llama-2 7B/13B at batch 128;
-        # set --set total_steps=<the run's steps> so that the drop fraction reaches 0 at the end.
+        # scripts/finetune_peft_with_accelerate.sh) sets LEARNING_RATE=1e-5 for Llama-2 7B/13B at batch 128.
         "llama-3.2-1b": Recipe(1e-4),
     },
     "full": {

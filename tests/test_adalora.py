@@ -215,9 +215,12 @@ def test_hand_written_peft_adalora_dir(tmp_path):
         load_adapter(tiny(), write_dir(tmp_path / "e2", wrong, tensors))
 
 
-def test_finetune_cli_runs_the_budget_schedule_with_the_global_step(tmp_path):
-    """`--method adalora` through finetune.main on the tiny model: 6 steps, total_step 6, tfinal 2: the
-    saved adapter keeps exactly final_r x modules nonzero λ (the masking ran at the right steps)."""
+@pytest.mark.parametrize("set_total", [True, False])
+def test_finetune_cli_runs_the_budget_schedule_with_the_global_step(tmp_path, set_total):
+    """`--method adalora` through finetune.main on the tiny model: 6 steps, tfinal 2: the saved adapter
+    keeps exactly final_r x modules nonzero λ (the masking ran at the right steps). Without
+    `--set total_step`, finetune fills in the run's 6 steps (the class default, 1000, would stop the
+    budget far above its target)."""
     from minipeft import finetune
     from minipeft.data import synthetic_gsm8k, write_jsonl
     from minipeft.tokenizer import Tokenizer
@@ -229,8 +232,10 @@ def test_finetune_cli_runs_the_budget_schedule_with_the_global_step(tmp_path):
     write_jsonl(synthetic_gsm8k(2, seed=0, split="test"), tmp_path / "data" / "test.jsonl")
     args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             "--batch-size", "4", "--lr", "1e-2", "--max-new-tokens", "4", "--quiet", "--method", "adalora",
-            "--set", "r=4", "--set", "final_r=2", "--set", "total_step=6", "--set", "tinit=1", "--set", "tfinal=2"]
-    assert finetune.main(args) == 0
+            "--set", "r=4", "--set", "final_r=2", "--set", "tinit=1", "--set", "tfinal=2"]
+    assert finetune.main(args + (["--set", "total_step=6"] if set_total else [])) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+    assert json.loads((tmp_path / "run" / "adapter" / "minipeft_adapter.json").read_text())["methods"][0]["total_step"] == 6
     m = load_adapter(Llama.from_pretrained(tmp_path / "ckpt"), tmp_path / "run" / "adapter")
     mods = adalora.modules(m)
     assert sum(int((x.lora_E != 0).sum()) for x in mods) == 2 * len(mods)

@@ -21,7 +21,8 @@ Importance (eqs. 9-11), from every step's gradients (a peft.add_step_hook, run b
 Budget (eq. 12): b(t) = b0 for t <= t_init; b_T + (b0 - b_T)(1 - (t - t_init)/(T - t_init - t_final))³
 until T - t_final; then b_T, with b0 = r × modules and b_T = final_r × modules. Every `delta_t`
 steps (and at every step of the final phase, with the mask frozen) the λ_i of the least important
-triplets (over the whole model) are set to zero. `total_step` must be the run's number of steps.
+triplets (over the whole model) are set to zero. `total_step` must be the run's number of steps
+(finetune sets it so unless --set gives one).
 The importance averages and the mask are training state that is not saved (masked λ are saved as 0):
 a resumed run starts its averages again from zero.
 
@@ -49,7 +50,7 @@ class AdaLoRAConfig:
     alpha: float = 32.0          # s = alpha / r (PEFT's lora_alpha, divided by its ranknum = init_r)
     dropout: float = 0.0         # dropout on the branch's input
     targets: str | tuple[str, ...] = ("q_proj", "v_proj")  # names, globs or "all-linear"
-    total_step: int = 1000       # T: the run's optimiser steps (the schedule needs it)
+    total_step: int = 1000       # T: the run's optimiser steps (finetune fills it in)
     tinit: int = 0               # warm-up steps at the full budget
     tfinal: int = 0              # final steps at the target budget, mask frozen
     delta_t: int = 1             # mask every delta_t steps during the budget decrease

@@ -55,7 +55,7 @@ class SpIELConfig(SparseFTConfig):
     every: int = 20               # S: steps between reselections
     accumulate: int = 5           # γ: gradient-accumulation steps before each (AG); the first comes at t = γ
     drop_fraction: float = 0.2    # ζ0: later reselections swap ζ0 (1 - t / total_steps) of k
-    total_steps: int = 1000       # ζ reaches 0 here; no reselection afterwards
+    total_steps: int = 1000       # ζ reaches 0 here (finetune: the run's steps); no reselection afterwards
 
     def __post_init__(self):
         super().__post_init__()
