@@ -308,7 +308,12 @@ def test_toy_analogues_load_in_the_official_layouts(tmp_path, monkeypatch):
     for task in ("mmlu", "arc_challenge", "dolly", "text"):
         train, test, data = load_task(None, 0, task)
         assert train and test and Path(data).parent == tmp_path
-    assert {q["subject"] for q in load_mmlu(tmp_path / "toy-mmlu-4000-200-0", "test")} == set(MC_SUBJECTS)
+    folder = tmp_path / "toy-mmlu-v2-4000-200-0"
+    for split in ("train", "test"):  # the training prompts carry the subject line the test prompts have
+        assert {q["subject"] for q in load_mmlu(folder, split)} == set(MC_SUBJECTS), split
+    train_prompt, test_prompt = mc_prompt(load_mmlu(folder, "train")[0]), mc_prompt(load_mmlu(folder, "test")[0])
+    head = "The following are multiple choice questions (with answers) about toy parity.\n\nStatement 1 | "
+    assert train_prompt.startswith(head) and test_prompt.startswith(head)
     arc = (tmp_path / "toy-arc_challenge-4000-200-0" / "ARC-Challenge-Test.jsonl").read_text()
     assert '"label": "1"' in arc and '"label": "A"' in arc  # both label styles, as the official files
 
