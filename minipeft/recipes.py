@@ -5,11 +5,10 @@ still override) and prints which recipe it used; summary.json records it. Two ta
 
 * "toy": the shipped toy base (data/toy_base/) on the synthetic GSM8K-format task, 3 epochs of
   batch 16 (minipeft.toy.TOY_TRAINING). The rates start from the per-family rates that compare.py
-  used (low-rank matrices 3e-3, tied/shared factors 1e-2, vectors 3e-2): minipeft's choice. LoRA's
-  and (IA)3's were then checked on the shipped base at two rates each (one seed; the comments give
-  the figures) and the better test loss kept. DoRA, (IA)3++, prefix tuning and LLaMA-Adapter are set
-  by the write-up's protocol (`python -m minipeft.compare --sweep`, figures in the comments and in
-  results/toy-sweep/); the others are not swept yet (issue 13, point 3).
+  used (low-rank matrices 3e-3, tied/shared factors 1e-2, vectors 3e-2: minipeft's choice); then every
+  method's was set by the write-up's protocol (`python -m minipeft.compare --sweep`: that rate x 1/3, 1,
+  3, one seed, three epochs, the last epoch's training loss chooses), figures in the comments and in
+  results/toy-sweep/. A choice at the edge of its grid says so: a rate beyond it was not tried.
 * "llama-3.2-1b": Llama-3.2-1B on GSM8K. Where a published setting exists it is cited next to the
   number; most come from Hugging Face PEFT's MetaMathQA method comparison
   (github.com/huggingface/peft, method_comparison/MetaMathQA/: Llama-3.2-3B, AdamW, weight decay 0.1,
@@ -38,8 +37,8 @@ PEFT_BENCH = "HF PEFT MetaMathQA benchmark, method_comparison/MetaMathQA/experim
 
 RECIPES: dict[str, dict[str, Recipe]] = {
     "lora": {
-        # minipeft's choice, checked on the shipped base (seed 0, test bits/token / accuracy after 375 steps):
-        # 3e-3 -> 0.0402 / 56.0%, 1e-2 -> 0.0378 / 57.0%
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-3 0.0410, 1e-2 0.0397 (chosen), 3e-2 0.0898
         "toy": Recipe(1e-2),
         # PEFT_BENCH lora/llama-3.2-3B-rank32: lr 1e-4 with r=32, lora_alpha=64 on q_proj+v_proj (PEFT's Llama
         # default; --set r=32 --set alpha=64 to match). The LoRA paper (arXiv:2106.09685, Table 11): 2e-4 on GPT-3.
@@ -82,8 +81,8 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "llama-3.2-1b": Recipe(1e-3),  # minipeft's choice
     },
     "ia3": {
-        # minipeft's choice, checked on the shipped base (seed 0, test bits/token / accuracy after 375 steps):
-        # 3e-2 -> 0.0494 / 57.0%, 1e-1 -> 0.0419 / 58.5%
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-2 0.0519, 1e-1 0.0439 (chosen), 3e-1 0.0598
         "toy": Recipe(1e-1),
         # PEFT_BENCH ia3/llama-3.2-3B-all-attn-5k-lr0.005: lr 5e-3, weight decay 0 (its default run: 1e-4,
         # too low for vectors). The (IA)3 paper (arXiv:2205.05638) used 3e-3 with Adafactor on T0.
@@ -115,15 +114,15 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     # `python -m minipeft.finetune --method M --max-steps 100 --no-baseline --quiet --out DIR --lr X`), test
     # bits/token / accuracy on the 200 test problems; the base itself: 0.444 / 1.5%.
     "infix_tuning": {
-        # 3e-3 -> 0.446 / 5.0%, 1e-2 -> 0.355 / 7.5%, 3e-2 -> 0.212 / 20.0%, 1e-1 -> 0.097 / 40.0%,
-        # 3e-1 -> 0.103 / 40.0% (prefix_tuning in the same runs: 3e-2 -> 0.209 / 17.5%, 1e-1 -> 0.110 / 41.5%)
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-2 0.0920, 1e-1 0.0738 (chosen), 3e-1 0.0896
         "toy": Recipe(1e-1),
         "llama-3.2-1b": Recipe(1e-3),  # minipeft's choice: prefix tuning's published rate (PEFT_BENCH above)
     },
     "pasta": {
-        # 1e-2 -> 0.425 / 1.0%, 3e-2 -> 0.425 / 1.0%, 1e-1 -> 0.374 / 6.5%, 3e-1 -> 0.369 / 7.0% (kept 1e-1:
-        # 3e-1 is within one seed's noise of it, and (IA)3's vectors use 1e-1 too). In the plain format only
-        # <|begin_of_text|> occurs, so 6 x 128 of the 3,072 numbers train.
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-2 0.3376, 1e-1 0.3213 (chosen), 3e-1 0.3501
+        # In the plain format only <|begin_of_text|> occurs, so 6 x 128 of the 3,072 numbers train.
         "toy": Recipe(1e-1),
         "llama-3.2-1b": Recipe(5e-3),  # minipeft's choice: (IA)3's published rate for vectors (PEFT_BENCH ia3)
     },
@@ -143,8 +142,6 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         # minipeft's choice; the BitFit paper (arXiv:2106.10199) searched 1e-4..1e-3 for BERT
         "llama-3.2-1b": Recipe(1e-3),
     },
-    # Methods added after the toy base was tuned: minipeft's choice, each from its nearest family's rate;
-    # none tried on the shipped base yet (a sweep per issue 13, point 3, will set them).
     "bottleneck_adapter": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
         # 1e-3 0.0483, 3e-3 0.0375 (chosen), 9e-3 0.0420
@@ -152,16 +149,20 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice (LoRA's published rate)
     },
     "adamix": {
-        "toy": Recipe(3e-3),  # minipeft's choice (the bottleneck adapter's)
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 1e-3 0.0748 (chosen; the grid's bottom edge, lower untried), 3e-3 0.0820, 9e-3 0.2341
+        "toy": Recipe(1e-3),
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
     "adamix_lora": {
-        "toy": Recipe(1e-2),  # minipeft's choice (LoRA's toy rate)
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-3 0.0698 (chosen; the grid's bottom edge, lower untried), 1e-2 0.1742, 3e-2 5.3826
+        "toy": Recipe(3.3e-3),
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice (LoRA's published rate)
     },
     "adalora": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.0687, 1e-2 0.0459, 3e-2 0.0430 (chosen; the grid's top edge, higher untried)
+        # 1e-2 0.0459, 3e-2 0.0416 (chosen), 9e-2 0.0596
         "toy": Recipe(3e-2),  # minipeft's choice (LoRA's toy rate)
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice (LoRA's published rate)
     },
@@ -178,19 +179,23 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
     "diff_pruning": {
-        "toy": Recipe(1e-2),  # minipeft's choice
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-3 0.0413 (chosen; the grid's bottom edge, lower untried), 1e-2 0.0720, 3e-2 0.2953
+        "toy": Recipe(3.3e-3),
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
     "spiel": {
-        # minipeft's choice: sparse_ft's rate. finetune sets total_steps to the run's steps (unless --set), so
-        # the drop fraction decays to 0 at the end as in the released code's linear schedule (github.com/AlanAnsell/peft)
-        "toy": Recipe(1e-2),
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-3 0.2082, 1e-2 0.1449, 3e-2 0.0770 (chosen; the grid's top edge, higher untried)
+        "toy": Recipe(3e-2),
         # minipeft's choice (sparse_ft's rate). ducdauge/sft-llm (the paper's instruction-tuning scripts,
         # scripts/finetune_peft_with_accelerate.sh) sets LEARNING_RATE=1e-5 for Llama-2 7B/13B at batch 128.
         "llama-3.2-1b": Recipe(1e-4),
     },
     "full": {
-        "toy": Recipe(1e-3),  # minipeft's choice (every weight: far below the adapters' rates)
+        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-4 0.0311 (chosen; the grid's bottom edge, lower untried), 1e-3 0.0359, 3e-3 0.0568
+        "toy": Recipe(3.3e-4),  # every weight: far below the adapters' rates
         "llama-3.2-1b": Recipe(2e-5),  # minipeft's choice (a usual full fine-tuning rate for 1B models)
     },
 }
