@@ -6,8 +6,8 @@ schedule and evaluation; the peak learning rate and any method settings are each
 Every method runs once per seed (the seed sets the adapter's initialisation and the data order; the
 base model is the same), and the table gives mean ± standard deviation over the seeds. The base
 model is evaluated once, up front. The default budget is one epoch of the toy task (125 steps of batch 16)
-and the first 100 test problems, so that every method and the claims' variants (96 runs) finish in about
-an hour on 2 CPU cores, one one-thread process per core; `--steps`, `--eval-limit` and `--jobs` change it.
+and the first 100 test problems, so that every method and the claims' variants (90 runs) finish in about
+an hour on 2 CPU cores, one one-thread process per core (55 min measured, results/README.md); `--steps`, `--eval-limit` and `--jobs` change it.
 
     python -m minipeft.compare                          # every method + the claims' variants, seeds 0,1,2
     python -m minipeft.compare --quick                  # one seed, 40 steps, 40 test problems (labs)
@@ -57,7 +57,7 @@ from .safetensors_io import atomic_write
 from .tasks import TASKS
 from .toy import TOY_TRAINING
 
-# The budgets. A full compare (every method, the claims' variants, 3 seeds: 96 runs) at the sweep's three
+# The budgets. A full compare (every method, the claims' variants, 3 seeds: 90 runs) at the sweep's three
 # epochs would take about 2.5 h on 2 CPU cores; one epoch on half the test problems fits in about an hour.
 COMPARE = dict(steps=125, eval_limit=100)                   # the default: one epoch of the toy task, 100 problems
 QUICK = dict(steps=40, eval_limit=40, seeds=(0,), evals=1)  # `--quick`: every method in a few minutes on 2 cores
