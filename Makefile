@@ -52,8 +52,8 @@ compare:
 	$(PY) -m minipeft.compare $(if $(TASK),--task $(TASK)) $(if $(QUICK),--quick) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) \
 	  --data $(TASK_DATA)) $(ARGS)
 
-notebooks:
-	$(PY) -m pytest -q tests/test_notebooks.py
+notebooks:  # every lab and every solution notebook (make test runs the labs; the solutions are marked slow)
+	$(PY) -m pytest -q -m "" tests/test_notebooks.py
 
 # optional: needs `$(PY) -m pip install -e ".[bench]"` (transformers + peft); never part of `make test`
 bench:

@@ -371,6 +371,7 @@ def _load_overhead(path):
     return used / nbytes
 
 
+@pytest.mark.slow  # ~10 s: writes and reads ~100 MB; `make test-slow`
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset the RSS peak")
 def test_bf16_load_needs_about_its_weight_bytes(tmp_path):
     """~100 MB of bf16 weights: peak RSS growth while loading stays under 1.3x the weight bytes."""

@@ -4,7 +4,8 @@ CPU; every figure it shows has a title and labelled axes; the exercise checks be
 prints "Exercise N: not done yet", the solution notebook prints "Exercise N: correct" for each of them);
 and the committed files carry no outputs and declare the kernel `make install` registers.
 
-    python -m pytest tests/test_notebooks.py          # = make notebooks
+    python -m pytest -m "" tests/test_notebooks.py    # = make notebooks (labs and solutions)
+    python -m pytest tests/test_notebooks.py          # the labs only (solution runs are marked slow)
     python -m tests.test_notebooks --strip            # strip outputs (and set the kernel) before committing
     python -m tests.test_notebooks --run [NAME ...]   # execute some, one after the other; print each one's time
 
@@ -315,7 +316,13 @@ def test_every_lab_has_exercises_and_solutions():
             f"{solution.name} checks exercises {sorted(checks)}, its notebook has {sorted(exercises(read(lab_of(solution))))}")
 
 
-@pytest.mark.parametrize("path", ALL, ids=IDS)
+# Running a solution notebook is kept out of `make test` (marked slow: 14 kernels of about 4-7 CPU seconds each,
+# about 30 s of the suite's wall time on 2 cores); `make notebooks` and `make test-slow` run them. The labs
+# themselves run in `make test`, and every solution is still checked above for answering its lab's exercises.
+RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.parent == SOLUTION_DIR else p for p in ALL]
+
+
+@pytest.mark.parametrize("path", RUNS, ids=IDS)
 def test_notebook_runs(path):
     """Waits for the background run (started at collection) and checks what it printed and showed."""
     result = start(path).result()  # raises with the child's log on any error or failed assert
