@@ -20,8 +20,8 @@ a rerun with the same settings reuses finished runs (an interrupted compare cont
 stopped), other settings in the same --out are refused unless --overwrite.
 
 `--sweep` chooses learning rates by the protocol of the write-up "Parameter Efficient Fine Tuning
-Ideas": for each method a small grid of peak rates around its recipe (x1/3, x1, x3 by default), one
-seed, three epochs; the target is the training loss of the third epoch (lowest wins), and the table
+Ideas": for each method a small grid of peak rates around its recipe (x1/3, x1, x3 by default;
+`--factors 3` tries one rate beyond a choice at the grid's top edge), one seed, three epochs; the target is the training loss of the third epoch (lowest wins), and the table
 also reports the best test loss over the epochs and the accuracy. It writes sweep.md / sweep.json; the
 chosen rates go into minipeft/recipes.py by hand, with the figures in a comment.
 
@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 from dataclasses import asdict
 from pathlib import Path
 
@@ -383,6 +384,17 @@ def sweep(methods: list[str], out: Path, steps: int, factors=SWEEP_FACTORS, chec
     return rows
 
 
+def sweep_factors(text: str) -> tuple[float, ...]:
+    """`--factors` "1/3,1,3" -> (0.333..., 1.0, 3.0); anything but positive numbers or fractions is refused."""
+    try:
+        factors = tuple(float(Fraction(f.strip())) for f in text.split(","))
+    except (ValueError, ZeroDivisionError):
+        factors = ()
+    if not factors or not all(f > 0 for f in factors):
+        raise ValueError(f"--factors {text!r}: give positive numbers or fractions, comma-separated (e.g. 1/3,1,3)")
+    return factors
+
+
 def pm(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
     if mean != mean:
         return "-"
@@ -512,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"toy task), {SWEEP['steps']} with --sweep (three epochs)")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK['steps']} steps, {QUICK['eval_limit']} test problems, seed 0: a few minutes on 2 cores")
-    p.add_argument("--sweep", action="store_true", help="choose peak rates: recipe x 1/3, 1, 3, one seed, three "
-                                                        "epochs; the last epoch's train loss decides")
+    p.add_argument("--sweep", action="store_true", help="choose peak rates: recipe x 1/3, 1, 3 (--factors), one "
+                                                        "seed, three epochs; the last epoch's train loss decides")
+    p.add_argument("--factors", default="1/3,1,3", help="--sweep: the grid, as multiples of each recipe's rate, "
+                   "comma-separated numbers or fractions (e.g. 3 to try one rate above the recipe's)")
     p.add_argument("--rates", help="a sweep.json: each entry it chose a rate for runs at that rate, not its recipe's")
     p.add_argument("--report", action="store_true", help="train nothing: the tables and plots of the runs "
                                                          "already finished in --out")
@@ -542,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         for entry in methods:
             parse_entry(entry)
         seeds = [int(s) for s in args.seeds.split(",")]
+        factors = sweep_factors(args.factors)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -560,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         if args.sweep:
-            sweep(methods, out, args.steps, SWEEP_FACTORS, args.checkpoint, args.data, args.limit, args.eval_limit,
+            sweep(methods, out, args.steps, factors, args.checkpoint, args.data, args.limit, args.eval_limit,
                   args.batch_size, args.max_new_tokens, seed=seeds[0], jobs=args.jobs, overwrite=args.overwrite,
                   task=args.task)
             print(f"wrote {out}/sweep.md, sweep.json in {time.time() - t0:.0f}s")

@@ -103,9 +103,14 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "llama-3.2-1b": Recipe(1e-3),
     },
     "prompt_tuning": {
-        # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 1e-2 0.3656, 3e-2 0.3254 (chosen), 9e-2 0.3388
-        "toy": Recipe(3e-2),  # minipeft's choice (compare.py)
+        # Initialised from words (Lester et al. 2021, arXiv:2104.08691, sections 2.1 and 3.2: inits from real words
+        # beat random ones): 20 bytes in the Q&A layout the toy base pretrained on (in its byte-level vocabulary
+        # a byte's id is its value). The default "sampled vocab" init draws bytes and reserved ids the toy base
+        # never trained and starts at ~7 bits/token (tests/test_toy.py); with it, sweep-2 chose 3e-2 (last-epoch
+        # train 0.3254) and one epoch left the base's test loss almost unchanged (0.4384 +- 0.0106 vs 0.4491).
+        # --sweep with this init (results/toy-sweep/sweep-5.md: 375 steps, seed 0, last-epoch train bits/token):
+        # 3.3e-2 0.2429, 1e-1 0.2011 (chosen), 3e-1 0.2199
+        "toy": Recipe(1e-1, {"init_token_ids": tuple(b"Answer: 2+3=5\n#### 5")}),
         # PEFT_BENCH prompt_tuning/llama-3.2-3B-lr_0.001 and -sample_vocab-lr_0.001: lr 1e-3
         # (200 virtual tokens there; --set prompt_len=200 to match)
         "llama-3.2-1b": Recipe(1e-3),

@@ -365,7 +365,8 @@ def test_compare_budgets_entries_and_jobs_by_mode(monkeypatch):
     monkeypatch.setattr(cmp, "compare", lambda methods, out, steps, checkpoint, data, limit, eval_limit, *a, **k:
                         seen.update(mode="compare", methods=methods, steps=steps, eval_limit=eval_limit, jobs=k["jobs"]))
     monkeypatch.setattr(cmp, "sweep", lambda methods, out, steps, factors, checkpoint, data, limit, eval_limit, *a, **k:
-                        seen.update(mode="sweep", methods=methods, steps=steps, eval_limit=eval_limit, jobs=k["jobs"]))
+                        seen.update(mode="sweep", methods=methods, steps=steps, eval_limit=eval_limit, jobs=k["jobs"],
+                                    factors=factors))
     monkeypatch.setattr(cmp.os, "cpu_count", lambda: 2)
     assert cmp.main([]) == 0
     assert (seen["steps"], seen["eval_limit"], seen["jobs"]) == (125, 100, 2)
@@ -374,11 +375,21 @@ def test_compare_budgets_entries_and_jobs_by_mode(monkeypatch):
             "prefix_tuning+mlp_hidden=64", "llama_adapter+version=2"} <= set(seen["methods"])
     assert cmp.main(["--sweep"]) == 0
     assert (seen["mode"], seen["steps"], seen["eval_limit"]) == ("sweep", 375, 0)
+    assert seen["factors"] == pytest.approx(cmp.SWEEP_FACTORS)
+    assert cmp.main(["--sweep", "--factors", "3", "--methods", "dora"]) == 0 and seen["factors"] == (3.0,)
+    assert cmp.main(["--sweep", "--factors", "1/3"]) == 0 and seen["factors"] == pytest.approx((1 / 3,))
     assert "+" not in ",".join(seen["methods"])
     assert cmp.main(["--quick"]) == 0 and (seen["steps"], seen["eval_limit"]) == (40, 40)
     assert cmp.main(["--methods", "lora", "--steps", "7", "--eval-limit", "0", "--jobs", "1"]) == 0
     assert (seen["methods"], seen["steps"], seen["eval_limit"], seen["jobs"]) == (["lora"], 7, 0, 1)
     assert cmp.main(["--checkpoint", "somewhere"]) == 0 and seen["jobs"] == 1
+
+
+def test_sweep_factors_that_are_not_positive_numbers_get_a_clear_error(capsys):
+    import minipeft.compare as cmp
+    for bad in ("0", "x", "1/0", "-3"):
+        assert cmp.main(["--sweep", "--factors", bad, "--methods", "lora"]) == 1
+        assert f"--factors {bad!r}: give positive numbers" in capsys.readouterr().err
 
 
 def test_claims_verdicts_count_a_difference_only_beyond_two_standard_errors():

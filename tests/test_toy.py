@@ -2,6 +2,7 @@
 (minipeft.recipes) as finetune uses them. Each runs in seconds on 2 CPU cores."""
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from minipeft import finetune, toy
-from minipeft.adapters import METHODS, adapter_state
+from minipeft.adapters import METHODS, adapter_state, apply_method
 from minipeft.data import PLAIN_PROMPT, encode_completion, encode_prompt, synthetic_gsm8k, write_jsonl
 from minipeft.finetune import TrainConfig, build_parser, config_from_args
 from minipeft.llama import Llama, LlamaConfig
@@ -129,3 +130,20 @@ def test_lr_overrides_the_recipe_and_the_run_folder_names_the_base():
     assert cfg.out == "runs/Llama-3.2-1B/lora" and cfg.lr == RECIPES["lora"]["llama-3.2-1b"].lr
     cfg = config_from_args(build_parser().parse_args(["--preset", "tiny", "--method", "ia3"]))
     assert cfg.out == "runs/tiny/ia3" and cfg.lr == RECIPES["ia3"]["llama-3.2-1b"].lr
+
+
+def test_prompt_tunings_toy_recipe_starts_from_words_the_base_knows():
+    """The toy recipe initialises prompt tuning from words (Lester et al. 2021, sections 2.1 and 3.2): the end of a Q&A
+    document in the layout the base pretrained on. At step 0 the prompted base then reads held-out documents
+    as well as the base does, while the method's default "sampled vocab" init, rows of random ids of the
+    byte-level vocabulary (mostly bytes and reserved ids the base never trained), ruins it (~7 bits/token):
+    the compare runs with that init spent their budget recovering (results/toy-sweep/sweep-5.md)."""
+    base = Llama.from_pretrained(toy.toy_base(progress=False))
+    plain = toy.loss_probe(base, TOK)
+    args = recipe("prompt_tuning", "toy").method_args
+    assert TOK.decode(list(args["init_token_ids"])) == "Answer: 2+3=5\n#### 5"
+    worded = toy.loss_probe(apply_method(copy.deepcopy(base), "prompt_tuning", **args), TOK)
+    torch.manual_seed(0)
+    sampled = toy.loss_probe(apply_method(copy.deepcopy(base), "prompt_tuning"), TOK)
+    for kind in plain:
+        assert worded[kind] < 1.15 * plain[kind] and sampled[kind] > 3 * plain[kind], (kind, plain, worded, sampled)

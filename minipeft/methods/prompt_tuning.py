@@ -19,7 +19,8 @@ Trains: k * dim numbers. Initialisation (the paper compares three): embeddings o
 (`init_token_ids`, e.g. `tuple(tokenizer.encode("Solve the problem:"))`, tiled or cut to k), or
 "sampled vocab": rows of random tokens. Lester et al. sample among the 5,000 most common tokens; we
 sample among the first `sample_vocab_top` ids, which in a BPE vocabulary are its earliest, most
-frequent merges (an approximation of "most common").
+frequent merges (an approximation of "most common"). That fails in the toy base's byte-level vocabulary,
+whose first ids include bytes and reserved ids it never trained: there the toy recipe starts from words.
 
 Known difference from Hugging Face PEFT: PEFT concatenates the k soft tokens to the input embeddings,
 so the real tokens sit at positions k, k+1, ...; here they keep positions 0, 1, ... (the soft prompt at
