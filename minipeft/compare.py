@@ -5,7 +5,8 @@ schedule and evaluation; the peak learning rate and any method settings are each
 (minipeft/recipes.py: "toy" without --checkpoint, else "llama-3.2-1b"), the table finetune reads.
 Every method runs once per seed (the seed sets the adapter's initialisation and the data order; the
 base model is the same), and the table gives mean ± standard deviation over the seeds. The base
-model is evaluated once, up front. The default budget is one epoch of the toy task (125 steps of batch 16)
+model is evaluated once, up front; compare.md's note names every entry whose test bits/token is not
+clearly below the base's (mean + 2 standard errors over the seeds not under it). The default budget is one epoch of the toy task (125 steps of batch 16)
 and the first 100 test problems, so that every method and the claims' variants (90 runs) finish in about
 an hour on 2 CPU cores, one one-thread process per core (55 min measured, results/README.md); `--steps`, `--eval-limit` and `--jobs` change it.
 
@@ -416,16 +417,37 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def not_clearly_below_base(rows: list[dict]) -> list[str]:
+    """Entries whose test bits/token is not clearly below the base model's: mean + 2 standard errors over
+    the seeds (the base is one deterministic evaluation) is not under the base's figure."""
+    base = next((r for r in rows if r["method"] == "base model"), None)
+    if base is None:
+        return []
+    failing = []
+    for r in rows:
+        n = len(r["seeds"]) - r["failed"]
+        if r is base or not r["seeds"]:
+            continue
+        std = r.get("test_bpt_std", float("nan"))
+        se = std / math.sqrt(n) if n > 1 and std == std else 0.0
+        if not (n and r["test_bpt"] + 2 * se < base["test_bpt"]):
+            failing.append(r["method"])
+    return failing
+
+
 def write_outputs(rows: list[dict], runs: list[dict], out: Path, settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     errors = "; ".join(f"{r['method']}: {e}" for r in rows for e in r["errors"]) or "none"
+    failing = not_clearly_below_base(rows)
     note = (f"\n{settings['steps']} optimiser steps of batch {settings['batch_size']} per run, the same data, "
             f"warmup + cosine schedule; mean ± sample std over seeds {settings['seeds']} (adapter init and data "
             f"order); {settings['base_params']:,} base parameters; base: {settings['base']}; data: {settings['data']}"
             + (f"; first {settings['eval_limit']} test problems" if settings["eval_limit"] else "")
             + f". Peak rates from minipeft/recipes.py ({settings['recipes']}). Diverged runs: {errors}\n")
+    below = ("every entry" if not failing else f"all but {', '.join(failing)}")
     with atomic_write(out / "compare.md", "w") as f:
-        f.write("\n".join(table_lines(rows)) + "\n" + note)
+        f.write("\n".join(table_lines(rows)) + "\n" + note + f"Test bits/token clearly below the base model's "
+                "(mean + 2 standard errors over the seeds under it): " + below + "\n")
     with atomic_write(out / "compare.json", "w") as f:
         json.dump(dict(settings=settings, rows=rows, runs=runs), f, indent=2)
     claims = claims_table(rows)

@@ -8,7 +8,9 @@ still override) and prints which recipe it used; summary.json records it. Two ta
   used (low-rank matrices 3e-3, tied/shared factors 1e-2, vectors 3e-2: minipeft's choice); then every
   method's was set by the write-up's protocol (`python -m minipeft.compare --sweep`: that rate x 1/3, 1,
   3, one seed, three epochs, the last epoch's training loss chooses), figures in the comments and in
-  results/toy-sweep/. A choice at the edge of its grid says so: a rate beyond it was not tried.
+  results/toy-sweep/. Where the choice sat at the edge of its grid, the next rate beyond it was run
+  too (sweep-6, sweep-7: `--factors 3` or `1/3`), and again while the new rate won; a choice still at
+  an edge says so.
 * "llama-3.2-1b": Llama-3.2-1B on GSM8K. Where a published setting exists it is cited next to the
   number; most come from Hugging Face PEFT's MetaMathQA method comparison
   (github.com/huggingface/peft, method_comparison/MetaMathQA/: Llama-3.2-3B, AdamW, weight decay 0.1,
@@ -46,19 +48,19 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "dora": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 1e-3 0.0520, 3e-3 0.0414, 9e-3 0.0400 (chosen; the grid's top edge, higher untried)
+        # 1e-3 0.0520, 3e-3 0.0414, 9e-3 0.0400 (chosen), 2.7e-2 0.0567 (sweep-6, beyond the first grid's edge)
         "toy": Recipe(9e-3),
         "llama-3.2-1b": Recipe(1e-4),  # PEFT_BENCH lora/llama-3.2-3B-rank32-dora: lr 1e-4 (r=32, lora_alpha=64)
     },
     "simple_dora": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 1e-3 0.0551, 3e-3 0.0425, 9e-3 0.0390 (chosen; the grid's top edge, higher untried)
+        # 1e-3 0.0551, 3e-3 0.0425, 9e-3 0.0390 (chosen), 2.7e-2 0.0581 (sweep-6, beyond the first grid's edge)
         "toy": Recipe(9e-3),  # minipeft's choice (compare.py's low-rank rate)
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice: DoRA's published rate
     },
     "tied_lora": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.0503, 1e-2 0.0443, 3e-2 0.0440 (chosen; the grid's top edge, higher untried)
+        # 3.3e-3 0.0503, 1e-2 0.0443, 3e-2 0.0440 (chosen), 9e-2 0.0502 (sweep-6, beyond the first grid's edge)
         "toy": Recipe(3e-2),  # minipeft's choice (compare.py's shared-factor rate)
         "llama-3.2-1b": Recipe(1e-3),  # minipeft's choice (no published Llama-3 setting; shared factors, 10x LoRA)
     },
@@ -90,14 +92,16 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "ia3pp": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-2 0.0467 (chosen), 1e-1 0.0483, 3e-1 0.0740. The claims run (results/toy-claims) used 1e-1.
+        # 1.1e-2 0.0567 (sweep-6, below the first grid's edge), 3.3e-2 0.0467 (chosen), 1e-1 0.0483, 3e-1 0.0740.
+        # The claims run (results/toy-claims) used 1e-1.
         "toy": Recipe(3.3e-2),
         "llama-3.2-1b": Recipe(5e-3),  # minipeft's choice: (IA)3's published rate
     },
     "prefix_tuning": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.3494, 1e-2 0.1597, 3e-2 0.0922 (chosen; the grid's top edge, higher untried)
-        "toy": Recipe(3e-2),
+        # 3.3e-3 0.3494, 1e-2 0.1597, 3e-2 0.0922; beyond that grid's top edge (sweep-6, sweep-7): 9e-2 0.0652
+        # (chosen), 2.7e-1 0.0779
+        "toy": Recipe(9e-2),
         # PEFT_BENCH prefixtuning/llama-3.2-3B-lr_0.001: lr 1e-3 (200 virtual tokens there; minipeft keeps
         # prefix_len=10: --set prefix_len=200 to match)
         "llama-3.2-1b": Recipe(1e-3),
@@ -133,8 +137,9 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "llama_adapter": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.2751, 1e-2 0.1948, 3e-2 0.1054 (chosen; the grid's top edge, higher untried)
-        "toy": Recipe(3e-2),
+        # 3.3e-3 0.2751, 1e-2 0.1948, 3e-2 0.1054; beyond that grid's top edge (sweep-6, sweep-7): 9e-2 0.0918
+        # (chosen), 2.7e-1 0.1229
+        "toy": Recipe(9e-2),
         # PEFT_BENCH adaptionprompt/llama-3.2-3B-lr_0.0005: lr 5e-4 (adapter_len 100 on all 28 layers there).
         # The LLaMA-Adapter repo (OpenGVLab/LLaMA-Adapter alpaca_finetuning_v1/finetuning.sh) uses
         # blr 9e-3 with lr = blr * batch / 256, on LLaMA-7B with prompt_len 10 on 30 layers.
@@ -142,7 +147,7 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "bitfit": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.0781, 1e-2 0.0522, 3e-2 0.0462 (chosen; the grid's top edge, higher untried)
+        # 3.3e-3 0.0781, 1e-2 0.0522, 3e-2 0.0462 (chosen), 9e-2 0.0510 (sweep-6, beyond the first grid's edge)
         "toy": Recipe(3e-2),  # minipeft's choice (compare.py)
         # minipeft's choice; the BitFit paper (arXiv:2106.10199) searched 1e-4..1e-3 for BERT
         "llama-3.2-1b": Recipe(1e-3),
@@ -155,13 +160,13 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "adamix": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 1e-3 0.0748 (chosen; the grid's bottom edge, lower untried), 3e-3 0.0820, 9e-3 0.2341
+        # 3.3e-4 0.1010 (sweep-6, below the first grid's edge), 1e-3 0.0748 (chosen), 3e-3 0.0820, 9e-3 0.2341
         "toy": Recipe(1e-3),
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
     "adamix_lora": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.0698 (chosen; the grid's bottom edge, lower untried), 1e-2 0.1742, 3e-2 5.3826
+        # 1.1e-3 0.0834 (sweep-6, below the first grid's edge), 3.3e-3 0.0698 (chosen), 1e-2 0.1742, 3e-2 5.3826
         "toy": Recipe(3.3e-3),
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice (LoRA's published rate)
     },
@@ -179,27 +184,30 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     },
     "sparse_ft": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.2045, 1e-2 0.1296, 3e-2 0.0621 (chosen; the grid's top edge, higher untried)
-        "toy": Recipe(3e-2),  # minipeft's choice
+        # 3.3e-3 0.2045, 1e-2 0.1296, 3e-2 0.0621; beyond that grid's top edge (sweep-6, sweep-7): 9e-2 0.0554
+        # (chosen), 2.7e-1 0.0611
+        "toy": Recipe(9e-2),
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
     "diff_pruning": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.0413 (chosen; the grid's bottom edge, lower untried), 1e-2 0.0720, 3e-2 0.2953
-        "toy": Recipe(3.3e-3),
+        # 3.3e-3 0.0413, 1e-2 0.0720, 3e-2 0.2953; below that grid's bottom edge (sweep-6, sweep-7): 3.7e-4 0.0469,
+        # 1.1e-3 0.0383 (chosen)
+        "toy": Recipe(1.1e-3),
         "llama-3.2-1b": Recipe(1e-4),  # minipeft's choice
     },
     "spiel": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-3 0.2082, 1e-2 0.1449, 3e-2 0.0770 (chosen; the grid's top edge, higher untried)
-        "toy": Recipe(3e-2),
+        # 3.3e-3 0.2082, 1e-2 0.1449, 3e-2 0.0770; beyond that grid's top edge (sweep-6, sweep-7): 9e-2 0.0622
+        # (chosen), 2.7e-1 0.0707
+        "toy": Recipe(9e-2),
         # minipeft's choice (sparse_ft's rate). ducdauge/sft-llm (the paper's instruction-tuning scripts,
         # scripts/finetune_peft_with_accelerate.sh) sets LEARNING_RATE=1e-5 for Llama-2 7B/13B at batch 128.
         "llama-3.2-1b": Recipe(1e-4),
     },
     "full": {
         # --sweep (results/toy-sweep: 375 steps, seed 0, last-epoch train bits/token):
-        # 3.3e-4 0.0311 (chosen; the grid's bottom edge, lower untried), 1e-3 0.0359, 3e-3 0.0568
+        # 1.1e-4 0.0359 (sweep-6, below the first grid's edge), 3.3e-4 0.0311 (chosen), 1e-3 0.0359, 3e-3 0.0568
         "toy": Recipe(3.3e-4),  # every weight: far below the adapters' rates
         "llama-3.2-1b": Recipe(2e-5),  # minipeft's choice (a usual full fine-tuning rate for 1B models)
     },

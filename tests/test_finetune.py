@@ -319,6 +319,7 @@ def test_compare_writes_table_and_plots_with_spread_and_reuses_finished_runs(che
     assert [r["method"] for r in rows] == ["base model", "lora", "ia3", "ia3pp+use_l_o=false"]
     table = (tmp_path / "compare.md").read_text()
     assert "| test bits/token | accuracy (%) |" in table and table.count(" ± ") >= 6 and "seeds [0, 1]" in table
+    assert "clearly below the base model's (mean + 2 standard errors over the seeds under it): " in table
     for name in ("compare_accuracy.png", "compare_bpt.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "compare.json").read_text())
@@ -390,6 +391,19 @@ def test_sweep_factors_that_are_not_positive_numbers_get_a_clear_error(capsys):
     for bad in ("0", "x", "1/0", "-3"):
         assert cmp.main(["--sweep", "--factors", bad, "--methods", "lora"]) == 1
         assert f"--factors {bad!r}: give positive numbers" in capsys.readouterr().err
+
+
+def test_compare_names_the_entries_not_clearly_below_the_base():
+    from minipeft.compare import not_clearly_below_base
+
+    def row(name, mean, std, n=3, failed=0):
+        return dict(method=name, seeds=list(range(n)), failed=failed, test_bpt=mean, test_bpt_std=std)
+    base = dict(method="base model", seeds=[], failed=0, test_bpt=0.45)
+    se = 0.03 / 3 ** 0.5
+    rows = [base, row("clear", 0.45 - 2.1 * se, 0.03), row("noisy", 0.45 - 1.9 * se, 0.03), row("worse", 0.5, 0.01),
+            row("one seed", 0.44, float("nan"), n=1), row("diverged", float("nan"), float("nan"), failed=3)]
+    assert not_clearly_below_base(rows) == ["noisy", "worse", "diverged"]
+    assert not_clearly_below_base(rows[1:]) == []  # no base row: nothing to say
 
 
 def test_claims_verdicts_count_a_difference_only_beyond_two_standard_errors():

@@ -28,3 +28,20 @@ def test_readme_library_snippet_runs_verbatim(tmp_path, monkeypatch, capsys):
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     assert "trainable params" in capsys.readouterr().out
     assert (tmp_path / "runs" / "my-lora-merged" / "model.safetensors").exists()
+
+
+def test_readme_compare_tables_are_the_committed_results_at_the_current_recipes():
+    """The README's full-compare table and claims table are the ones in results/toy-compare/ (the run that
+    made them), and every row's rate is its method's toy recipe today: a recipe changed without rerunning
+    `make compare` (and copying its tables) fails here."""
+    from minipeft.compare import parse_entry
+    from minipeft.recipes import recipe
+
+    text, results = README.read_text(), README.parent / "results" / "toy-compare"
+    for name in ("compare.md", "claims.md"):
+        table = (results / name).read_text().split("\n\n")[0].strip()
+        assert table in text, f"README.md lacks the table of results/toy-compare/{name}"
+    for line in (results / "compare.md").read_text().split("\n\n")[0].splitlines()[3:]:  # after the base row
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        entry, lr = cells[0], float(cells[6])
+        assert lr == float(f"{recipe(parse_entry(entry)[0], 'toy').lr:.3g}"), (entry, lr)
