@@ -6,9 +6,10 @@ schedule and evaluation; the peak learning rate and any method settings are each
 Every method runs once per seed (the seed sets the adapter's initialisation and the data order; the
 base model is the same), and the table gives mean ± standard deviation over the seeds. The base
 model is evaluated once, up front; compare.md's note names every entry whose test bits/token is not
-clearly below the base's (mean + 2 standard errors over the seeds not under it). The default budget is one epoch of the toy task (125 steps of batch 16)
-and the first 100 test problems, so that every method and the claims' variants (90 runs) finish in about
-an hour on 2 CPU cores, one one-thread process per core (55 min measured, results/README.md); `--steps`, `--eval-limit` and `--jobs` change it.
+clearly below the base's (mean + 2 standard errors over the seeds not under it). The default budget is
+one epoch of the toy task (125 steps of batch 16) and the first 100 test problems, so that every method
+and the claims' variants (90 runs) finish in about an hour on 2 CPU cores, one one-thread process per
+core (55 min measured, results/README.md); `--steps`, `--eval-limit` and `--jobs` change it.
 
     python -m minipeft.compare                          # every method + the claims' variants, seeds 0,1,2
     python -m minipeft.compare --quick                  # one seed, 40 steps, 40 test problems (labs)
@@ -22,9 +23,10 @@ stopped), other settings in the same --out are refused unless --overwrite.
 
 `--sweep` chooses learning rates by the protocol of the write-up "Parameter Efficient Fine Tuning
 Ideas": for each method a small grid of peak rates around its recipe (x1/3, x1, x3 by default;
-`--factors 3` tries one rate beyond a choice at the grid's top edge), one seed, three epochs; the target is the training loss of the third epoch (lowest wins), and the table
-also reports the best test loss over the epochs and the accuracy. It writes sweep.md / sweep.json; the
-chosen rates go into minipeft/recipes.py by hand, with the figures in a comment.
+`--factors 3` tries one rate beyond a choice at the grid's top edge), one seed, three epochs; the
+target is the training loss of the third epoch (lowest wins), and the table also reports the best
+test loss over the epochs and the accuracy. It writes sweep.md / sweep.json; the chosen rates go into
+minipeft/recipes.py by hand, with the figures in a comment.
 
 `--throughput` instead measures training speed and memory on a preset with random weights (meant for
 a GPU): packed rows of --max-len tokens, a few warm-up steps, then tokens/s and peak memory per method.
@@ -43,8 +45,8 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from fractions import Fraction
 from dataclasses import asdict
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -425,9 +427,9 @@ def not_clearly_below_base(rows: list[dict]) -> list[str]:
         return []
     failing = []
     for r in rows:
-        n = len(r["seeds"]) - r["failed"]
         if r is base or not r["seeds"]:
             continue
+        n = len(r["seeds"]) - r["failed"]
         std = r.get("test_bpt_std", float("nan"))
         se = std / math.sqrt(n) if n > 1 and std == std else 0.0
         if not (n and r["test_bpt"] + 2 * se < base["test_bpt"]):
