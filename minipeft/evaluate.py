@@ -96,15 +96,18 @@ def load_base(checkpoint: str | None = None, preset: str | None = None,
     return model, tok, str(path)
 
 
-def load_task(data: str | None = None, limit: int = 0, task: str = "gsm8k") -> tuple[list[dict], list[dict], str]:
+def load_task(data: str | None = None, limit: int = 0, task: str = "gsm8k",
+              train_split: str = "train") -> tuple[list[dict], list[dict], str]:
     """(train, test, description) of `task` (minipeft/tasks.py): the files in `data`, or the task's
-    synthetic toy analogue; the first `limit` examples of each split when limit > 0."""
+    synthetic toy analogue; the first `limit` examples of each split when limit > 0. `train_split`
+    picks another training split where the task has one (MMLU's dev or val, ARC's dev)."""
     if limit < 0:
         raise ValueError(f"--limit {limit}: must be >= 0 (0: all)")
-    get_task(task)  # an unknown name fails here, naming the tasks
+    if train_split not in get_task(task).train_splits:  # an unknown task name fails here too, naming the tasks
+        raise ValueError(f"--train-split {train_split!r}: {task} trains on one of {', '.join(get_task(task).train_splits)}")
     if not data:
         data = str(toy_folder(task))
-    train, test = load_examples(data, "train", task), load_examples(data, "test", task)
+    train, test = load_examples(data, train_split, task), load_examples(data, "test", task)
     if limit:
         train, test = train[:limit], test[:limit]
     return train, test, data

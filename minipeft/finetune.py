@@ -77,6 +77,7 @@ class TrainConfig:
     preset: str | None = None      # instead: a LlamaConfig preset with random weights (GPU checks)
     data: str | None = None        # folder with train.jsonl / test.jsonl; None -> the toy task
     task: str = "gsm8k"            # minipeft/tasks.py: gsm8k, mmlu, arc_challenge, dolly, text
+    train_split: str = "train"     # the split trained on: MMLU "train" (auxiliary_train/), "dev" or "val"; ARC "dev"
     method: str = "lora"
     method_args: dict = field(default_factory=dict)  # the method config's fields, e.g. {"r": 16}
     out: str = "runs/latest"
@@ -146,7 +147,9 @@ def check_config(cfg: TrainConfig) -> None:
                          f"{cfg.sparse_block}: attention must be dense, strided or fixed, and c <= l")
     if cfg.format not in ("plain", "chat"):
         raise ValueError(f"--format {cfg.format!r}: must be 'plain' or 'chat'")
-    get_task(cfg.task)  # raises for an unknown task, naming the tasks
+    if cfg.train_split not in get_task(cfg.task).train_splits:  # an unknown task raises here, naming the tasks
+        raise ValueError(f"--train-split {cfg.train_split!r}: --task {cfg.task} trains on one of "
+                         f"{', '.join(get_task(cfg.task).train_splits)}")
     pick_device(cfg.device)  # raises for an unknown device or one this machine lacks
 
 
@@ -450,7 +453,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         say(progress, describe_sparse(cfg.attention, cfg.sparse_block, cfg.sparse_summary, device))
     if cfg.quantize:  # QLoRA: a frozen NF4 (or int8) base, quantised before the method wraps it
         quantize_model(model, cfg.quantize)
-    train_set, test_set, data_name = load_task(cfg.data, cfg.limit, cfg.task)
+    train_set, test_set, data_name = load_task(cfg.data, cfg.limit, cfg.task, cfg.train_split)
     test_set = test_set[:cfg.eval_limit] if cfg.eval_limit else test_set
     test_enc = encode_all(tok, test_set, cfg.format, cfg.max_len, cfg.task)
     if not any(t != -100 for _, targets in test_enc for t in targets):
@@ -691,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "task's synthetic toy analogue")
     p.add_argument("--task", choices=tuple(TASKS), default=d.task,
                    help=f"what to train and evaluate on (default {d.task}; minipeft/tasks.py)")
+    p.add_argument("--train-split", default=d.train_split,
+                   help="the split to train on: train (default; MMLU's auxiliary_train/), or mmlu dev/val, arc_challenge dev")
     p.add_argument("--method", default=d.method, metavar="NAME",
                    help=f"the PEFT method, one of: {', '.join(METHODS)} (default {d.method})")
     p.add_argument("--set", dest="method_args", action="append", default=[], metavar="NAME=VALUE",

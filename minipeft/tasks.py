@@ -82,10 +82,12 @@ def encode_pair(tok, prompt: str, answer: str, fmt: str = "plain", max_len: int 
 
 # ----------------------------------------------------------------------------- MMLU
 
-# Subject -> category, from the MMLU repository's categories.py (its subcategories grouped into the
-# paper's four categories). A subject not listed here is reported under "unlisted".
+# Subject -> category, from the MMLU repository's categories.py (github.com/hendrycks/test: each subject's
+# subcategory grouped into the paper's four categories; "other" is its "other (business, health, misc.)").
+# lm-eval-harness groups one subject differently: anatomy (subcategory "health") under STEM; here it is
+# "other", as categories.py has it. A subject not listed here is reported under "unlisted".
 CATEGORIES = {
-    "STEM": """abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science
+    "STEM": """abstract_algebra astronomy college_biology college_chemistry college_computer_science
         college_mathematics college_physics computer_security conceptual_physics electrical_engineering
         elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science
         high_school_mathematics high_school_physics high_school_statistics machine_learning""",
@@ -95,7 +97,7 @@ CATEGORIES = {
     "social sciences": """econometrics high_school_geography high_school_government_and_politics
         high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality
         professional_psychology public_relations security_studies sociology us_foreign_policy""",
-    "other": """business_ethics clinical_knowledge college_medicine global_facts human_aging management
+    "other": """anatomy business_ethics clinical_knowledge college_medicine global_facts human_aging management
         marketing medical_genetics miscellaneous nutrition professional_accounting professional_medicine
         virology""",
 }
@@ -258,7 +260,12 @@ def load_dolly(data: str | Path, split: str = "test") -> list[dict]:
     if not (data / DOLLY_FILE).is_file():
         raise FileNotFoundError(f"{data}: neither {DOLLY_FILE} nor {split}.jsonl; download dolly with "
                                 "`make data TASK=dolly`")
-    return dolly_split(load_dolly_jsonl(data / DOLLY_FILE))[split]
+    records = load_dolly_jsonl(data / DOLLY_FILE)
+    if split == "train" and len(records) <= DOLLY_VALID:
+        raise ValueError(f"{data / DOLLY_FILE}: {len(records):,} records, and the split holds out {DOLLY_VALID:,} "
+                         f"for validation, which leaves none to train on; put your own split in {data} as "
+                         "train.jsonl and test.jsonl")
+    return dolly_split(records)[split]
 
 
 def dolly_prompt(ex: dict, fmt: str = "plain") -> str:
@@ -469,6 +476,7 @@ class Task:
     encode: Callable[..., list[Example]]                    # (tok, example, fmt, max_len) -> (input, targets) rows
     default_data: str                                       # where `make data TASK=...` puts it
     shots_split: str | None = None  # where k-shot examples come from (choice tasks)
+    train_splits: tuple[str, ...] = ("train",)  # what --train-split may name (never the test split)
     choice_text: bool = False       # also score the choice texts (acc_norm), as lm-eval-harness's ARC
 
 
@@ -482,9 +490,10 @@ def _load_gsm8k(data: Path, split: str) -> list[dict]:
 
 TASKS: dict[str, Task] = {
     "gsm8k": Task("gsm8k", "generate", _load_gsm8k, _encode_gsm8k, "data/gsm8k"),
-    "mmlu": Task("mmlu", "choice", load_mmlu, encode_mc, "data/mmlu", shots_split="dev"),
+    "mmlu": Task("mmlu", "choice", load_mmlu, encode_mc, "data/mmlu", shots_split="dev",
+                 train_splits=("train", "dev", "val")),  # train = auxiliary_train/
     "arc_challenge": Task("arc_challenge", "choice", load_arc, encode_mc, "data/arc_challenge", shots_split="train",
-                          choice_text=True),
+                          choice_text=True, train_splits=("train", "dev")),
     "dolly": Task("dolly", "response", load_dolly, encode_dolly, "data/dolly"),
     "text": Task("text", "text", load_text, encode_text, "data/text"),
 }

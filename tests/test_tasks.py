@@ -20,9 +20,9 @@ import minipeft.evaluate as ev
 from minipeft.data import IGNORE
 from minipeft.evaluate import (bits_per_token, continuation_logprobs, encode_all, evaluate_choices, load_task,
                                sliding_window_nll)
-from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, MC_SUBJECTS, TOY_SUBJECTS, dolly_prompt, dolly_split,
+from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, DOLLY_VALID, MC_SUBJECTS, TOY_SUBJECTS, dolly_prompt, dolly_split,
                             encode_dolly, encode_mc, load_arc, load_arc_jsonl, load_dolly, load_dolly_jsonl, load_mmlu,
-                            load_mmlu_csv, load_text, mc_prompt, subject_category, synthetic_instructions,
+                            load_mmlu_csv, load_text, mc_prompt, SUBJECT_CATEGORY, subject_category, synthetic_instructions,
                             synthetic_mc, toy_folder)
 from minipeft.tokenizer import Tokenizer
 
@@ -74,8 +74,13 @@ def test_mmlu_folder_layout_and_categories(tmp_path):
     assert len(test) == 6 and {r["subject"] for r in test} == {"anatomy", "philosophy"}
     assert {r["subject"] for r in load_mmlu(tmp_path, "train")} == {None}  # auxiliary_train: no subject line
     assert load_mmlu(tmp_path, "dev")[0]["subject"] == "anatomy"
-    assert [subject_category(s) for s in ("anatomy", "philosophy", "econometrics", "marketing", "nope")] == \
+    assert [subject_category(s) for s in ("astronomy", "philosophy", "econometrics", "marketing", "nope")] == \
         ["STEM", "humanities", "social sciences", "other", "unlisted"]
+    # categories.py's grouping: 57 subjects, 18 / 13 / 12 / 14; anatomy (subcategory "health") in "other"
+    # (lm-eval-harness has it under STEM)
+    sizes = Counter(cat for s, cat in SUBJECT_CATEGORY.items() if not s.startswith("toy_"))
+    assert sizes == {"STEM": 18, "humanities": 13, "social sciences": 12, "other": 14}
+    assert subject_category("anatomy") == "other"
     with pytest.raises(FileNotFoundError, match="val: no .csv files"):
         load_mmlu(tmp_path, "val")
 
@@ -121,6 +126,9 @@ def test_dolly_reader_split_and_prompts(tmp_path):
     assert sorted(r["instruction"] for r in split["train"] + split["test"]) == sorted(r["instruction"] for r in records)
     (tmp_path / DOLLY_FILE).write_text("".join(json.dumps(r) + "\n" for r in records[:2500]))
     assert load_dolly(tmp_path, "test") == dolly_split(records[:2500])["test"]
+    (tmp_path / DOLLY_FILE).write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
+    with pytest.raises(ValueError, match=r"databricks-dolly-15k\.jsonl: 40 records, and the split holds out 2,000"):
+        load_dolly(tmp_path, "train")  # a clear error, not an empty training set
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(records[0]) + "\n" + json.dumps(dict(records[0], context=None)) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: 'context' missing or not a string"):
@@ -186,7 +194,7 @@ def test_letter_scores_match_hand_computed_loglikelihoods():
 
 
 def test_acc_norm_divides_by_characters_and_categories_are_micro_averaged(monkeypatch):
-    qs = [dict(question="q", choices=["a", "bbbb"], labels=["A", "B"], answer=1, subject="anatomy"),
+    qs = [dict(question="q", choices=["a", "bbbb"], labels=["A", "B"], answer=1, subject="astronomy"),
           dict(question="q2", choices=["a", "bbbb"], labels=["A", "B"], answer=0, subject="philosophy"),
           dict(question="q3", choices=["a", "bbbb"], labels=["A", "B"], answer=0, subject="philosophy")]
     # per question: letters A, B, then the choice texts " a" (-2.1: -2.1 per character, -1.05 per byte token)
@@ -405,3 +413,77 @@ def test_download_arc_and_dolly_from_local_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "expected 15011 rows, got 3" in err
     assert script.install("dolly", rows.encode(), tmp_path / "d", DOLLY_FILE, {DOLLY_FILE: 3}) == {DOLLY_FILE: 3}
+
+# ----------------------------------------------------------------------------- the README's GPU commands, tiny
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model saved as HF writes Llama checkpoints (config.json + safetensors), with a tokenizer."""
+    path = tmp_path_factory.mktemp("ckpt")
+    tiny(0).save_pretrained(path)
+    TOK.save(path / "tokenizer.model")
+    return path
+
+
+def _mmlu_folder(root: Path) -> Path:
+    """dev/val/test per subject and auxiliary_train/, as data.tar unpacks (a few questions each)."""
+    rows = lambda n, s: "".join(f'"{s} question {i}, which?",a{i},"b, {i}",c,d,{"ABCD"[i % 4]}\n' for i in range(n))
+    for subject in ("anatomy", "astronomy"):
+        for split, n in (("dev", 5), ("val", 3), ("test", 6)):
+            (root / split).mkdir(parents=True, exist_ok=True)
+            (root / split / f"{subject}_{split}.csv").write_text(rows(n, subject))
+    (root / "auxiliary_train").mkdir()
+    (root / "auxiliary_train" / "race.csv").write_text(rows(20, "aux"))
+    return root
+
+
+def test_readme_gpu_commands_run_on_a_checkpoint_and_the_official_layouts(hf_checkpoint, tmp_path, capsys):
+    """The README's (IA)3++ and LLaMA-Adapter command lines, with a tiny HF-layout checkpoint in place of
+    Llama-3.2-1B and a few rows in each official layout in place of the downloads (only step counts cut)."""
+    from minipeft.finetune import main as finetune_main
+    mmlu, arc, dolly = _mmlu_folder(tmp_path / "mmlu"), tmp_path / "arc_challenge", tmp_path / "dolly"
+    arc.mkdir()
+    for split in ("Train", "Dev", "Test"):
+        (arc / f"ARC-Challenge-{split}.jsonl").write_text("".join(
+            arc_line(f"{split} stem {i}?", ["w", "x", "y", "z"], list("1234") if i % 2 else list("ABCD"),
+                     "2" if i % 2 else "C") + "\n" for i in range(8)))
+    dolly.mkdir()
+    (dolly / DOLLY_FILE).write_text("".join(json.dumps(dict(instruction=f"Say {i}.", context="" if i % 2 else "ctx",
+                                                             response=f"{i}.", category="open_qa")) + "\n"
+                                            for i in range(DOLLY_VALID + 16)))  # the split holds 2,000 out
+    short = ["--max-steps", "2", "--batch-size", "4", "--limit", "8", "--eval-limit", "4", "--no-baseline", "--quiet"]
+    runs = tmp_path / "runs"
+    for task, data in (("mmlu", mmlu), ("arc_challenge", arc)):
+        for method, extra in (("lora", []), ("ia3", []), ("ia3pp", []), ("ia3pp", ["--set", "use_l_o=false"])):
+            out = runs / task / (method + ("-no-lo" if extra else ""))
+            assert finetune_main(["--task", task, "--checkpoint", str(hf_checkpoint), "--data", str(data),
+                                  "--method", method, *extra, "--out", str(out), *short]) == 0
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["n_test"] == 4 and 0 <= summary["after"]["accuracy"] <= 1 and summary["trainable_params"] > 0
+    # training on MMLU's dev split instead of auxiliary_train (10 questions, none of the 20 auxiliary ones)
+    dev_run = runs / "mmlu" / "ia3pp-dev"
+    assert finetune_main(["--task", "mmlu", "--checkpoint", str(hf_checkpoint), "--data", str(mmlu), "--method", "ia3pp",
+                          "--train-split", "dev", "--out", str(dev_run), "--max-steps", "2", "--batch-size", "4",
+                          "--eval-limit", "4", "--no-baseline", "--quiet"]) == 0
+    config = json.loads((dev_run / "config.json").read_text())
+    assert config["train"]["train_split"] == "dev" and config["n_train"] == 10
+    assert finetune_main(["--task", "arc_challenge", "--data", str(arc), "--train-split", "test", "--quiet",
+                          "--out", str(runs / "bad")]) == 1
+    assert "--train-split 'test': --task arc_challenge trains on one of train, dev" in capsys.readouterr().err
+    no_lo = json.loads((runs / "mmlu" / "ia3pp-no-lo" / "summary.json").read_text())["trainable_params"]
+    assert no_lo < json.loads((runs / "mmlu" / "ia3pp" / "summary.json").read_text())["trainable_params"]
+    capsys.readouterr()
+    for args in (["--adapter", str(runs / "mmlu" / "ia3pp"), "--shots", "5"],
+                 ["--checkpoint", str(hf_checkpoint), "--data", str(mmlu), "--shots", "5"]):
+        assert ev.main(["--task", "mmlu", *args, "--limit", "12", "--quiet"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["n"] == 12 and result["categories"].keys() == {"STEM", "other"}, result  # astronomy, anatomy
+    assert ev.main(["--task", "dolly", "--checkpoint", str(hf_checkpoint), "--data", str(dolly), "--limit", "4",
+                    "--quiet"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["perplexity"])
+    for fmt in ("plain", "chat"):
+        out = runs / "dolly" / f"llama_adapter-{fmt}"
+        assert finetune_main(["--task", "dolly", "--checkpoint", str(hf_checkpoint), "--data", str(dolly),
+                              "--format", fmt, "--method", "llama_adapter", "--out", str(out), *short]) == 0
+        config = json.loads((out / "config.json").read_text())["train"]
+        assert (config["task"], config["format"], config["method"]) == ("dolly", fmt, "llama_adapter")
