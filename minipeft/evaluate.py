@@ -271,24 +271,26 @@ def evaluate_choices(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: st
                      choice_text: bool = False, progress: bool = False) -> tuple[dict, list[dict]]:
     """Multiple choice by answer-letter log-likelihood: accuracy (overall and per category when the
     questions have subjects), bits/token of the gold letter; with `choice_text` also acc_norm and acc_text."""
-    requests, spans = [], []
+    requests, spans, kept = [], [], []
     for ex in test:
-        ctx = _shot_prompt(tok, ex, fmt, shots, shot_pool, max_len)
+        solved = _shots_that_fit(tok, ex, fmt, shots, shot_pool, max_len)
+        ctx = encode_text_prompt(tok, mc_prompt(ex, solved), fmt)
         letters = [(ctx, encode_answer(tok, label, fmt, end=False)) for label in ex["labels"]]
         texts = []
-        if choice_text:  # lm-eval-harness's arc_challenge: " {choice}" after "Question: ...\nAnswer:"
-            text_ctx = encode_text_prompt(tok, arc_text_prompt(ex), fmt)
+        if choice_text:  # lm-eval-harness's arc_challenge: " {choice}" after "Question: ...\nAnswer:", same shots
+            text_ctx = encode_text_prompt(tok, arc_text_prompt(ex, solved), fmt)
             texts = [(text_ctx, encode_answer(tok, c, fmt, end=False)) for c in ex["choices"]]
         spans.append((len(requests), len(letters), len(texts)))
         requests += letters + texts
+        kept.append(len(solved))
     scores = continuation_logprobs(model, requests, batch_size, tok.pad_id, progress)
     records, nll, n_tokens = [], 0.0, 0
-    for ex, (start, k, m) in zip(test, spans):
+    for ex, (start, k, m), n_shots in zip(test, spans, kept):
         letter = scores[start:start + k]
         pred = max(range(k), key=letter.__getitem__)  # ties: the first, as numpy.argmax
         nll, n_tokens = nll - letter[ex["answer"]], n_tokens + len(requests[start + ex["answer"]][1])
         rec = dict(where=ex.get("where"), subject=ex.get("subject"), gold=ex["labels"][ex["answer"]],
-                   prediction=ex["labels"][pred], correct=pred == ex["answer"], letter_logprobs=letter)
+                   prediction=ex["labels"][pred], correct=pred == ex["answer"], letter_logprobs=letter, shots=n_shots)
         if m:
             text = scores[start + k:start + k + m]
             norm = [s / len(c) for s, c in zip(text, ex["choices"])]  # per character of the choice text
@@ -296,6 +298,9 @@ def evaluate_choices(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: st
                        correct_text=max(range(m), key=text.__getitem__) == ex["answer"])
         records.append(rec)
     result = dict(test_bpt=nll / max(n_tokens, 1) / LN2, accuracy=accuracy(records))
+    if shots:  # how many solved examples the prompts really held: fewer when the pool or max_len ran out
+        result.update(shots=shots, shots_mean=sum(kept) / max(len(kept), 1),
+                      questions_with_fewer_shots=sum(k < shots for k in kept))
     if choice_text:
         result.update(acc_norm=sum(r["correct_norm"] for r in records) / max(len(records), 1),
                       acc_text=sum(r["correct_text"] for r in records) / max(len(records), 1))
@@ -307,16 +312,15 @@ def evaluate_choices(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: st
     return result, records
 
 
-def _shot_prompt(tok: Tokenizer, ex: dict, fmt: str, shots: int, pool: Sequence[dict], max_len: int) -> list[int]:
-    """The prompt ids with up to `shots` solved examples from `pool` (the same subject, never the question
-    itself), dropping examples while the prompt is longer than max_len (as the MMLU paper's evaluate.py)."""
+def _shots_that_fit(tok: Tokenizer, ex: dict, fmt: str, shots: int, pool: Sequence[dict], max_len: int) -> list[dict]:
+    """The first `shots` solved examples of `pool` with ex's subject (never the question itself), in file
+    order as lm-eval-harness's first_n sampler takes MMLU's dev questions; the last dropped while the letter
+    prompt has max_len tokens or more (the MMLU paper's evaluate.py drops them past its 2048-token context)."""
     same = [p for p in pool if p.get("subject") == ex.get("subject") and p["question"] != ex["question"]]
     k = min(shots, len(same))
-    while True:
-        ids = encode_text_prompt(tok, mc_prompt(ex, same[:k]), fmt)
-        if k == 0 or len(ids) < max_len:
-            return ids
+    while k and len(encode_text_prompt(tok, mc_prompt(ex, same[:k]), fmt)) >= max_len:
         k -= 1
+    return same[:k]
 
 
 @torch.no_grad()

@@ -15,12 +15,13 @@ One `Task` per name in `TASKS`; adding a task is a row there and touches no meth
   " A" ... " D" (as lm-eval-harness does), trained with the loss on the letter only.
 * arc_challenge: Clark et al., "Think you have Solved Question Answering? Try ARC", arXiv:1803.05457.
   JSON lines with question.stem, question.choices[].text/label, answerKey; labels "1".."4" are read
-  as "A".."D" (as lm-eval-harness does). Letter prompt as MMLU's (no subject line), plus the
+  as "A".."D" (as lm-eval-harness's v0.3 arc task did; today's indexes the label list: the same answer). Letter prompt as MMLU's (no subject line), plus the
   choice-text score "acc_norm": `Question: {stem}\\nAnswer:` + " {choice}", log-likelihood divided
   by the choice text's length in characters (lm-eval-harness's arc_challenge).
 * dolly: databricks-dolly-15k (instruction, context, response, category). Prompt: the Alpaca template
   as the LLaMA-Adapter repo writes it (with an "### Input:" block when there is a context); the loss
-  is on the response. Split 13,011 train / 2,000 validation by a seeded shuffle, as the LLaMA-Adapter
+  is on the response, which follows after one space (minipeft's choice: Llama 3's tokenizer writes a
+  word with its leading space; the LLaMA-Adapter and Alpaca code append the response with nothing between). Split 13,011 train / 2,000 validation by a seeded shuffle, as the LLaMA-Adapter
   report sizes it. Scored by bits/token and perplexity of the responses.
 * text: any plain-text file, scored by sliding-window perplexity (minipeft.evaluate.sliding_window_nll).
 
@@ -219,9 +220,11 @@ def load_arc(data: str | Path, split: str = "test") -> list[dict]:
     return load_arc_jsonl(path)
 
 
-def arc_text_prompt(ex: dict) -> str:
-    """lm-eval-harness's arc_challenge context; each choice is scored as the continuation " {text}"."""
-    return f"Question: {ex['question'].strip()}\nAnswer:"
+def arc_text_prompt(ex: dict, shots: Sequence[dict] = ()) -> str:
+    """lm-eval-harness's arc_challenge context; each choice is scored as the continuation " {text}". Its
+    k-shot form puts each solved example as "Question: ...\nAnswer: {right choice}" before, "\n\n" between."""
+    solved = "".join(f"Question: {s['question'].strip()}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
+    return f"{solved}Question: {ex['question'].strip()}\nAnswer:"
 
 # ----------------------------------------------------------------------------- dolly
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             files[split] = fetch(url)
             check(files[split], split, url)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:  # HTTPException: e.g. a cut-off transfer
             print(f"error: {split}: {e}", file=sys.stderr)
             return 1
     for split, data in files.items():

@@ -13,6 +13,8 @@ its file and line) and the row counts must equal the official ones, before anyth
 from __future__ import annotations
 
 import argparse
+import hashlib
+import http.client
 import io
 import re
 import shutil
@@ -20,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"data/{args.task}")
     print(f"{args.task} from {url}\n  {LICENCES[args.task]}")
     try:
-        counts = install(args.task, fetch(url, timeout=600), out, url)
-    except (OSError, ValueError, tarfile.TarError, zipfile.BadZipFile) as e:
-        print(f"error: {args.task}: {e}", file=sys.stderr)
+        blob = fetch(url, timeout=600)  # the timeout is per read; the whole file is held in memory (ARC: ~680 MB)
+        print(f"  downloaded {len(blob):,} bytes, sha256 {hashlib.sha256(blob).hexdigest()}")
+        counts = install(args.task, blob, out, url)
+    except (OSError, ValueError, http.client.HTTPException, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
+        print(f"error: {args.task}: {e}", file=sys.stderr)  # HTTPException: e.g. a transfer cut off midway
         return 1
     print("  wrote " + ", ".join(f"{k}: {v:,} rows" for k, v in counts.items()) + f" into {out}")
     return 0

@@ -3,6 +3,8 @@ prompts and answer-only masks, letter / choice-text scoring against hand-compute
 sliding-window perplexity, the dolly split, the download script, and finetune --task on the toy analogue."""
 from __future__ import annotations
 
+import hashlib
+import http.client
 import importlib.util
 import io
 import json
@@ -216,12 +218,22 @@ def test_k_shot_prompts_take_the_same_subject_and_drop_shots_that_do_not_fit(mon
     ex = q("test question", "anatomy")
     seen = []
     monkeypatch.setattr(ev, "continuation_logprobs", lambda m, requests, *a, **k: seen.extend(requests) or [0.0] * len(requests))
-    evaluate_choices(None, TOK, [ex], shots=2, shot_pool=pool)
+    result, records = evaluate_choices(None, TOK, [ex], shots=2, shot_pool=pool)
     assert TOK.decode(seen[0][0][1:]) == mc_prompt(ex, [pool[0], pool[2]])  # [1:]: after BOS
+    assert records[0]["shots"] == 2 and (result["shots_mean"], result["questions_with_fewer_shots"]) == (2, 0)
     one_shot = len(TOK.encode(mc_prompt(ex, pool[:1]), bos=True))
     seen.clear()
-    evaluate_choices(None, TOK, [ex], shots=2, shot_pool=pool, max_len=one_shot + 1)
+    result, records = evaluate_choices(None, TOK, [ex, q("dev1", "anatomy")], shots=2, shot_pool=pool,
+                                       max_len=one_shot + 1)
     assert TOK.decode(seen[0][0][1:]) == mc_prompt(ex, pool[:1])  # two shots would not fit: one is kept
+    assert [r["shots"] for r in records] == [1, 1]  # dev1 itself is never its own shot; dev2 does not fit
+    assert (result["shots"], result["shots_mean"], result["questions_with_fewer_shots"]) == (2, 1, 2)
+    # ARC's choice-text prompts (acc_norm) get the same shots, in lm-eval-harness's k-shot form
+    seen.clear()
+    arc_pool = [dict(q("Why?", None, 1), subject=None), dict(q("How?", None, 3), subject=None)]
+    evaluate_choices(None, TOK, [dict(ex, subject=None)], shots=2, shot_pool=arc_pool, choice_text=True)
+    assert TOK.decode(seen[4][0][1:]) == "Question: Why?\nAnswer: x\n\nQuestion: How?\nAnswer: z\n\n" \
+                                         "Question: test question\nAnswer:"
 
 
 def test_sliding_window_equals_full_context_when_the_text_fits():
@@ -410,9 +422,21 @@ def test_download_arc_and_dolly_from_local_files(tmp_path, capsys):
     rows = "".join(json.dumps(dict(instruction="i", context="", response="r", category="c")) + "\n" for _ in range(3))
     (tmp_path / DOLLY_FILE).write_text(rows)
     assert script.main(["--task", "dolly", "--source", str(tmp_path / DOLLY_FILE), "--out", str(tmp_path / "d")]) == 1
-    err = capsys.readouterr().err
-    assert "expected 15011 rows, got 3" in err
+    captured = capsys.readouterr()
+    assert "expected 15011 rows, got 3" in captured.err
+    assert f"downloaded {len(rows):,} bytes, sha256 {hashlib.sha256(rows.encode()).hexdigest()}" in captured.out
     assert script.install("dolly", rows.encode(), tmp_path / "d", DOLLY_FILE, {DOLLY_FILE: 3}) == {DOLLY_FILE: 3}
+
+
+def test_download_cut_off_midway_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    script = _download_script()
+    def cut_off(url, timeout):
+        raise http.client.IncompleteRead(b"partial", 100)
+    monkeypatch.setattr(script, "fetch", cut_off)
+    assert script.main(["--task", "dolly", "--out", str(tmp_path / "d")]) == 1
+    assert "error: dolly: IncompleteRead(7 bytes read, 100 more expected)" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
 
 # ----------------------------------------------------------------------------- the README's GPU commands, tiny
 
