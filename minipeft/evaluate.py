@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("plain", "chat"), default=None,
                    help="prompt format; when not given: the run's, else plain")
     p.add_argument("--limit", type=int, default=0, help="first N test examples only (0: all)")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per example; when not given: the run's, else 512")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per example (mmlu/arc_challenge: shots are dropped while the prompt reaches it); when not "
+                        "given: the run's, else 512")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
