@@ -42,7 +42,7 @@ from .data import (Example, answers_match, attention_segments, collate, encode_p
                    extract_prediction, load_split)  # load_split: toy.task_probe imports it from here
 from .llama import IGNORE_INDEX, Llama, LlamaConfig
 from .safetensors_io import atomic_write
-from .tasks import (TASKS, arc_text_prompt, encode_answer, encode_text_prompt, get_task, mc_prompt,
+from .tasks import (TASKS, arc_text_prompt, check_train_split, encode_answer, encode_text_prompt, get_task, mc_prompt,
                     subject_category, toy_folder)
 from .tokenizer import Tokenizer, read_utf8
 
@@ -103,8 +103,7 @@ def load_task(data: str | None = None, limit: int = 0, task: str = "gsm8k",
     picks another training split where the task has one (MMLU's dev or val, ARC's dev)."""
     if limit < 0:
         raise ValueError(f"--limit {limit}: must be >= 0 (0: all)")
-    if train_split not in get_task(task).train_splits:  # an unknown task name fails here too, naming the tasks
-        raise ValueError(f"--train-split {train_split!r}: {task} trains on one of {', '.join(get_task(task).train_splits)}")
+    check_train_split(task, train_split)
     if not data:
         data = str(toy_folder(task))
     train, test = load_examples(data, train_split, task), load_examples(data, "test", task)
@@ -415,8 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("plain", "chat"), default=None,
                    help="prompt format; when not given: the run's, else plain")
     p.add_argument("--limit", type=int, default=0, help="first N test examples only (0: all)")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per example (mmlu/arc_challenge: shots are dropped while the prompt reaches it); when not "
-                        "given: the run's, else 512")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per example (mmlu, arc_challenge: shots are dropped while the prompt reaches it); "
+                        "when not given: the run's, else 512")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -63,7 +63,7 @@ from .llama import Llama
 from .peft import applied_configs, count_parameters, param_groups, run_step_hooks, trainable_report
 from .quant import quantize_model
 from .recipes import describe, recipe
-from .tasks import TASKS, get_task
+from .tasks import TASKS, check_train_split
 from .safetensors_io import atomic_write
 from .sparse_attention import describe as describe_sparse
 from .toy import TOY_TRAINING
@@ -147,9 +147,7 @@ def check_config(cfg: TrainConfig) -> None:
                          f"{cfg.sparse_block}: attention must be dense, strided or fixed, and c <= l")
     if cfg.format not in ("plain", "chat"):
         raise ValueError(f"--format {cfg.format!r}: must be 'plain' or 'chat'")
-    if cfg.train_split not in get_task(cfg.task).train_splits:  # an unknown task raises here, naming the tasks
-        raise ValueError(f"--train-split {cfg.train_split!r}: --task {cfg.task} trains on one of "
-                         f"{', '.join(get_task(cfg.task).train_splits)}")
+    check_train_split(cfg.task, cfg.train_split)  # an unknown task raises here too, naming the tasks
     pick_device(cfg.device)  # raises for an unknown device or one this machine lacks
 
 
@@ -695,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=tuple(TASKS), default=d.task,
                    help=f"what to train and evaluate on (default {d.task}; minipeft/tasks.py)")
     p.add_argument("--train-split", default=d.train_split,
-                   help="the split to train on: train (default; MMLU's auxiliary_train/), or mmlu dev/val, arc_challenge dev")
+                   help="the split to train on: train (default; MMLU's auxiliary_train/), or mmlu dev/val, "
+                        "arc_challenge dev")
     p.add_argument("--method", default=d.method, metavar="NAME",
                    help=f"the PEFT method, one of: {', '.join(METHODS)} (default {d.method})")
     p.add_argument("--set", dest="method_args", action="append", default=[], metavar="NAME=VALUE",

@@ -15,14 +15,16 @@ One `Task` per name in `TASKS`; adding a task is a row there and touches no meth
   " A" ... " D" (as lm-eval-harness does), trained with the loss on the letter only.
 * arc_challenge: Clark et al., "Think you have Solved Question Answering? Try ARC", arXiv:1803.05457.
   JSON lines with question.stem, question.choices[].text/label, answerKey; labels "1".."4" are read
-  as "A".."D" (as lm-eval-harness's v0.3 arc task did; today's indexes the label list: the same answer). Letter prompt as MMLU's (no subject line), plus the
-  choice-text score "acc_norm": `Question: {stem}\\nAnswer:` + " {choice}", log-likelihood divided
-  by the choice text's length in characters (lm-eval-harness's arc_challenge).
+  as "A".."D" (as lm-eval-harness's v0.3 arc task did; today's indexes the label list: the same
+  answer). Letter prompt as MMLU's (no subject line), plus the choice-text score "acc_norm":
+  `Question: {stem}\\nAnswer:` + " {choice}", log-likelihood divided by the choice text's length in
+  characters (lm-eval-harness's arc_challenge; with --shots, its k-shot form).
 * dolly: databricks-dolly-15k (instruction, context, response, category). Prompt: the Alpaca template
   as the LLaMA-Adapter repo writes it (with an "### Input:" block when there is a context); the loss
   is on the response, which follows after one space (minipeft's choice: Llama 3's tokenizer writes a
-  word with its leading space; the LLaMA-Adapter and Alpaca code append the response with nothing between). Split 13,011 train / 2,000 validation by a seeded shuffle, as the LLaMA-Adapter
-  report sizes it. Scored by bits/token and perplexity of the responses.
+  word with its leading space; the LLaMA-Adapter and Alpaca code append the response with nothing
+  between). Split 13,011 train / 2,000 validation by a seeded shuffle, as the LLaMA-Adapter report
+  sizes it. Scored by bits/token and perplexity of the responses.
 * text: any plain-text file, scored by sliding-window perplexity (minipeft.evaluate.sliding_window_nll).
 
 Each task has a toy analogue that runs on the shipped toy base (minipeft.toy) with no download:
@@ -506,3 +508,10 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"--task {name!r}: must be one of {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def check_train_split(task: str, split: str) -> None:
+    """Raise unless `task` can train on `split` (an unknown task raises too, naming the tasks)."""
+    if split not in get_task(task).train_splits:
+        raise ValueError(f"--train-split {split!r}: --task {task} trains on one of "
+                         f"{', '.join(get_task(task).train_splits)}")
