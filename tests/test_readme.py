@@ -1,7 +1,10 @@
 """The README's library snippet runs as it stands (issue 12: it lacked `import torch`): the one
 ```python block after "Using the library directly", on a tiny checkpoint in place of Llama-3.2-1B."""
+import json
 import re
 from pathlib import Path
+
+import pytest
 
 from minipeft import Tokenizer
 from helpers import tiny
@@ -45,3 +48,17 @@ def test_readme_compare_tables_are_the_committed_results_at_the_current_recipes(
         cells = [c.strip() for c in line.strip("|").split("|")]
         entry, lr = cells[0], float(cells[6])
         assert lr == float(f"{recipe(parse_entry(entry)[0], 'toy').lr:.3g}"), (entry, lr)
+
+
+@pytest.mark.parametrize("folder", ["toy-mc", "toy-arc"])
+def test_readme_toy_multiple_choice_figures_are_the_committed_results(folder):
+    """The README's Tasks section quotes each (IA)3++-comparison entry on the toy multiple-choice analogues
+    as "mean ± std% (per seed)": those are the numbers in results/<folder>/compare.json."""
+    text = README.read_text()
+    text = text[text.index("## Tasks: MMLU"):text.index("### The (IA)³++ experiment")]
+    saved = json.loads((README.parent / "results" / folder / "compare.json").read_text())
+    for row in saved["rows"][1:]:  # [0] is the base model
+        per_seed = ", ".join(f"{100 * r['accuracy']:.0f}" for r in sorted(saved["runs"], key=lambda r: r["seed"])
+                             if r["label"] == row["method"])
+        quoted = f"{100 * row['accuracy']:.1f} ± {100 * row['accuracy_std']:.1f}% ({per_seed})"
+        assert quoted in text.replace("% (per seed ", "% ("), (folder, row["method"], quoted)
