@@ -36,7 +36,8 @@ TASK_DATA  := data/$(or $(TASK),gsm8k)
 # TASK=gsm8k (default), mmlu, arc_challenge or dolly: download into data/$(TASK) (licences: data/README.md);
 # ARGS="--source MIRROR" for a mirror or a local copy
 data:
-	$(if $(filter-out gsm8k,$(TASK)),$(PY) scripts/download_task.py --task $(TASK) --out data/$(TASK),$(PY) scripts/download_gsm8k.py --out data/gsm8k) $(ARGS)
+	$(if $(filter-out gsm8k,$(TASK)),$(PY) scripts/download_task.py --task $(TASK) --out data/$(TASK),\
+	  $(PY) scripts/download_gsm8k.py --out data/gsm8k) $(ARGS)
 
 # no CHECKPOINT: the shipped toy base on the task's toy analogue; with one: the task's files in data/$(TASK)
 finetune:

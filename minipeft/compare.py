@@ -53,7 +53,7 @@ import torch
 
 from .adapters import METHODS, apply_method
 from .data import encode_example, pack, synthetic_gsm8k
-from .evaluate import evaluate, load_base, load_task, pick_device
+from .evaluate import evaluate, load_base, load_test_set, pick_device
 from .finetune import Diverged, TrainConfig, parse_method_args, train, train_step
 from .peft import count_parameters, param_groups
 from .recipes import describe, recipe
@@ -133,6 +133,8 @@ def finished_summary(cfg: TrainConfig, overwrite: bool) -> dict | None:
     except (OSError, ValueError, KeyError):
         recorded = None
     wanted = json.loads(json.dumps(asdict(cfg), default=str))
+    if recorded is not None:  # a setting added after the run was made: the run had its default
+        recorded = {**json.loads(json.dumps(asdict(TrainConfig()), default=str)), **recorded}
     if recorded is not None and {**recorded, "recipe": None} == {**wanted, "recipe": None}:  # same run, any label
         if (run / "summary.json").exists():
             return json.loads((run / "summary.json").read_text())
@@ -159,8 +161,10 @@ def summary_row(cfg: TrainConfig, s: dict) -> dict:
     records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     epochs = [r for r in records if r["kind"] == "epoch"]
+    final = next((r for r in reversed(records) if r["kind"] == "final"), {})
     return dict(trainable_params=s["trainable_params"], trainable_pct=s["trainable_pct"],
                 test_bpt=s["after"]["test_bpt"], accuracy=s["after"]["accuracy"], seconds=s["wall_seconds"],
+                acc_norm=final.get("acc_norm"),  # ARC's choice-text score; None for the other tasks
                 early_step=evals[0]["step"] if evals else None, early_test_bpt=evals[0]["test_bpt"] if evals else None,
                 best_epoch_test_bpt=min((r["test_bpt"] for r in epochs), default=None),
                 last_epoch_train_bpt=epochs[-1]["train_bpt"] if epochs else None)
@@ -237,7 +241,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
                    trainable_params=ok[0]["trainable_params"] if ok else None,
                    trainable_pct=ok[0]["trainable_pct"] if ok else None,
                    early_step=ok[0]["early_step"] if ok else None)
-        for key in ("test_bpt", "accuracy", "seconds", "early_test_bpt", "best_epoch_test_bpt", "last_epoch_train_bpt"):
+        for key in ("test_bpt", "accuracy", "acc_norm", "seconds", "early_test_bpt", "best_epoch_test_bpt",
+                    "last_epoch_train_bpt"):
             row[key], row[key + "_std"] = mean_std([r.get(key) for r in ok])
         out.append(row)
     return out
@@ -281,7 +286,7 @@ def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress,
         total, base = saved["total_params"], saved["base"]
     else:
         model, tok, _ = load_base(checkpoint, None, pick_device(), progress)
-        _, test, _ = load_task(data, limit, task)
+        test, _ = load_test_set(data, task, limit)
         base = evaluate(model, tok, test[:eval_limit] if eval_limit else test, max_new_tokens=max_new_tokens, task=task)
         total = count_parameters(model)[1]
         out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +294,8 @@ def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress,
             json.dump(dict(settings=settings, total_params=total, base=base), f, indent=2)
     say(progress, f"base model: {base['test_bpt']:.4f} bits/token, accuracy {base['accuracy']:.1%}")
     row = dict(method="base model", lr=None, seeds=[], failed=0, errors=[], trainable_params=0, trainable_pct=0.0,
-               early_step=None, test_bpt=base["test_bpt"], accuracy=base["accuracy"], seconds=base["seconds"])
+               early_step=None, test_bpt=base["test_bpt"], accuracy=base["accuracy"], seconds=base["seconds"],
+               acc_norm=base.get("acc_norm"))
     return total, row
 
 
@@ -405,8 +411,11 @@ def pm(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    lines = ["| method | trainable params | % of total | test bits/token | accuracy (%) | seconds per run | lr | seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """The compare table; an acc_norm column (ARC's choice-text score) when some row has one."""
+    norm = any(r.get("acc_norm") is not None and r["acc_norm"] == r["acc_norm"] for r in rows)
+    lines = ["| method | trainable params | % of total | test bits/token | accuracy (%) | "
+             + ("acc_norm (%) | " if norm else "") + "seconds per run | lr | seeds |",
+             "|---|---:|---:|---:|---:|" + ("---:|" if norm else "") + "---:|---:|---:|"]
     for r in rows:
         params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         pct = "-" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3f}"
@@ -414,9 +423,15 @@ def table_lines(rows: list[dict]) -> list[str]:
         n = len(r["seeds"]) - r["failed"]
         std = lambda key: r.get(key + "_std", float("nan")) if n > 1 else float("nan")  # one run: no spread to show
         lines.append(f"| {r['method']} | {params} | {pct} | {pm(r['test_bpt'], std('test_bpt'))} | "
-                     f"{pm(r['accuracy'], std('accuracy'), 100, 1)} | {r['seconds']:.0f} | "
+                     f"{pm(r['accuracy'], std('accuracy'), 100, 1)} | "
+                     + (f"{pm(_or_nan(r.get('acc_norm')), std('acc_norm'), 100, 1)} | " if norm else "")
+                     + f"{r['seconds']:.0f} | "
                      f"{'-' if r['lr'] is None else format(r['lr'], '.3g')} | {seeds} |")
     return lines
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def not_clearly_below_base(rows: list[dict]) -> list[str]:

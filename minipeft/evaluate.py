@@ -104,12 +104,18 @@ def load_task(data: str | None = None, limit: int = 0, task: str = "gsm8k",
     if limit < 0:
         raise ValueError(f"--limit {limit}: must be >= 0 (0: all)")
     check_train_split(task, train_split)
-    if not data:
-        data = str(toy_folder(task))
-    train, test = load_examples(data, train_split, task), load_examples(data, "test", task)
-    if limit:
-        train, test = train[:limit], test[:limit]
-    return train, test, data
+    test, data = load_test_set(data, task, limit)
+    train = load_examples(data, train_split, task)
+    return (train[:limit] if limit else train), test, data
+
+
+def load_test_set(data: str | None, task: str = "gsm8k", limit: int = 0) -> tuple[list[dict], str]:
+    """(test examples, description) of `task`: what an evaluation reads (never the training split);
+    the first `limit` when limit > 0."""
+    get_task(task)  # an unknown name fails here, naming the tasks
+    data = data or str(toy_folder(task))
+    test = load_examples(data, "test", task)
+    return (test[:limit] if limit else test), data
 
 
 def load_examples(data: str, split: str, task: str = "gsm8k") -> list[dict]:
@@ -272,8 +278,7 @@ def evaluate_choices(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: st
     questions have subjects), bits/token of the gold letter; with `choice_text` also acc_norm and acc_text."""
     requests, spans, kept = [], [], []
     for ex in test:
-        solved = _shots_that_fit(tok, ex, fmt, shots, shot_pool, max_len)
-        ctx = encode_text_prompt(tok, mc_prompt(ex, solved), fmt)
+        solved, ctx = _shots_that_fit(tok, ex, fmt, shots, shot_pool, max_len)
         letters = [(ctx, encode_answer(tok, label, fmt, end=False)) for label in ex["labels"]]
         texts = []
         if choice_text:  # lm-eval-harness's arc_challenge: " {choice}" after "Question: ...\nAnswer:", same shots
@@ -311,15 +316,20 @@ def evaluate_choices(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: st
     return result, records
 
 
-def _shots_that_fit(tok: Tokenizer, ex: dict, fmt: str, shots: int, pool: Sequence[dict], max_len: int) -> list[dict]:
-    """The first `shots` solved examples of `pool` with ex's subject (never the question itself), in file
-    order as lm-eval-harness's first_n sampler takes MMLU's dev questions; the last dropped while the letter
-    prompt has max_len tokens or more (the MMLU paper's evaluate.py drops them past its 2048-token context)."""
+def _shots_that_fit(tok: Tokenizer, ex: dict, fmt: str, shots: int, pool: Sequence[dict],
+                    max_len: int) -> tuple[list[dict], list[int]]:
+    """(solved examples, letter prompt ids): the first `shots` of `pool` with ex's subject (never the question
+    itself), in file order as lm-eval-harness's first_n sampler takes MMLU's dev questions; the last dropped
+    while the letter prompt has max_len tokens or more (the MMLU paper's evaluate.py drops them past its
+    2048-token context). The choice-text prompt (acc_norm) takes the same shots; it is the shorter of the two,
+    one choice text per shot against four options."""
     same = [p for p in pool if p.get("subject") == ex.get("subject") and p["question"] != ex["question"]]
     k = min(shots, len(same))
-    while k and len(encode_text_prompt(tok, mc_prompt(ex, same[:k]), fmt)) >= max_len:
+    while True:
+        ids = encode_text_prompt(tok, mc_prompt(ex, same[:k]), fmt)
+        if k == 0 or len(ids) < max_len:
+            return same[:k], ids
         k -= 1
-    return same[:k]
 
 
 @torch.no_grad()
@@ -456,8 +466,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     if args.adapter:
         load_adapter(model, adapter_dir(args.adapter))
     task = args.task or run.get("task", "gsm8k")
-    _, test, data = load_task(args.data or run.get("data"), 0, task)
-    test = test[:args.limit] if args.limit else test
+    test, data = load_test_set(args.data or run.get("data"), task, args.limit)
     pool = load_examples(data, get_task(task).shots_split, task) if args.shots and get_task(task).shots_split else []
     fmt, max_len = args.format or run.get("format", "plain"), args.max_len or run.get("max_len", 512)
     result = evaluate(model, tok, test, fmt, max_len, args.batch_size, args.max_new_tokens, args.out, task=task,

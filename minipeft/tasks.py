@@ -512,6 +512,6 @@ def get_task(name: str) -> Task:
 
 def check_train_split(task: str, split: str) -> None:
     """Raise unless `task` can train on `split` (an unknown task raises too, naming the tasks)."""
-    if split not in get_task(task).train_splits:
-        raise ValueError(f"--train-split {split!r}: --task {task} trains on one of "
-                         f"{', '.join(get_task(task).train_splits)}")
+    splits = get_task(task).train_splits
+    if split not in splits:
+        raise ValueError(f"--train-split {split!r}: --task {task} trains on one of {', '.join(splits)}")

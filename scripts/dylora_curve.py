@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minipeft.adapters import load_adapter
-from minipeft.evaluate import evaluate, load_base, load_task
+from minipeft.evaluate import evaluate, load_base, load_test_set
 from minipeft.finetune import TrainConfig, train
 from minipeft.methods import dylora
 from minipeft.recipes import recipe
@@ -41,7 +41,7 @@ def evaluate_adapter(adapter: Path, args, b: int | None = None) -> dict:
     load_adapter(model, adapter)
     if b is not None:
         dylora.truncate(model, b)
-    _, test, _ = load_task()
+    test, _ = load_test_set(None)
     return evaluate(model.eval(), tok, test[:args.test], max_len=256, max_new_tokens=160)
 
 

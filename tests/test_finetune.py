@@ -332,10 +332,16 @@ def test_compare_writes_table_and_plots_with_spread_and_reuses_finished_runs(che
     assert rows[1]["trainable_params"] > rows[2]["trainable_params"] > 0
     no_lo = json.loads(next((tmp_path / "runs/ia3pp+use_l_o=false").glob("lr*-seed0/config.json")).read_text())
     assert no_lo["method_config"] == [dict(method="ia3pp", use_qk_norm=True, use_l_o=False)]
-    # a rerun reuses every finished run; other settings in the same folder are refused
+    # a rerun reuses every finished run, also one recorded before a setting existed (it had the default);
+    # other settings in the same folder are refused
+    older = next((tmp_path / "runs/lora").glob("lr*-seed0/config.json"))
+    recorded = json.loads(older.read_text())
+    del recorded["train"]["train_split"]
+    older.write_text(json.dumps(recorded))
     again = compare(["lora"], tmp_path, steps=3, checkpoint=str(checkpoint), data=str(data), batch_size=4,
                     max_new_tokens=16, seeds=[0, 1])
-    assert "reused" in capsys.readouterr().out and again[1]["test_bpt"] == rows[1]["test_bpt"]
+    printed = capsys.readouterr().out
+    assert printed.count(": reused ") == 2 and again[1]["test_bpt"] == rows[1]["test_bpt"]
     report = compare(["lora", "ia3"], tmp_path, steps=3, checkpoint=str(checkpoint), data=str(data), batch_size=4,
                      max_new_tokens=16, seeds=[0, 1, 2], report=True)  # trains nothing: seed 2 is not there
     assert report[1]["seeds"] == [0, 1] and report[1]["test_bpt"] == rows[1]["test_bpt"]
@@ -391,6 +397,19 @@ def test_sweep_factors_that_are_not_positive_numbers_get_a_clear_error(capsys):
     for bad in ("0", "x", "1/0", "-3"):
         assert cmp.main(["--sweep", "--factors", bad, "--methods", "lora"]) == 1
         assert f"--factors {bad!r}: give positive numbers" in capsys.readouterr().err
+
+
+def test_compare_table_has_an_acc_norm_column_only_when_a_row_has_one():
+    from minipeft.compare import table_lines
+
+    def row(name, acc_norm=None, n=3):
+        return dict(method=name, seeds=list(range(n)), failed=0, trainable_params=1, trainable_pct=0.1, test_bpt=0.5,
+                    test_bpt_std=0.01, accuracy=0.5, accuracy_std=0.1, acc_norm=acc_norm, acc_norm_std=0.02,
+                    seconds=1.0, lr=0.1)
+    assert "acc_norm" not in table_lines([row("gsm8k"), row("old compare.json", float("nan"))])[0]
+    lines = table_lines([dict(row("base model", 0.25, n=0), lr=None), row("lora", 0.3)])
+    assert "| accuracy (%) | acc_norm (%) | seconds per run |" in lines[0] and lines[1].count("|") == 10
+    assert "| 50.0 | 25.0 | 1 |" in lines[2] and "| 50.0 ± 10.0 | 30.0 ± 2.0 | 1 |" in lines[3]
 
 
 def test_compare_names_the_entries_not_clearly_below_the_base():

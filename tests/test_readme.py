@@ -53,12 +53,13 @@ def test_readme_compare_tables_are_the_committed_results_at_the_current_recipes(
 @pytest.mark.parametrize("folder", ["toy-mc", "toy-arc"])
 def test_readme_toy_multiple_choice_figures_are_the_committed_results(folder):
     """The README's Tasks section quotes each (IA)3++-comparison entry on the toy multiple-choice analogues
-    as "mean ± std% (per seed)": those are the numbers in results/<folder>/compare.json."""
+    as "name mean ± std% (per seed)": those are the numbers in results/<folder>/compare.json."""
+    names = {"lora": "LoRA", "ia3": "(IA)³", "ia3pp": "(IA)³++", "ia3pp+use_l_o=false": "without l_o"}
     text = README.read_text()
-    text = text[text.index("## Tasks: MMLU"):text.index("### The (IA)³++ experiment")]
+    text = text[text.index("## Tasks: MMLU"):text.index("### The (IA)³++ experiment")].replace("\n", " ")
     saved = json.loads((README.parent / "results" / folder / "compare.json").read_text())
     for row in saved["rows"][1:]:  # [0] is the base model
         per_seed = ", ".join(f"{100 * r['accuracy']:.0f}" for r in sorted(saved["runs"], key=lambda r: r["seed"])
                              if r["label"] == row["method"])
-        quoted = f"{100 * row['accuracy']:.1f} ± {100 * row['accuracy_std']:.1f}% ({per_seed})"
-        assert quoted in text.replace("% (per seed ", "% ("), (folder, row["method"], quoted)
+        quoted = f"{names[row['method']]} {100 * row['accuracy']:.1f} ± {100 * row['accuracy_std']:.1f}% ({per_seed})"
+        assert quoted in text.replace("% (per seed ", "% ("), (folder, quoted)

@@ -21,11 +21,11 @@ import torch
 import minipeft.evaluate as ev
 from minipeft.data import IGNORE
 from minipeft.evaluate import (bits_per_token, continuation_logprobs, encode_all, evaluate_choices, load_task,
-                               sliding_window_nll)
-from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, DOLLY_VALID, MC_SUBJECTS, TOY_SUBJECTS, dolly_prompt, dolly_split,
-                            encode_dolly, encode_mc, load_arc, load_arc_jsonl, load_dolly, load_dolly_jsonl, load_mmlu,
-                            load_mmlu_csv, load_text, mc_prompt, SUBJECT_CATEGORY, subject_category, synthetic_instructions,
-                            synthetic_mc, toy_folder)
+                               load_test_set, sliding_window_nll)
+from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, DOLLY_VALID, MC_SUBJECTS, SUBJECT_CATEGORY, TOY_SUBJECTS,
+                            dolly_prompt, dolly_split, encode_dolly, encode_mc, load_arc, load_arc_jsonl, load_dolly,
+                            load_dolly_jsonl, load_mmlu, load_mmlu_csv, load_text, mc_prompt, subject_category,
+                            synthetic_instructions, synthetic_mc, toy_folder)
 from minipeft.tokenizer import Tokenizer
 
 from helpers import tiny
@@ -131,6 +131,7 @@ def test_dolly_reader_split_and_prompts(tmp_path):
     (tmp_path / DOLLY_FILE).write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
     with pytest.raises(ValueError, match=r"databricks-dolly-15k\.jsonl: 40 records, and the split holds out 2,000"):
         load_dolly(tmp_path, "train")  # a clear error, not an empty training set
+    assert len(load_test_set(str(tmp_path), "dolly")[0]) == 40  # an evaluation reads only the test split
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(records[0]) + "\n" + json.dumps(dict(records[0], context=None)) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: 'context' missing or not a string"):
@@ -226,8 +227,10 @@ def test_k_shot_prompts_take_the_same_subject_and_drop_shots_that_do_not_fit(mon
     result, records = evaluate_choices(None, TOK, [ex, q("dev1", "anatomy")], shots=2, shot_pool=pool,
                                        max_len=one_shot + 1)
     assert TOK.decode(seen[0][0][1:]) == mc_prompt(ex, pool[:1])  # two shots would not fit: one is kept
-    assert [r["shots"] for r in records] == [1, 1]  # dev1 itself is never its own shot; dev2 does not fit
+    assert [r["shots"] for r in records] == [1, 1]  # dev1 is never its own shot: dev2 fits, dev3 does not
     assert (result["shots"], result["shots_mean"], result["questions_with_fewer_shots"]) == (2, 1, 2)
+    result, records = evaluate_choices(None, TOK, [ex], shots=5, shot_pool=pool)  # a pool of 3 for 5 shots
+    assert records[0]["shots"] == 3 and (result["shots_mean"], result["questions_with_fewer_shots"]) == (3, 1)
     # ARC's choice-text prompts (acc_norm) get the same shots, in lm-eval-harness's k-shot form
     seen.clear()
     arc_pool = [dict(q("Why?", None, 1), subject=None), dict(q("How?", None, 3), subject=None)]
@@ -475,7 +478,8 @@ def test_readme_gpu_commands_run_on_a_checkpoint_and_the_official_layouts(hf_che
     (dolly / DOLLY_FILE).write_text("".join(json.dumps(dict(instruction=f"Say {i}.", context="" if i % 2 else "ctx",
                                                              response=f"{i}.", category="open_qa")) + "\n"
                                             for i in range(DOLLY_VALID + 16)))  # the split holds 2,000 out
-    short = ["--max-steps", "2", "--batch-size", "4", "--limit", "8", "--eval-limit", "4", "--no-baseline", "--quiet"]
+    steps = ["--max-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--no-baseline", "--quiet"]
+    short = steps + ["--limit", "8"]
     runs = tmp_path / "runs"
     for task, data in (("mmlu", mmlu), ("arc_challenge", arc)):
         for method, extra in (("lora", []), ("ia3", []), ("ia3pp", []), ("ia3pp", ["--set", "use_l_o=false"])):
@@ -487,8 +491,7 @@ def test_readme_gpu_commands_run_on_a_checkpoint_and_the_official_layouts(hf_che
     # training on MMLU's dev split instead of auxiliary_train (10 questions, none of the 20 auxiliary ones)
     dev_run = runs / "mmlu" / "ia3pp-dev"
     assert finetune_main(["--task", "mmlu", "--checkpoint", str(hf_checkpoint), "--data", str(mmlu), "--method", "ia3pp",
-                          "--train-split", "dev", "--out", str(dev_run), "--max-steps", "2", "--batch-size", "4",
-                          "--eval-limit", "4", "--no-baseline", "--quiet"]) == 0
+                          "--train-split", "dev", "--out", str(dev_run), *steps]) == 0
     config = json.loads((dev_run / "config.json").read_text())
     assert config["train"]["train_split"] == "dev" and config["n_train"] == 10
     assert finetune_main(["--task", "arc_challenge", "--data", str(arc), "--train-split", "test", "--quiet",
