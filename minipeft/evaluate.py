@@ -242,7 +242,10 @@ def continuation_logprobs(model: Llama, requests: Sequence[tuple[list[int], list
     """log p(continuation | context) in nats, summed over the continuation's tokens, for each request
     (context ids, continuation ids). Requests with the same context + continuation[:-1] share one
     forward row, since only their last token differs: the four answer letters of a question cost one
-    forward, not four (with a byte-level tokenizer " A" is two tokens, " " then "A": still one row)."""
+    forward, not four (with a byte-level tokenizer " A" is two tokens, " " then "A": still one row).
+    The positions that predict the continuation are marked as answer positions (`answer_mask`), as
+    training's answer-only targets mark them, so methods that act on the answer only (infix tuning) score
+    the continuation as they trained on it."""
     if any(not ctx or not cont for ctx, cont in requests):
         raise ValueError("continuation_logprobs: every request needs a non-empty context and continuation")
     was_training, device = model.training, model.embed_tokens.weight.device
@@ -250,16 +253,19 @@ def continuation_logprobs(model: Llama, requests: Sequence[tuple[list[int], list
     rows: dict[tuple, list[int]] = {}  # row tokens -> the requests it scores
     for r, (ctx, cont) in enumerate(requests):
         rows.setdefault(tuple(ctx + cont[:-1]), []).append(r)
+    answer_from = {key: min(len(requests[r][0]) for r in rs) - 1 for key, rs in rows.items()}  # first predicting one
     keys = sorted(rows, key=len)
     out = [0.0] * len(requests)
     bar = Progress(len(keys), "score", progress)
     for start in range(0, len(keys), batch_size):
         batch = keys[start:start + batch_size]
         idx = torch.full((len(batch), len(batch[-1])), pad_id, dtype=torch.long)  # (B, T), right-padded
+        answer = torch.zeros_like(idx, dtype=torch.bool)  # (B, T): the positions that predict a continuation token
         for b, key in enumerate(batch):
             idx[b, :len(key)] = torch.tensor(key)
+            answer[b, answer_from[key]:len(key)] = True
         with autocast(device):
-            logits = model(idx.to(device))  # (B, T, vocab); causal, so the pads change nothing before them
+            logits = model(idx.to(device), answer_mask=answer.to(device))  # (B, T, vocab); causal: pads change nothing
         for b, key in enumerate(batch):
             for r in rows[key]:
                 ctx, cont = requests[r]
@@ -360,12 +366,16 @@ def sliding_window_nll(model: Llama, ids: Sequence[int], window: int, stride: in
         T = max(end - begin - 1 for begin, end, _ in chunk)
         idx = torch.zeros((len(chunk), T), dtype=torch.long)                 # (B, T)
         targets = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        # every token of a text is a training target (encode_text), so every position is an answer position
+        # (infix tuning), the window's context included, not only the scored tokens
+        answer = torch.zeros((len(chunk), T), dtype=torch.bool)                # (B, T)
         for b, (begin, end, first) in enumerate(chunk):
             idx[b, :end - begin - 1] = torch.tensor(ids[begin:end - 1])
             targets[b, first - begin - 1:end - begin - 1] = torch.tensor(ids[first:end])
+            answer[b, :end - begin - 1] = True
         k = int((targets != IGNORE_INDEX).sum())
         with autocast(device):
-            _, loss = model(idx.to(device), targets.to(device), return_logits=False)
+            _, loss = model(idx.to(device), targets.to(device), return_logits=False, answer_mask=answer.to(device))
         total, count = total + loss.item() * k, count + k
         bar.update(len(chunk), sum(end - begin - 1 for begin, end, _ in chunk))
     bar.close()

@@ -196,6 +196,33 @@ def test_letter_scores_match_hand_computed_loglikelihoods():
     assert result["test_bpt"] == pytest.approx(bits_per_token(model, encode_all(TOK, qs, "plain", 512, "mmlu")), abs=1e-4)
 
 
+def test_scores_see_an_infix_where_training_does():
+    """Infix tuning acts only on answer positions: the letter scores and the sliding window must mark the
+    positions training marks (encode_mc's letter; every token of a text), or they score the base model."""
+    from minipeft.adapters import apply_method
+    model = apply_method(tiny(4), "infix_tuning")
+    qs = synthetic_mc(4, seed=6, split="test")
+    result, _ = evaluate_choices(model, TOK, qs, batch_size=3)
+    trained = bits_per_token(model, encode_all(TOK, qs, "plain", 512, "mmlu"))
+    base_result, _ = evaluate_choices(tiny(4), TOK, qs, batch_size=3)
+    assert result["test_bpt"] == pytest.approx(trained, abs=1e-4) and abs(result["test_bpt"] - base_result["test_bpt"]) > 1e-3
+    ids = TOK.encode("The quick brown fox jumps over the lazy dog. " * 2, bos=True)
+    with torch.no_grad():
+        _, loss = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))  # training's text rows: all targets
+    nll, n = sliding_window_nll(model, ids, window=len(ids), stride=7)
+    assert nll == pytest.approx(loss.item() * n, rel=1e-5)
+    # windows of 16 every 5 tokens: each window's context positions see the infix too, as in a training row
+    reference, begin, prev_end = 0.0, 0, 1
+    while prev_end < len(ids):
+        end = min(begin + 16, len(ids))
+        x = torch.tensor([ids[begin:end - 1]])
+        with torch.no_grad():
+            logp = model(x, answer_mask=torch.ones_like(x, dtype=torch.bool))[0].log_softmax(-1)  # (T, V)
+        reference -= sum(logp[t - begin - 1, ids[t]].item() for t in range(prev_end, end))
+        begin, prev_end = begin + 5, end
+    assert sliding_window_nll(model, ids, window=16, stride=5)[0] == pytest.approx(reference, rel=1e-5)
+
+
 def test_acc_norm_divides_by_characters_and_categories_are_micro_averaged(monkeypatch):
     qs = [dict(question="q", choices=["a", "bbbb"], labels=["A", "B"], answer=1, subject="astronomy"),
           dict(question="q2", choices=["a", "bbbb"], labels=["A", "B"], answer=0, subject="philosophy"),
