@@ -205,7 +205,8 @@ def test_scores_see_an_infix_where_training_does():
     result, _ = evaluate_choices(model, TOK, qs, batch_size=3)
     trained = bits_per_token(model, encode_all(TOK, qs, "plain", 512, "mmlu"))
     base_result, _ = evaluate_choices(tiny(4), TOK, qs, batch_size=3)
-    assert result["test_bpt"] == pytest.approx(trained, abs=1e-4) and abs(result["test_bpt"] - base_result["test_bpt"]) > 1e-3
+    assert result["test_bpt"] == pytest.approx(trained, abs=1e-4)
+    assert abs(result["test_bpt"] - base_result["test_bpt"]) > 1e-3  # the infix changes the score
     ids = TOK.encode("The quick brown fox jumps over the lazy dog. " * 2, bos=True)
     with torch.no_grad():
         _, loss = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))  # training's text rows: all targets
@@ -517,8 +518,8 @@ def test_readme_gpu_commands_run_on_a_checkpoint_and_the_official_layouts(hf_che
             assert summary["n_test"] == 4 and 0 <= summary["after"]["accuracy"] <= 1 and summary["trainable_params"] > 0
     # training on MMLU's dev split instead of auxiliary_train (10 questions, none of the 20 auxiliary ones)
     dev_run = runs / "mmlu" / "ia3pp-dev"
-    assert finetune_main(["--task", "mmlu", "--checkpoint", str(hf_checkpoint), "--data", str(mmlu), "--method", "ia3pp",
-                          "--train-split", "dev", "--out", str(dev_run), *steps]) == 0
+    assert finetune_main(["--task", "mmlu", "--checkpoint", str(hf_checkpoint), "--data", str(mmlu),
+                          "--method", "ia3pp", "--train-split", "dev", "--out", str(dev_run), *steps]) == 0
     config = json.loads((dev_run / "config.json").read_text())
     assert config["train"]["train_split"] == "dev" and config["n_train"] == 10
     assert finetune_main(["--task", "arc_challenge", "--data", str(arc), "--train-split", "test", "--quiet",
