@@ -1,37 +1,41 @@
 """The labs: every notebook in notebooks/ and every solution notebook in notebooks/solutions/ runs top to
-bottom in a fresh kernel without an error or a failed assert, in under MAX_KERNEL_CPU_S seconds of kernel
-CPU; every figure it shows has a title and labelled axes; the exercise checks behave (as shipped each
-prints "Exercise N: not done yet", the solution notebook prints "Exercise N: correct" for each of them);
-and the committed files carry no outputs and declare the kernel `make install` registers.
+bottom in a fresh kernel without an error, in under MAX_KERNEL_CPU_S seconds of kernel CPU; every figure
+it shows has a title and labelled axes; its checks behave (as shipped every build step says "not built
+yet" and every exercise "not done yet"; the solution notebook passes every one of them, as the grader
+`minipeft.grade` reads them); a lab and its solution differ only in the cells the student fills; and the
+committed files carry no outputs, keep code at MAX_CODE_COLUMNS, and declare the kernel `make install`
+registers.
 
     python -m pytest -m "" tests/test_notebooks.py    # = make notebooks (labs and solutions)
     python -m pytest tests/test_notebooks.py          # the labs only (solution runs are marked slow)
     python -m tests.test_notebooks --strip            # strip outputs (and set the kernel) before committing
     python -m tests.test_notebooks --run [NAME ...]   # execute some, one after the other; print each one's time
 
-Running them early. Executing a notebook is mostly one busy single-threaded kernel (see KERNEL_ENV), so
-when pytest has collected the session, `pytest_collection_finish` below queues every selected notebook
-for execution in the background, WORKERS at a time, each in a process of its own (`--execute`), and the
-tests only wait for their notebook's result; `pytest_collection_modifyitems` puts them at the end of the
-session, so the notebooks run while the rest of the suite does. The slowest of the last run start first
-(kernel CPU seconds kept in pytest's cache), so no long notebook starts last. This module registers
-itself as a pytest plugin (`pytest_plugins`) for those hooks and for `pytest_sessionfinish`, which stops
-what still runs. A notebook whose test is not selected (-k, -m slow) is never started.
+Running them early. Executing a notebook is mostly one busy single-threaded kernel (minipeft.grade's
+KERNEL_ENV), so when pytest has collected the session, `pytest_collection_finish` below queues every
+selected notebook for execution in the background, WORKERS at a time, each in a process of its own
+(`--execute`), and the tests only wait for their notebook's result; `pytest_collection_modifyitems` puts
+them at the end of the session, so the notebooks run while the rest of the suite does. The slowest of the
+last run start first (kernel CPU seconds kept in pytest's cache), so no long notebook starts last. This
+module registers itself as a pytest plugin (`pytest_plugins`) for those hooks and for
+`pytest_sessionfinish`, which stops what still runs. A notebook whose test is not selected (-k, -m slow)
+is never started.
 
-The kernel: notebooks declare KERNEL ("minipeft"), the name `make install` registers with ipykernel.
-The tests run them under that name with a kernelspec made on the spot whose interpreter is the
-current one (jupyter_client starts a kernel.json argv[0] of "python" with sys.executable), so they
-test the code of this checkout whatever kernels are registered on the machine. A notebook's SEED
-(first code cell) fixes all its randomness.
+The kernel: notebooks declare KERNEL ("minipeft"), the name `make install` registers with ipykernel;
+they run under a kernelspec made on the spot whose interpreter is the current one
+(`minipeft.grade.kernel_environment`), so they test the code of this checkout whatever kernels are
+registered on the machine. A notebook's SEED (first code cell) fixes all its randomness.
 
-Exercises (the convention of every lab, notebooks/README.md): an exercise cell sets a name to None
-(`answer = None  # your turn`); its check cell prints "Exercise N: not done yet" while it is None,
-else asserts and prints "Exercise N: correct". The solution notebook of NN_name.ipynb is
-solutions/NN_name_solutions.ipynb.
+The cells a lab marks with tags (notebooks/README.md): "student" (a stub: `raise NotImplementedError`,
+or an answer left None), "check" (one `check(...)` call, printing one status line), "setup" (what a
+student cell needs besides the first code cell); a solution notebook is its lab with the student cells
+filled in, plus cells tagged "solution". tests/lab_cells.py runs those cells in-process, for the
+mistake-planting tests of each lab (tests/test_lab_NN.py).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -46,6 +50,9 @@ from pathlib import Path
 
 import pytest
 
+from minipeft import grade
+from minipeft.grade import KERNEL, KERNELSPEC
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 SOLUTION_DIR = NOTEBOOK_DIR / "solutions"
@@ -53,19 +60,12 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 SOLUTIONS = sorted(SOLUTION_DIR.glob("*.ipynb"))
 ALL = NOTEBOOKS + SOLUTIONS
 IDS = [str(p.relative_to(NOTEBOOK_DIR).with_suffix("")) for p in ALL]
-KERNEL = "minipeft"
-KERNELSPEC = {"display_name": "minipeft", "language": "python", "name": KERNEL}
 TIMEOUT_S = 300        # per cell: a guard against a hung kernel, generous because a loaded machine slows every cell
 # per notebook: the labs' budget ("under a minute on 2 cores"), counted in the kernel's CPU seconds because
 # the wall time on a shared machine measures the neighbours as much as the notebook
 MAX_KERNEL_CPU_S = 60
 WORKERS = 2            # notebooks executing at once in the background during a pytest session
-# Notebooks whose exercises are still to be written (issue 14): the list may only shrink; a notebook on it
-# that has exercises fails test_every_lab_has_exercises_and_solutions, so it is taken off when they land.
-NO_EXERCISES_YET: set[str] = set()  # every lab has its exercises now; a new lab may be listed until they land
-
-NOT_DONE = re.compile(r"Exercise (\d+): not done yet")
-CORRECT = re.compile(r"Exercise (\d+): correct")
+MAX_CODE_COLUMNS = 88  # code cells stay readable beside the prose
 
 # Run before the notebook: every plt.show() first checks that each axes of the figure has a title
 # and both axis labels (a colorbar: a label), and counts the figures it checked.
@@ -89,47 +89,18 @@ _plt.show = _checked_show
 """
 FIGURE_COUNT = "import time as _time; print('FIGURES_CHECKED', _time.process_time(), _FIGURES_CHECKED)"
 
-# The kernel inherits these: the repository on the path, and one thread, because the notebooks' tensors
-# are tiny and extra threads only add overhead (several times slower on a busy 2-core machine).
-KERNEL_ENV = {
-    "PYTHONPATH": lambda old: str(ROOT) + (os.pathsep + old if old else ""),
-    "OMP_NUM_THREADS": lambda old: "1",
-    "MKL_NUM_THREADS": lambda old: "1",
-}
-
-
-def kernel_environment() -> dict[str, str]:
-    """os.environ plus KERNEL_ENV plus a JUPYTER_PATH whose kernels/KERNEL runs the current interpreter."""
-    spec_dir = Path(tempfile.gettempdir()) / f"minipeft-kernelspec-{os.getuid()}" / "kernels" / KERNEL
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = dict(KERNELSPEC, argv=["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.update({k: v(env.get(k)) for k, v in KERNEL_ENV.items()})
-    old = env.get("JUPYTER_PATH")
-    env["JUPYTER_PATH"] = str(spec_dir.parents[1]) + (os.pathsep + old if old else "")
-    return env
-
-
 def execute(path: Path) -> dict:
-    """Execute the notebook at `path` in a fresh kernel of the kernel it declares, in this process.
+    """Execute the notebook at `path` in a fresh kernel, in this process, stopping at the first error.
 
     Returns {"notebook": executed notebook (JSON text), "figures_checked", "seconds" (wall),
-    "cpu_seconds" (the kernel's)}; raises CellExecutionError on any error or failed assert."""
+    "cpu_seconds" (the kernel's)}; raises CellExecutionError on any error."""
     import nbformat
-    from nbclient import NotebookClient
 
-    nb = nbformat.read(path, as_version=4)
-    n_cells = len(nb.cells)
-    nb.cells = [nbformat.v4.new_code_cell(FIGURE_CHECK)] + nb.cells + [nbformat.v4.new_code_cell(FIGURE_COUNT)]
-    os.environ.update(kernel_environment())  # this process only executes notebooks (--execute, --run)
-    start = time.perf_counter()
-    NotebookClient(nb, timeout=TIMEOUT_S, resources={"metadata": {"path": str(path.parent)}}).execute()
-    seconds = time.perf_counter() - start
+    nb, seconds = grade.execute(path, timeout=TIMEOUT_S, allow_errors=False, before=FIGURE_CHECK, after=FIGURE_COUNT)
     # a print may reach us in several stream messages: join them before reading the line
     stdout = "".join(out.get("text", "") for out in nb.cells[-1].outputs if out.get("name") == "stdout")
     cpu_seconds, checked = re.search(r"FIGURES_CHECKED (\S+) (\d+)", stdout).groups()
-    nb.cells = nb.cells[1:1 + n_cells]
+    nb.cells = nb.cells[1:-1]
     return dict(notebook=nbformat.writes(nb), figures_checked=int(checked), seconds=seconds,
                 cpu_seconds=float(cpu_seconds))
 
@@ -235,15 +206,21 @@ def count_images(nb) -> int:
                for out in cell.outputs)
 
 
-def printed(nb) -> str:
-    """Everything the notebook printed to stdout (a print may come in several stream messages)."""
-    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-                   if out.get("output_type") == "stream" and out.get("name") == "stdout")
+def checks(nb) -> list[str]:
+    """The labels of the notebook's check(...) calls: "Build N (name)" and "Exercise N", in order."""
+    return grade.expected_checks(nb)
 
 
-def exercises(nb) -> set[int]:
-    """The numbers of the exercises whose check cell says "Exercise N: not done yet" while unanswered."""
-    return {int(n) for cell in nb.cells if cell.cell_type == "code" for n in NOT_DONE.findall(cell.source)}
+def exercises(nb) -> list[int]:
+    return [int(label.split()[1]) for label in checks(nb) if label.startswith("Exercise")]
+
+
+def builds(nb) -> list[int]:
+    return [int(label.split()[1]) for label in checks(nb) if label.startswith("Build")]
+
+
+def tags(cell) -> set[str]:
+    return set(cell.metadata.get("tags", []))
 
 
 def solution_of(path: Path) -> Path:
@@ -297,23 +274,66 @@ def test_make_install_registers_the_kernel_the_notebooks_declare():
     assert names == [KERNEL], f"Makefile registers kernels {names}; the notebooks declare {KERNEL!r}"
 
 
-def test_every_lab_has_exercises_and_solutions():
-    """Each notebook (but those on NO_EXERCISES_YET) has 2-4 exercises and a solution notebook; each
-    solution notebook belongs to a notebook and answers the same exercises."""
+def test_every_lab_has_builds_exercises_and_a_solution():
+    """Each lab hands the student 1+ build steps (numbered from 1) and 2-4 exercises (numbered from 1),
+    and has a solution notebook; each solution notebook belongs to a lab."""
     for path in NOTEBOOKS:
-        found = exercises(read(path))
-        if path.stem in NO_EXERCISES_YET:
-            assert not found, f"{path.name} has exercises now: take it off NO_EXERCISES_YET"
-            continue
-        assert 2 <= len(found) <= 4 and found == set(range(1, len(found) + 1)), (
-            f"{path.name}: exercises {sorted(found)} (want 2-4 numbered from 1, each with a check cell printing "
-            "'Exercise N: not done yet' while unanswered)")
-        assert solution_of(path).exists(), f"{path.name} has exercises but no {solution_of(path).relative_to(ROOT)}"
+        nb = read(path)
+        found_builds, found_exercises = builds(nb), exercises(nb)
+        assert found_builds and found_builds == list(range(1, len(found_builds) + 1)), (
+            f"{path.name}: build checks {found_builds} (want 1, 2, ...: a check(\"Build N (name)\", ...) cell under "
+            "each stub)")
+        assert 2 <= len(found_exercises) <= 4 and found_exercises == list(range(1, len(found_exercises) + 1)), (
+            f"{path.name}: exercises {found_exercises} (want 2-4 numbered from 1, each checked by "
+            "check(\"Exercise N\", ...))")
+        assert solution_of(path).exists(), f"{path.name} has no {solution_of(path).relative_to(ROOT)}"
     for solution in SOLUTIONS:
         assert lab_of(solution).exists(), f"{solution.name}: no notebook {lab_of(solution).name}"
-        checks = {int(n) for c in read(solution).cells if c.cell_type == "code" for n in CORRECT.findall(c.source)}
-        assert checks == exercises(read(lab_of(solution))), (
-            f"{solution.name} checks exercises {sorted(checks)}, its notebook has {sorted(exercises(read(lab_of(solution))))}")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_lab_and_solution_differ_only_in_the_student_cells(path):
+    """The solution notebook is the lab with its "student" cells filled in, plus "solution" cells: every
+    other cell is the lab's, character for character, so the two cannot drift apart."""
+    lab, solution = read(path), read(solution_of(path))
+    kept = [c for c in solution.cells if "solution" not in tags(c)]
+    assert len(kept) == len(lab.cells), (
+        f"{solution_of(path).name} has {len(kept)} cells besides its 'solution' cells, {path.name} has {len(lab.cells)}")
+    for i, (mine, theirs) in enumerate(zip(lab.cells, kept)):
+        assert tags(mine) == tags(theirs) and mine.cell_type == theirs.cell_type, (
+            f"{path.name} cell {i + 1}: tags {sorted(tags(mine))} / {sorted(tags(theirs))} in the solution")
+        if "student" in tags(mine):
+            assert mine.source != theirs.source, f"{path.name} cell {i + 1}: the solution does not fill it in"
+        else:
+            assert mine.source == theirs.source, f"{path.name} cell {i + 1} differs in the solution notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_lab_cells_follow_the_convention(path):
+    """Student cells are stubs (NotImplementedError, or an answer set to None); a check cell calls check()
+    once; each exercise has its own answer name (no name is set by two student cells); code fits
+    MAX_CODE_COLUMNS."""
+    nb = read(path)
+    assigned: dict[str, int] = {}
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        long = [line for line in cell.source.splitlines() if len(line) > MAX_CODE_COLUMNS]
+        assert not long, f"{path.name} cell {i + 1}: {len(long)} lines over {MAX_CODE_COLUMNS} columns: {long[0]!r}"
+        if "check" in tags(cell):
+            assert len(grade.CHECK_CALL.findall(cell.source)) == 1, f"{path.name} cell {i + 1}: want one check(...)"
+        if "student" in tags(cell):
+            assert "raise NotImplementedError" in cell.source or re.search(r"= None\b", cell.source), (
+                f"{path.name} cell {i + 1}: a student cell is a stub (raise NotImplementedError / answer = None)")
+            for node in ast.parse(cell.source).body:
+                names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                         [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
+                for name in names:
+                    assert assigned.setdefault(name, i) == i, (
+                        f"{path.name}: cells {assigned[name] + 1} and {i + 1} both set {name!r}: give each "
+                        "exercise its own answer name")
+    assert all(any(label in c.source for c in nb.cells if "check" in tags(c)) for label in checks(nb)), (
+        f"{path.name}: a check(...) call sits in a cell not tagged 'check'")
 
 
 # Running a solution notebook is kept out of `make test` (marked slow: 14 kernels of about 4-7 CPU seconds each,
@@ -324,25 +344,43 @@ RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.parent == SOLUTION_DIR else
 
 @pytest.mark.parametrize("path", RUNS, ids=IDS)
 def test_notebook_runs(path):
-    """Waits for the background run (started at collection) and checks what it printed and showed."""
-    result = start(path).result()  # raises with the child's log on any error or failed assert
+    """Waits for the background run (started at collection) and checks what it printed and showed: as
+    shipped every check says not built / not done yet; the solution passes every check of its lab."""
+    result = start(path).result()  # raises with the child's log on any error
     nb, checked = read_result(result), result["figures_checked"]
     shown = count_images(nb)
     assert shown == checked, (f"{path.name}: {shown} figures shown but {checked} went through plt.show(); "
                               "end every plotting cell with plt.show() so its labels are checked")
     assert result["cpu_seconds"] < MAX_KERNEL_CPU_S, (
         f"{path.name} took {result['cpu_seconds']:.1f} s of kernel CPU, over the labs' {MAX_KERNEL_CPU_S} s")
-    text = printed(nb)
-    correct, not_done = {int(n) for n in CORRECT.findall(text)}, {int(n) for n in NOT_DONE.findall(text)}
-    if path.parent == SOLUTION_DIR:
-        wanted = exercises(read(lab_of(path)))
-        assert not not_done, f"{path.name} printed 'not done yet' for exercises {sorted(not_done)}"
-        assert correct == wanted, f"{path.name} printed 'correct' for {sorted(correct)}, wanted {sorted(wanted)}"
-    else:  # as shipped: every check skips, none passes by accident
-        assert not_done == exercises(read(path)) and not correct, (
-            f"{path.name} as shipped printed 'not done yet' for {sorted(not_done)} and 'correct' for "
-            f"{sorted(correct)}; want 'not done yet' for each of {sorted(exercises(read(path)))}")
+    lab = read(lab_of(path) if path.parent == SOLUTION_DIR else path)
+    items = grade.grade(nb, checks(lab))
+    want = {"passed"} if path.parent == SOLUTION_DIR else {"not built", "not done"}
+    wrong = [(it.label, it.status, it.detail) for it in items if it.status not in want]
+    assert not wrong, f"{path.name}: want every check {want!r}, got {wrong}"
+    text, all_passed = grade.report(items)
+    assert all_passed == (path.parent == SOLUTION_DIR), text
     print(f"{path.name}: {result['seconds']:.1f} s wall, {result['cpu_seconds']:.1f} s kernel CPU, {shown} figures")
+
+
+GRADED_LAB = "02_lora_learning_rate_of_B"   # the grader's command line runs on a copy of its solution
+
+
+def test_grader_reports_a_planted_mistake(tmp_path):
+    """`python -m minipeft.grade` on a copy of a solution whose LoRA starts A at zeros: that build step is
+    wrong, with its hint, every other check passed, exit status 1."""
+    import nbformat
+
+    nb = read(SOLUTION_DIR / f"{GRADED_LAB}_solutions.ipynb")
+    build = next(c for c in nb.cells if "student" in tags(c) and "class MyLoRA" in c.source)
+    build.source = build.source.replace("nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))", "nn.init.zeros_(self.A)")
+    nbformat.write(nb, tmp_path / f"{GRADED_LAB}.ipynb")
+    done = subprocess.run([sys.executable, "-m", "minipeft.grade", str(tmp_path / f"{GRADED_LAB}.ipynb")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"^Build 1 \(MyLoRA\) +wrong +A is all zeros", done.stdout, re.M), done.stdout
+    total = len(checks(read(NOTEBOOK_DIR / f"{GRADED_LAB}.ipynb")))
+    assert f"{total - 1} of {total} checks passed" in done.stdout, done.stdout
 
 
 def read_result(result: dict):

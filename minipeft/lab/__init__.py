@@ -1,7 +1,18 @@
-"""The notebooks' helpers: a small random Llama, a teacher that differs from it by a low-rank change,
-and a short distillation loop, so each lab can compare methods on the same controlled task.
+"""The labs' shared code: the toy task, the build checks, and the status lines the grader reads.
 
-The task (used by notebooks 02, 03, 04 and 06): a student starts as `make_base()` and learns to match
+A lab hands the student a stub (`raise NotImplementedError` under a docstring that gives the shapes, the
+equation and the initialisation); the cell under it runs one check through `check`, which never raises and
+prints ONE line that `python -m minipeft.grade` reads:
+
+    Build 1 (MyLoRA): not built yet (fill in the cell above, then run this cell again)
+    Build 1 (MyLoRA): wrong. Hint: B must start at zero, so the model starts as the base model
+    Build 1 (MyLoRA): passed (same logits and same gradients ...)
+    Exercise 2: not done yet / wrong. Hint: ... / correct
+
+Each lab's checks live in `minipeft/lab/labNN.py`: functions that take the student's object, raise `Wrong`
+(through `expect`) with a hint that names the likely mistake, and return a one-line summary when it passes.
+
+The toy task (notebooks 02, 03, 04, 06, 10, 12, 13): a student starts as `make_base()` and learns to match
 the next-token distribution of `make_teacher(base)`, whose `targets` weights carry an extra random
 rank-`rank` update of relative size `size`. The loss is KL(teacher || student) on random token
 sequences, reported relative to the base model's KL on the same tokens (1 = no better than the base),
@@ -21,10 +32,52 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import peft
-from .llama import Llama, LlamaConfig
+from .. import peft
+from ..llama import Llama, LlamaConfig
 
 TOY_TARGETS = ("v_proj", "o_proj")
+
+
+# ----------------------------------------------------------------------------------------------
+# Status lines: what a check cell prints, and what the grader reads
+
+class Wrong(AssertionError):
+    """A lab check failed; the message is the hint the student sees."""
+
+
+def expect(condition: bool, hint: str) -> None:
+    """Raise Wrong(hint) unless `condition`: every check states the mistake it looks for."""
+    if not condition:
+        raise Wrong(hint)
+
+
+def check(label: str, test: Callable[..., str | None], *args) -> bool:
+    """Run `test(*args)` and print one status line for `label` ("Build N (name)" or "Exercise N").
+
+    A bare `NotImplementedError` (the stub) or an argument that is still None (an unanswered exercise)
+    means "not built yet" / "not done yet"; `Wrong` (or any AssertionError) prints its hint; any other
+    error is the student's code failing, printed with its type. Never raises, so the notebook runs on.
+    Returns True when the check passed."""
+    done, todo = ("correct", "not done yet") if label.startswith("Exercise") else ("passed", "not built yet")
+    try:
+        if any(arg is None for arg in args):
+            raise NotImplementedError
+        detail = test(*args)
+    except NotImplementedError as e:
+        if e.args:  # raised with a message: not the stub, but code (the student's or minipeft's) refusing
+            hint = f"your code raised NotImplementedError: {e}"
+        else:
+            print(f"{label}: {todo} (fill in the cell above, then run this cell again)")
+            return False
+    except AssertionError as e:
+        hint = str(e) or "a check failed without a message (a bug in the lab: please report it)"
+    except Exception as e:  # the student's code failed to run: say how
+        hint = f"your code raised {type(e).__name__}: {e}"
+    else:
+        print(f"{label}: {done}" + (f" ({detail})" if detail else ""))
+        return True
+    print(f"{label}: wrong. Hint: {hint}")
+    return False
 
 
 def make_base(seed: int = 0, config: LlamaConfig | None = None) -> Llama:
@@ -91,26 +144,32 @@ def train(student: Llama, data: list, lr: float,
 
 def assert_same_outputs_and_grads(mine: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor],
                                   pairs: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0,
-                                  atol: float = 1e-5) -> float:
-    """Assert that mine() and theirs() give the same output, and that L = <G, output> (one fixed random G)
+                                  atol: float = 1e-5, names: list[str] | None = None) -> float:
+    """Check that mine() and theirs() give the same output, and that L = <G, output> (one fixed random G)
     gives each (my tensor, their tensor) in `pairs` the same gradient, each to `atol` relative to the largest
-    value (or 1). Returns the largest relative difference seen."""
+    value (or 1); raises Wrong with a hint otherwise. `names`: the pairs' names for the hints. Returns the
+    largest relative difference seen."""
+    names = names or [f"tensor {i}" for i in range(len(pairs))]
     for p in (t for pair in pairs for t in pair):
         p.grad = None
     out_mine, out_theirs = mine(), theirs()
-    assert out_mine.shape == out_theirs.shape, f"output shapes differ: {tuple(out_mine.shape)} vs {tuple(out_theirs.shape)}"
+    expect(out_mine.shape == out_theirs.shape,
+           f"your output has shape {tuple(out_mine.shape)}, minipeft's {tuple(out_theirs.shape)}")
     scale = max(1.0, out_theirs.abs().max().item())  # tolerances are relative to the largest value (or 1)
     worst = (out_mine - out_theirs).abs().max().item() / scale
-    assert worst <= atol, f"outputs differ by up to {worst * scale:.2e} (tolerance {atol:g} x {scale:.3g})"
+    expect(worst <= atol, f"the outputs differ by up to {worst * scale:.2e}: the forward pass computes something "
+                          "else (a wrong scale? a transposed factor? a term missing?)")
     G = torch.randn(out_theirs.shape, generator=torch.Generator().manual_seed(seed), dtype=out_theirs.dtype)
     (G * out_mine).sum().backward()
     (G * out_theirs).sum().backward()
-    for i, (p_mine, p_theirs) in enumerate(pairs):
-        assert p_mine.shape == p_theirs.shape, f"pair {i}: shapes {tuple(p_mine.shape)} vs {tuple(p_theirs.shape)}"
-        assert p_mine.grad is not None, f"pair {i} {tuple(p_mine.shape)}: your tensor got no gradient"
+    for name, (p_mine, p_theirs) in zip(names, pairs):
+        expect(p_mine.shape == p_theirs.shape,
+               f"{name} has shape {tuple(p_mine.shape)}, minipeft's {tuple(p_theirs.shape)} (transposed?)")
+        expect(p_mine.grad is not None, f"{name} got no gradient (a .detach() or torch.no_grad() too many?)")
         diff = (p_mine.grad - p_theirs.grad).abs().max().item()
         scale = max(1.0, p_theirs.grad.abs().max().item())
-        assert diff <= atol * scale, f"pair {i} {tuple(p_mine.shape)}: gradients differ by up to {diff:.2e}"
+        expect(diff <= atol * scale, f"the outputs agree but the gradients of {name} differ by up to {diff:.2e}: "
+                                     "a .detach() missing or one too many?")
         worst = max(worst, diff / scale)
     return worst
 
@@ -132,16 +191,20 @@ def check_build(mine: torch.nn.Module, theirs: torch.nn.Module, idx: torch.Tenso
     theirs_params = dict(theirs.named_parameters())
     mine_trainable = [(n, p) for n, p in mine.named_parameters() if p.requires_grad]
     missing = [n for n, _ in mine_trainable if to_theirs(n) not in theirs_params]
-    assert not missing, f"no parameter of minipeft's model is called {to_theirs(missing[0])!r} (yours: {missing[0]!r})"
+    if missing:
+        raise Wrong(f"your trainable tensor {missing[0]!r} has no counterpart in minipeft's model (no "
+                    f"{to_theirs(missing[0])!r}): a wrong name, or should it be trainable at all?")
     n_mine = sum(p.numel() for _, p in mine_trainable)
     n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
-    assert n_mine == n_theirs, f"you train {n_mine:,} numbers, minipeft trains {n_theirs:,}"
+    expect(n_mine == n_theirs, f"you train {n_mine:,} numbers, minipeft trains {n_theirs:,} (a factor's shape, "
+                               "or a frozen tensor left trainable?)")
     g = torch.Generator().manual_seed(seed)
     pairs = [(p, theirs_params[to_theirs(n)]) for n, p in mine_trainable]
     with torch.no_grad():
         for p_mine, p_theirs in pairs:
             p_theirs.add_(noise * torch.randn(p_theirs.shape, generator=g))
             p_mine.copy_(p_theirs)
-    worst = assert_same_outputs_and_grads(lambda: mine(idx), lambda: theirs(idx), pairs, seed, atol)
+    worst = assert_same_outputs_and_grads(lambda: mine(idx), lambda: theirs(idx), pairs, seed, atol,
+                                          names=[n for n, _ in mine_trainable])
     return (f"same logits and same gradients for all {len(pairs)} trainable tensors ({n_mine:,} numbers); "
             f"largest difference {worst:.1e}")
