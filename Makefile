@@ -61,11 +61,12 @@ notebooks:  # every lab and every solution notebook (make test runs the labs; th
 bench:
 	$(PY) bench/bench.py $(ARGS)
 
-# on a GPU machine, from a fresh clone: installs a CUDA torch there if this one sees no GPU (never in
-# `make install`), runs the gpu tests, compare --throughput and bench.py; figures in $(GPU_OUT)/gpu_check.json
+# on the lent GPU machine, with its system python3 (torch with CUDA there); installs and downloads nothing:
+# preflight, the gpu tests, compare --throughput, bench.py, each in its own budget, <= 8 minutes (docs/gpu.md);
+# figures in $(GPU_OUT)/gpu_check.json. PY=... for another interpreter
 GPU_OUT ?= runs/gpu-check
+gpu-check: PY = python3
 gpu-check:
-	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) scripts/gpu_check.py --device cuda --out $(GPU_OUT) $(ARGS)
 
 clean:
