@@ -4,9 +4,10 @@ Each method gets the same base model, data, number of optimiser steps, batch siz
 schedule and evaluation; the peak learning rate and any method settings are each method's recipe
 (minipeft/recipes.py: "toy" without --checkpoint, else "llama-3.2-1b"), the table finetune reads.
 Every method runs once per seed (the seed sets the adapter's initialisation and the data order; the
-base model is the same), and the table gives mean ± standard deviation over the seeds. The base
-model is evaluated once, up front; compare.md's note names every entry whose test bits/token is not
-clearly below the base's (mean + 2 standard errors over the seeds not under it). The default budget is
+base model is the same), and the table gives mean ± standard deviation over the seeds (one seed, as
+with --quick: single values, no spread and no verdicts). The base model is evaluated once, up front;
+compare.md's note names every entry whose test bits/token is not clearly below the base's (mean + 2
+standard errors over the seeds not under it). The default budget is
 one epoch of the toy task (125 steps of batch 16) and the first 100 test problems, so that every method
 and the claims' variants (90 runs) finish in about an hour on 2 CPU cores, one one-thread process per
 core (55 min measured, results/README.md); `--steps`, `--eval-limit` and `--jobs` change it.
@@ -137,7 +138,7 @@ def finished_summary(cfg: TrainConfig, overwrite: bool) -> dict | None:
         recorded = {**json.loads(json.dumps(asdict(TrainConfig()), default=str)), **recorded}
     if recorded is not None and {**recorded, "recipe": None} == {**wanted, "recipe": None}:  # same run, any label
         if (run / "summary.json").exists():
-            return json.loads((run / "summary.json").read_text())
+            return read_json(run / "summary.json")
     elif recorded is not None and not overwrite:
         raise FileExistsError(f"{run}: holds a run with other settings (steps, data, ...); use another --out "
                               "or --overwrite")
@@ -158,7 +159,7 @@ def run_one(cfg: TrainConfig, threads: int = 0) -> dict:
 
 
 def summary_row(cfg: TrainConfig, s: dict) -> dict:
-    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(Path(cfg.out) / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     final = next((r for r in reversed(records) if r["kind"] == "final"), {})
@@ -178,8 +179,7 @@ def execute(cfgs: list[TrainConfig], jobs: int, overwrite: bool, progress: bool,
     todo = []
     for i, cfg in enumerate(cfgs):
         if report:
-            done = json.loads((Path(cfg.out) / "summary.json").read_text()) \
-                if (Path(cfg.out) / "summary.json").exists() else None
+            done = read_json(Path(cfg.out) / "summary.json") if (Path(cfg.out) / "summary.json").exists() else None
             if done is not None:
                 results[i] = summary_row(cfg, done)
             continue
@@ -216,16 +216,47 @@ def execute(cfgs: list[TrainConfig], jobs: int, overwrite: bool, progress: bool,
             for r, c in zip(results, cfgs) if r is not None]
 
 
+def read_json(path: Path) -> dict | list:
+    """A JSON file's contents; a damaged file is a ValueError naming it (main prints it as one line)."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON record per line; a damaged line is a ValueError naming the file and line."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+    return records
+
+
 def describe_run(cfg: TrainConfig) -> str:
     return f"{cfg.recipe['entry']} (lr {cfg.lr:.3g}, seed {cfg.seed})"
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value); NaN when there are no values."""
+def mean_std(values: list[float | None]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1) of the finite values; the mean is NaN without values,
+    the std None below two values (one seed has no spread: compare.json stores null, the tables no ±)."""
     values = [v for v in values if v is not None and v == v]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    mean = statistics.fmean(values) if values else float("nan")
+    return mean, statistics.stdev(values) if len(values) > 1 else None
+
+
+def finished(row: dict) -> int:
+    """How many of a row's seeds finished (did not diverge)."""
+    return len(row["seeds"]) - row["failed"]
+
+
+NO_VERDICT = "no verdict: one seed (needs >= 2)"
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -281,8 +312,8 @@ def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress,
     settings = dict(checkpoint=checkpoint, data=data, limit=limit, eval_limit=eval_limit, max_new_tokens=max_new_tokens,
                     task=task)
     cached = out / "base_eval.json"
-    if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
-        saved = json.loads(cached.read_text())
+    saved = read_json(cached) if cached.exists() else {}
+    if saved.get("settings") == settings:
         total, base = saved["total_params"], saved["base"]
     else:
         model, tok, _ = load_base(checkpoint, None, pick_device(), progress)
@@ -317,17 +348,22 @@ CLAIMS = [
 def judge(a: dict, b: dict, key: str, kind: str) -> tuple[str, str]:
     """A verdict on one claim from two aggregated rows, and the figures it rests on. The difference of
     means counts when it exceeds two standard errors, sqrt(sa^2/na + sb^2/nb) (a rough two-sided 95%
-    test; with 3 seeds a wide one)."""
-    na, nb = len(a["seeds"]) - a["failed"], len(b["seeds"]) - b["failed"]
-    ma, sa, mb, sb = a[key], a[key + "_std"], b[key], b[key + "_std"]
-    figures = f"{ma:.4f} ± {sa:.4f} vs {mb:.4f} ± {sb:.4f}"
+    test; with 3 seeds a wide one). Fewer than two finished seeds on either side: no verdict."""
+    na, nb = finished(a), finished(b)
+    ma, sa, mb, sb = a[key], a.get(key + "_std"), b[key], b.get(key + "_std")
+    figures = f"{spread(ma, sa, na)} vs {spread(mb, sb, nb)}"
     if not (na and nb and ma == ma and mb == mb):
         return "not measured", figures
     if kind == "steadier":
         figures += f"; diverged {a['failed']} vs {b['failed']} of {len(a['seeds'])}"
-        if a["failed"] < b["failed"] or (a["failed"] == b["failed"] and sa < sb / 2):
-            return "holds", figures
-        return ("does not hold" if a["failed"] > b["failed"] or sa > 2 * sb else "within noise"), figures
+        if min(len(a["seeds"]), len(b["seeds"])) < 2:
+            return NO_VERDICT, figures
+        if a["failed"] != b["failed"]:
+            return ("holds" if a["failed"] < b["failed"] else "does not hold"), figures
+    if na < 2 or nb < 2:
+        return NO_VERDICT, figures
+    if kind == "steadier":
+        return ("holds" if sa < sb / 2 else "does not hold" if sa > 2 * sb else "within noise"), figures
     se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
     diff = ma - mb
     if kind == "same":
@@ -404,10 +440,16 @@ def sweep_factors(text: str) -> tuple[float, ...]:
     return factors
 
 
-def pm(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
+def pm(mean: float, std: float | None, scale: float = 1.0, digits: int = 4) -> str:
+    """"0.0517 ± 0.0028"; the mean alone where there is no spread (std None or NaN); "-" without a mean."""
     if mean != mean:
         return "-"
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if std == std else f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None and std == std else "")
+
+
+def spread(mean: float, std: float | None, n: int) -> str:
+    """A claim's figure: mean ± std over n seeds, "0.0816 (1 seed)" where one seed gives no spread."""
+    return pm(mean, std) + (f" ({n} seed)" if n == 1 else "")
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -420,8 +462,7 @@ def table_lines(rows: list[dict]) -> list[str]:
         params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         pct = "-" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3f}"
         seeds = str(len(r["seeds"])) + (f" ({r['failed']} diverged)" if r["failed"] else "") if r["seeds"] else "-"
-        n = len(r["seeds"]) - r["failed"]
-        std = lambda key: r.get(key + "_std", float("nan")) if n > 1 else float("nan")  # one run: no spread to show
+        std = lambda key: r.get(key + "_std") if finished(r) > 1 else None  # one run: no spread to show
         lines.append(f"| {r['method']} | {params} | {pct} | {pm(r['test_bpt'], std('test_bpt'))} | "
                      f"{pm(r['accuracy'], std('accuracy'), 100, 1)} | "
                      + (f"{pm(_or_nan(r.get('acc_norm')), std('acc_norm'), 100, 1)} | " if norm else "")
@@ -436,69 +477,181 @@ def _or_nan(value: float | None) -> float:
 
 def not_clearly_below_base(rows: list[dict]) -> list[str]:
     """Entries whose test bits/token is not clearly below the base model's: mean + 2 standard errors over
-    the seeds (the base is one deterministic evaluation) is not under the base's figure."""
+    the seeds (the base is one deterministic evaluation) is not under the base's figure. An entry with
+    one finished seed is judged neither way (one_seed_entries)."""
     base = next((r for r in rows if r["method"] == "base model"), None)
     if base is None:
         return []
     failing = []
     for r in rows:
-        if r is base or not r["seeds"]:
+        if r is base or not r["seeds"] or finished(r) == 1:
             continue
-        n = len(r["seeds"]) - r["failed"]
-        std = r.get("test_bpt_std", float("nan"))
-        se = std / math.sqrt(n) if n > 1 and std == std else 0.0
+        n, std = finished(r), r.get("test_bpt_std")
+        se = std / math.sqrt(n) if n > 1 and std is not None and std == std else math.nan
         if not (n and r["test_bpt"] + 2 * se < base["test_bpt"]):
             failing.append(r["method"])
     return failing
 
 
+def one_seed_entries(rows: list[dict]) -> list[str]:
+    """Entries with exactly one finished seed: no spread, so no verdict on them."""
+    return [r["method"] for r in rows if r["seeds"] and finished(r) == 1]
+
+
+def below_base_line(rows: list[dict]) -> str:
+    """compare.md's last line: which entries' test bits/token is clearly below the base model's."""
+    entries, unjudged = [r for r in rows if r["seeds"]], one_seed_entries(rows)
+    if entries and len(unjudged) == len(entries):
+        return NO_VERDICT
+    failing = not_clearly_below_base(rows)
+    line = "every entry" if not failing else f"all but {', '.join(failing)}"
+    return line + (f"; {NO_VERDICT} for {', '.join(unjudged)}" if unjudged else "")
+
+
 def write_outputs(rows: list[dict], runs: list[dict], out: Path, settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     errors = "; ".join(f"{r['method']}: {e}" for r in rows for e in r["errors"]) or "none"
-    failing = not_clearly_below_base(rows)
+    seeds = (f"mean ± sample std over seeds {settings['seeds']} (adapter init and data order)"
+             if len(settings["seeds"]) > 1 else f"one seed, {settings['seeds']} (adapter init and data order): "
+             "single values, no spread and no verdicts")
     note = (f"\n{settings['steps']} optimiser steps of batch {settings['batch_size']} per run, the same data, "
-            f"warmup + cosine schedule; mean ± sample std over seeds {settings['seeds']} (adapter init and data "
-            f"order); {settings['base_params']:,} base parameters; base: {settings['base']}; data: {settings['data']}"
+            f"warmup + cosine schedule; {seeds}; {settings['base_params']:,} base parameters; base: {settings['base']}; data: {settings['data']}"
             + (f"; first {settings['eval_limit']} test problems" if settings["eval_limit"] else "")
             + f". Peak rates from minipeft/recipes.py ({settings['recipes']}). Diverged runs: {errors}\n")
-    below = ("every entry" if not failing else f"all but {', '.join(failing)}")
     with atomic_write(out / "compare.md", "w") as f:
         f.write("\n".join(table_lines(rows)) + "\n" + note + f"Test bits/token clearly below the base model's "
-                "(mean + 2 standard errors over the seeds under it): " + below + "\n")
+                "(mean + 2 standard errors over the seeds under it): " + below_base_line(rows) + "\n")
     with atomic_write(out / "compare.json", "w") as f:
         json.dump(dict(settings=settings, rows=rows, runs=runs), f, indent=2)
     claims = claims_table(rows)
     if len(claims) > 2:  # the entries of at least one claim were run
         with atomic_write(out / "claims.md", "w") as f:
             f.write("\n".join(claims) + "\n" + note)
-    title = f"{settings['base']}, {settings['data']}: {len(settings['seeds'])} seed(s), mean ± std"
+    write_plots(rows, out, settings)
+
+
+def write_plots(rows: list[dict], out: Path, settings: dict) -> None:
+    """compare_accuracy.png and compare_bpt.png in `out` (also from a saved compare.json's rows and settings)."""
+    n = len(settings["seeds"])
+    title = f"{settings['base']}, {settings['data']}: " + (
+        "one seed, no spread" if n < 2 else f"{n} seeds, mean ± std")
     plot_vs_params(rows, out / "compare_accuracy.png", "accuracy", "test accuracy (%)", 100, title)
-    plot_vs_params(rows, out / "compare_bpt.png", "test_bpt", "test cross-entropy (bits per answer token)", 1, title)
+    plot_vs_params(rows, out / "compare_bpt.png", "test_bpt", "test cross-entropy (bits per answer token, log scale)",
+                   1, title, logy=True)
 
 
-def plot_vs_params(rows: list[dict], path: Path, key: str, ylabel: str, scale: float, title: str) -> None:
-    """`key` against trainable parameters (log x) with ±1 std error bars, one marker per method
-    (legend outside the axes), the base model as a dashed line (cf. LoRA, Fig. 2)."""
+# The plots' panels: related methods side by side (a method not listed here goes to "other methods").
+PLOT_FAMILIES = {
+    "LoRA and its variants": ("lora", "dora", "simple_dora", "adalora", "dylora", "adamix_lora"),
+    "tied and shared low-rank factors": ("tied_lora", "partially_tied_lora", "tied_lora_extra", "tensor_embedding"),
+    "(IA)³: scaling vectors": ("ia3", "ia3pp"),
+    "prompts, prefixes and gated prompts": ("prompt_tuning", "prefix_tuning", "infix_tuning", "pasta",
+                                            "llama_adapter"),
+    "bottleneck adapters": ("bottleneck_adapter", "adamix"),
+    "biases, sparse and full fine-tuning": ("bitfit", "sparse_ft", "spiel", "diff_pruning", "full"),
+}
+MARKERS = "os^DvP<hX>*"  # 11 shapes, neighbours unlike each other; with tab10's 10 colours, 110 distinct pairs
+
+
+def plot_family(entry: str) -> str:
+    """The panel of a compare entry: its method's PLOT_FAMILIES name."""
+    method = entry.split("+")[0]
+    return next((name for name, methods in PLOT_FAMILIES.items() if method in methods), "other methods")
+
+
+def dodge(points: list[tuple[float, float]], span: float, logy: bool, dx: float = 8.0) -> list[float]:
+    """Sideways offsets (in points) that keep markers at (nearly) the same place from hiding each other:
+    points within 15% in x (a log axis) and 3% of the y axis' `span` (in log10 units when `logy`) are
+    spread dx apart, centred on their place. A drawing offset: the data stay as they are."""
+    v = [math.log10(y) if logy else y for _, y in points]
+    clusters: list[list[int]] = []
+    for i, (x, _) in enumerate(points):
+        near = lambda k: max(x, points[k][0]) <= 1.15 * min(x, points[k][0]) and abs(v[i] - v[k]) < 0.03 * span
+        home = next((c for c in clusters if any(near(k) for k in c)), None)
+        if home is None:
+            clusters.append([i])
+        else:
+            home.append(i)
+    offsets = [0.0] * len(points)
+    for c in clusters:
+        for rank, i in enumerate(c):
+            offsets[i] = dx * (rank - (len(c) - 1) / 2)
+    return offsets
+
+
+def family_panels(rows: list[dict], key: str, logy: bool = False) -> dict[str, list[dict]]:
+    """The plotted entries (trainable, with a figure) by PLOT_FAMILIES panel, each by parameter count."""
+    order = [*PLOT_FAMILIES, "other methods"]
+    pts = [r for r in rows if r["trainable_params"] and r[key] == r[key] and (r[key] > 0 or not logy)]
+    panels: dict[str, list[dict]] = {}
+    for r in sorted(pts, key=lambda r: (order.index(plot_family(r["method"])), r["trainable_params"])):
+        panels.setdefault(plot_family(r["method"]), []).append(r)
+    return panels
+
+
+def vs_params_figure(rows: list[dict], key: str, ylabel: str, scale: float, title: str,
+                     logy: bool = False) -> matplotlib.figure.Figure:
+    """`key` against trainable parameters (log x, ±1 std error bars), one panel per family of methods
+    with its own legend (every other entry a grey dot behind, for context), the base model as a dashed
+    line (cf. LoRA, Fig. 2). Entries are numbered family by family and entry j is drawn as a hollow
+    MARKERS[j % 11] in tab10 colour j % 10: distinct pairs for up to 110 entries, a distinct shape and
+    colour for each entry of a panel (up to 10), and points at one place are spread sideways (dodge)."""
     from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend (and its plots) alone
     from matplotlib import colormaps
-    fig = Figure(figsize=(9.5, 5))
-    ax = fig.subplots()
-    pts = [r for r in rows if r["trainable_params"] and r[key] == r[key]]
-    markers = "osD^v<>ph*X"  # ten colours, then the next marker shape: up to 110 distinct points
-    for i, r in enumerate(sorted(pts, key=lambda r: r["trainable_params"])):
-        std = r.get(key + "_std", 0.0)
-        ax.errorbar(r["trainable_params"], scale * r[key], yerr=scale * std if std == std else None,
-                    fmt=markers[(i // 10) % 11], color=colormaps["tab10"](i % 10), capsize=3, ms=6, label=r["method"])
-    base = next((r for r in rows if r["method"] == "base model"), None)
-    if base is not None and base[key] == base[key]:
-        ax.axhline(scale * base[key], color="gray", ls="--", lw=1, label="base model (no fine-tuning)")
+    from matplotlib.transforms import ScaledTranslation
+    panels = family_panels(rows, key, logy) or {"no finished runs": []}
+    pts = [r for group in panels.values() for r in group]
+    base = next((r for r in rows if r["method"] == "base model" and r[key] == r[key]), None)
+    ys = [math.log10(r[key]) if logy else r[key] for r in pts + ([base] if base else [])]
+    span = (max(ys) - min(ys) if ys else 0.0) or 1.0  # the y axis' extent, roughly
+    cols = min(2, len(panels))
+    fig = Figure(figsize=(6.4 * cols + 0.4, 3.0 * math.ceil(len(panels) / cols) + 0.8), layout="constrained")
+    axes = fig.subplots(math.ceil(len(panels) / cols), cols, sharex=True, sharey=True, squeeze=False).flatten()
+    j = 0
+    for ax, (family, group) in zip(axes, panels.items()):
+        ax.plot([r["trainable_params"] for r in pts], [scale * r[key] for r in pts], ".", color="0.82", ms=5, zorder=0)
+        for r, dx in zip(group, dodge([(r["trainable_params"], r[key]) for r in group], span, logy)):
+            std = r.get(key + "_std")
+            x, y, err = r["trainable_params"], scale * r[key], scale * std if std is not None and std == std else 0.0
+            ax.update_datalim([(x, y - err), (x, y + err)])  # autoscale skips offset bars
+            ax.errorbar(x, y, yerr=err or None, fmt=MARKERS[j % len(MARKERS)], color=colormaps["tab10"](j % 10),
+                        mfc="none", mew=1.6, ms=7, capsize=3, label=r["method"],
+                        transform=ax.transData + ScaledTranslation(dx / 72, 0, fig.dpi_scale_trans))
+            j += 1
+        if base is not None:
+            ax.axhline(scale * base[key], color="gray", ls="--", lw=1, label="base model" if ax is axes[0] else None)
+        ax.set_title(family, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    for i in range(len(panels), len(axes)):  # an empty slot of the grid: the panel above shows the x ticks
+        axes[i].set_visible(False)
+        axes[i - cols].xaxis.set_tick_params(labelbottom=True)
+    set_scales(axes[0], [r["trainable_params"] for r in pts], logy, span)
+    fig.supxlabel("trainable parameters (log scale)", fontsize=10)
+    fig.supylabel(ylabel, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def set_scales(ax, params: list[int], logy: bool, span: float) -> None:
+    """Log x over at least two decades (ticks at powers of ten); log y with plain tick labels (0.1, not
+    10^-1), the ticks between powers of ten labelled too where the data span under 1.5 decades."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
-    fig.tight_layout()
+    if params:
+        lo, hi = min(params), max(params)
+        pad = max(1.5, math.sqrt(100 * lo / hi))
+        ax.set_xlim(lo / pad, hi * pad)
+    if logy:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if span < 1.5 else NullFormatter())
+
+
+def plot_vs_params(rows: list[dict], path: Path, key: str, ylabel: str, scale: float, title: str,
+                   logy: bool = False) -> None:
+    """vs_params_figure, written to `path` as a PNG."""
+    fig = vs_params_figure(rows, key, ylabel, scale, title, logy)
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110)
 
