@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minipeft.llama import document_block_mask, segment_mask  # noqa: E402
+from minipeft.masks import document_block_mask, segment_mask  # noqa: E402
 
 VARIANTS = ("dense", "causal", "flex", "flex-compiled")
 

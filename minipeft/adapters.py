@@ -30,10 +30,10 @@ import torch.nn as nn
 from .hf_peft import BASE_FILE as PEFT_BASE_FILE
 from .hf_peft import CONFIG_FILE as PEFT_CONFIG_FILE
 from .hf_peft import WEIGHTS_FILE as PEFT_WEIGHTS_FILE
-from .hf_peft import load_peft_adapter, read_json, save_peft_adapter
+from .hf_peft import load_peft_adapter, save_peft_adapter
 from .methods import METHODS
 from .peft import applied_configs, check_base
-from .safetensors_io import atomic_write, load_file, save_file
+from .safetensors_io import atomic_write, load_file, read_json, save_file
 
 CONFIG_FILE, WEIGHTS_FILE = "minipeft_adapter.json", "adapter.safetensors"
 PEFT_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_BASE_FILE)

@@ -40,7 +40,7 @@ import torch.nn as nn
 from . import peft
 from .methods import adalora, dora, ia3, lora
 from .peft import check_base
-from .safetensors_io import atomic_write, load_file, save_file
+from .safetensors_io import atomic_write, load_file, read_json, save_file
 
 PREFIX = "base_model.model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM -> LlamaModel
 CONFIG_FILE, WEIGHTS_FILE, BASE_FILE = "adapter_config.json", "adapter_model.safetensors", "minipeft_base_model.json"
@@ -96,10 +96,10 @@ def check_field_types(config: dict, source: Path) -> None:
 def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply the adapter in a Hugging Face PEFT directory to `model` (LoRA / rsLoRA / DoRA, or IA3)."""
     path = Path(path)
-    config = _read_json(path / CONFIG_FILE)
+    config = read_json(path / CONFIG_FILE)
     check_field_types(config, path / CONFIG_FILE)
     if (path / BASE_FILE).exists():
-        check_base(model, _read_json(path / BASE_FILE), path / BASE_FILE)
+        check_base(model, read_json(path / BASE_FILE), path / BASE_FILE)
     tensors = _read_tensors(path)
     kind = config.get("peft_type")
     if kind == "IA3":
@@ -419,26 +419,6 @@ def ia3_to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {PREFIX + n + ".ia3_l": (m.ia3_l[None, :] if m.feedforward else m.ia3_l[:, None]).detach().clone()
                for n, m in mods}
     return config, tensors
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; not found, not UTF-8, invalid JSON or not an object: an error naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found" if not path.exists() else f"{path}: not a regular file")
-    raw = path.read_bytes()
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-_read_json = read_json
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

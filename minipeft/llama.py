@@ -7,31 +7,21 @@ The architecture (Meta, "The Llama 3 Herd of Models", arXiv:2407.21783) is a pre
 
 with llama3-scaled RoPE frequencies and, for the 1B/3B models, the output head tied to the input
 embedding. Module names follow Hugging Face transformers (`layers.0.self_attn.q_proj`, ...) so that
-target names written for Hugging Face PEFT carry over unchanged.
+target names written for Hugging Face PEFT carry over unchanged. Read it top to bottom: the config and
+presets, the blocks, the model's forward, generation; below the line, the checkpoint loaders.
 
-PEFT methods plug in two ways, and only two (see minipeft/peft.py):
-  * Linear wrappers swapped in by module name (LoRA, DoRA, (IA)^3, ...), and
-  * three named slots in `Attention` that are None (a no-op) unless a method fills them:
-      `qk_adapter(q, k) -> (q, k)`      on the projected queries/keys, before RoPE ((IA)^3++)
-      `kv_prefix(batch) -> (k, v)`      extra keys/values every query may attend to (prefix tuning);
-                                        a module with `answer_only = True` shows them only to the
-                                        queries that `answer_mask` marks (infix tuning)
-      `extra_branch(q, attn) -> y`      a second attention output added before o_proj (LLaMA-Adapter)
-    plus two model-level slots:
-      `input_prefix() -> (P, dim)`      soft-prompt embeddings placed before every sequence (prompt tuning)
-      `token_adapter(i, x, idx) -> x`   changes the hidden states x (B, T, dim) entering layer i, seeing
-                                        the token ids idx (B, T) (PaSTA: vectors added at special tokens)
+PEFT methods plug in two ways (minipeft/peft.py): Linear wrappers swapped in by module name (LoRA,
+DoRA, (IA)^3, ...), and five named slots that are None (a no-op) unless a method fills them:
+    Attention.qk_adapter(q, k) -> (q, k)    the projected queries/keys, before RoPE ((IA)^3++)
+    Attention.kv_prefix(batch) -> (k, v)    extra keys/values every query sees (prefix tuning), or only
+                                            the answer positions when it has `answer_only` (infix tuning)
+    Attention.extra_branch(q, attn) -> y    a second attention output added before o_proj (LLaMA-Adapter)
+    Llama.input_prefix() -> (P, dim)        soft-prompt embeddings before every sequence (prompt tuning)
+    Llama.token_adapter(i, x, idx) -> x     the hidden states entering layer i, seeing the token ids (PaSTA)
 
-`answer_mask` (B, T) bool, an argument of `Llama.forward`, says which positions predict an answer
-token: the last prompt token and the answer tokens (the data pipeline's `targets != -100`, the
-default when targets are given). Only infix tuning reads it; `generate` sets it for the prompt's last
-token and every generated one.
-
-Which keys a query sees: all earlier ones (`LlamaConfig.attention = "dense"`), or Child et al.'s sparse
-"strided" / "fixed" patterns, computed block-sparsely by minipeft/sparse_attention.py.
-
-Loaders: `Llama.from_pretrained(dir)` reads Hugging Face (`config.json` + `*.safetensors`) and Meta
-(`params.json` + `consolidated.00.pth`) layouts; `save_pretrained(dir)` writes the HF layout.
+`answer_mask` (B, T) bool, an argument of `Llama.forward`, marks the positions that predict an answer
+token (default: `targets != -100`); only infix tuning reads it. Which keys a query sees (causal,
+segments, Child et al.'s sparse patterns) is built in minipeft/masks.py and minipeft/sparse_attention.py.
 
 References read for facts: karpathy/nanoGPT model.py, pytorch-labs/gpt-fast model.py, Meta's
 llama-models reference (model.py, args.py), transformers' modeling_llama.py and its llama3 RoPE init.
@@ -39,10 +29,8 @@ llama-models reference (model.py, args.py), transformers' modeling_llama.py and 
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import stat
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -51,15 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .safetensors_io import atomic_write, load_file, save_file
-from .sparse_attention import SparseMask, kernel_for
+from . import masks
+from .loss import IGNORE_INDEX, linear_cross_entropy
+from .safetensors_io import (atomic_write, load_safetensors_checkpoint, read_json, regular_file,
+                             remove_safetensors_checkpoint, save_safetensors_checkpoint, write_json)
 
-try:  # FlexAttention (torch >= 2.5): document masks as a block mask instead of a dense (B, 1, T, T) tensor
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # older torch: the dense mask is used (Llama.attention_kernel has no effect)
-    BlockMask = create_block_mask = flex_attention = None
-
-IGNORE_INDEX = -100  # targets with this value are left out of the loss (prompt tokens, padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,8 +62,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     # llama3 frequency scaling; None disables it. Keys as in HF's config.json "rope_scaling".
-    rope_scaling: dict | None = field(default_factory=lambda: dict(
-        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+    rope_scaling: dict | None = field(default_factory=lambda: dict(LLAMA3_SCALING_32))
     max_seq_len: int = 131072    # longest position the RoPE tables are built for (lazily, on demand)
     tie_embeddings: bool = True  # lm_head shares embed_tokens' weight (1B and 3B do)
     # Which keys a query sees (minipeft/sparse_attention.py; Child et al. 2019, arXiv:1904.10509):
@@ -112,69 +95,13 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str | Path = "config.json") -> LlamaConfig:
-        """From a Hugging Face `config.json` dict, as transformers 4.x or 5.x writes it.
-
-        RoPE comes in two forms: 4.x's top-level `rope_theta` + `rope_scaling` ({"rope_type": "llama3",
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}), or 5.x's
-        `rope_parameters` ({"rope_theta": ..., "rope_type": "default" | "llama3", the same four keys}).
-        rope_type "default" (or no scaling) means plain RoPE. Both forms at once must agree.
-
-        Missing fields take transformers' documented LlamaConfig defaults: vocab_size 32000,
-        hidden_size 4096, intermediate_size 11008, num_hidden_layers 32, num_attention_heads 32,
-        num_key_value_heads = num_attention_heads, head_dim = hidden_size // num_attention_heads,
-        rms_norm_eps 1e-6, rope_theta 10000.0 (no scaling), max_position_embeddings 2048,
-        tie_word_embeddings false, hidden_act "silu", attention_bias false, mlp_bias false.
-
-        Every field is type- and range-checked; anything that would change the computed function and
-        that minipeft does not implement (another model_type, hidden_act, biases, rope_type, a partial
-        rotary factor) is an error naming `source` and the field, never silently ignored.
-        """
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(cfg)}")
-        # transformers types these `int | None` (null = derived); 5.x writers may leave rope_theta null
-        # beside rope_parameters
-        nullable = ("num_key_value_heads", "head_dim") + (("rope_theta",) if cfg.get("rope_parameters") else ())
-        get = _ConfigReader(cfg, source, nullable)
-        for key, allowed in (("model_type", ("llama",)), ("hidden_act", ("silu",))):
-            value = get.str(key, allowed[0])
-            if value not in allowed:
-                raise ValueError(f"{source}: {key} {value!r} is not supported (minipeft implements {allowed[0]!r})")
-        for key in ("attention_bias", "mlp_bias"):
-            if get.bool(key, False):
-                raise ValueError(f"{source}: {key} true is not supported (Llama 3 has no biases)")
-        heads = get.int("num_attention_heads", 32)
-        dim = get.int("hidden_size", 4096)
-        theta, scaling = _read_rope(cfg, get, source)
-        return _build(cls, source, vocab_size=get.int("vocab_size", 32000), dim=dim, n_layers=get.int("num_hidden_layers", 32),
-                   n_heads=heads, n_kv_heads=get.int("num_key_value_heads", heads),
-                   ffn_dim=get.int("intermediate_size", 11008), head_dim=get.int("head_dim", dim // heads),
-                   norm_eps=get.float("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                   max_seq_len=get.int("max_position_embeddings", 2048),
-                   tie_embeddings=get.bool("tie_word_embeddings", False))
+        """From a Hugging Face `config.json` dict, as transformers 4.x or 5.x writes it (see config_from_hf)."""
+        return config_from_hf(cls, cfg, source)
 
     @classmethod
     def from_meta(cls, params: dict, source: str | Path = "params.json") -> LlamaConfig:
-        """From Meta's `params.json`, computing the FFN width as Meta's reference does."""
-        if not isinstance(params, dict):
-            raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(params)}")
-        get = _ConfigReader(params, source, nullable=("n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor"))
-        dim = get.int("dim")
-        hidden = int(2 * (4 * dim) / 3)
-        if params.get("ffn_dim_multiplier") is not None:  # null: no multiplier, as Meta's reference
-            hidden = int(get.float("ffn_dim_multiplier") * hidden)
-        multiple_of = get.int("multiple_of", 256)
-        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)  # round up
-        # Meta's reference hard-codes factor 8 in apply_scaling; the 3.2 models were trained with 32.
-        # params.json does not say which, so take the factor Meta's own 3.2 releases use by size.
-        scaling = None
-        if get.bool("use_scaled_rope", False):
-            scaling = dict(factor=get.float("rope_scaling_factor", 32.0 if dim <= 3072 else 8.0),
-                           low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-        heads = get.int("n_heads")
-        return _build(cls, source, vocab_size=get.int("vocab_size"), dim=dim, n_layers=get.int("n_layers"),
-                   n_heads=heads, n_kv_heads=get.int("n_kv_heads", heads), ffn_dim=hidden,
-                   norm_eps=get.float("norm_eps", 1e-5), rope_theta=get.float("rope_theta", 10000.0),
-                   rope_scaling=scaling, max_seq_len=get.int("max_seq_len", 131072))
+        """From Meta's `params.json` (see config_from_meta)."""
+        return config_from_meta(cls, params, source)
 
     def to_hf(self) -> dict:
         cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=self.vocab_size,
@@ -194,105 +121,12 @@ class LlamaConfig:
 # fields that change how the model runs, not which weights it has
 RUNTIME_FIELDS = ("max_seq_len", "attention", "sparse_block", "sparse_summary")
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def _build(cls, source, **fields) -> LlamaConfig:
-    try:
-        return cls(**fields)
-    except ValueError as e:  # a cross-field check of __post_init__ (heads vs key/value heads)
-        raise ValueError(f"{source}: {e}") from None
-
-
-def _json_kind(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
-
-
-class _ConfigReader:
-    """Typed reads of a config dict: each error names the file, the field and the bad value."""
-
-    def __init__(self, cfg: dict, source, nullable: tuple[str, ...] = ()):
-        self.cfg, self.source, self.nullable = cfg, source, nullable
-
-    def _get(self, key: str, default, kinds: tuple, what: str):
-        # null counts as missing only where transformers' own type allows it (`int | None`)
-        if key not in self.cfg or (self.cfg[key] is None and key in self.nullable):
-            if default is _REQUIRED:
-                raise ValueError(f"{self.source}: field '{key}' is missing")
-            return default
-        value = self.cfg[key]
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            raise ValueError(f"{self.source}: field '{key}' must be {what}, got {value!r} ({_json_kind(value)})")
-        return value
-
-    def int(self, key: str, default=None) -> int:
-        value = self._get(key, _REQUIRED if default is None else default, (int,), "a positive integer")
-        if value <= 0:
-            raise ValueError(f"{self.source}: field '{key}' must be a positive integer, got {value!r}")
-        return value
-
-    def float(self, key: str, default=None) -> float:
-        value = self._get(key, _REQUIRED if default is None else default, (int, float), "a positive number")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{self.source}: field '{key}' must be a positive number, got {value!r}")
-        return float(value)
-
-    def bool(self, key: str, default: bool) -> bool:
-        return self._get(key, default, (bool,), "true or false")
-
-    def str(self, key: str, default: str) -> str:
-        return self._get(key, default, (str,), "a string")
-
-
-_REQUIRED = object()
-
-
-def _read_rope(cfg: dict, get: _ConfigReader, source) -> tuple[float, dict | None]:
-    """(rope_theta, llama3 scaling or None) from either the 4.x or the 5.x form (see from_hf)."""
-    params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
-    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if value is not None and not isinstance(value, dict):
-            raise ValueError(f"{source}: field '{key}' must be an object or null, got {value!r}")
-    theta = get.float("rope_theta", 10000.0)
-    if params is not None:  # transformers 5.x
-        inner = _ConfigReader(params, f"{source} rope_parameters")
-        p_theta = inner.float("rope_theta", theta)
-        if "rope_theta" in cfg and cfg["rope_theta"] is not None and p_theta != theta:
-            raise ValueError(f"{source}: rope_theta {theta} contradicts rope_parameters.rope_theta {p_theta}")
-        theta, from_params = p_theta, _read_scaling(params, f"{source} rope_parameters")
-        if scaling is not None and _read_scaling(scaling, f"{source} rope_scaling") != from_params:
-            raise ValueError(f"{source}: rope_scaling {scaling} contradicts rope_parameters {params}")
-        return theta, from_params
-    return theta, None if scaling is None else _read_scaling(scaling, f"{source} rope_scaling")
-
-
-def _read_scaling(spec: dict, where: str) -> dict | None:
-    """None for rope_type "default" (or none given), the four llama3 numbers for "llama3"."""
-    kind = spec.get("rope_type", spec.get("type", "default"))
-    factor = spec.get("partial_rotary_factor", 1.0)
-    if factor != 1.0:
-        raise ValueError(f"{where}: partial_rotary_factor {factor!r} is not supported (Llama rotates every dimension)")
-    if kind == "default":
-        return None
-    if kind != "llama3":
-        raise ValueError(f"{where}: rope_type {kind!r} is not supported (minipeft implements 'default' and 'llama3')")
-    missing = [k for k in LLAMA3_SCALING_KEYS if k not in spec]
-    if missing:
-        raise ValueError(f"{where}: rope_type 'llama3' needs {list(LLAMA3_SCALING_KEYS)}; missing {missing}")
-    read = _ConfigReader(spec, where)
-    out = {k: read.float(k) for k in LLAMA3_SCALING_KEYS[:3]}
-    out["original_max_position_embeddings"] = read.int("original_max_position_embeddings")
-    if out["high_freq_factor"] <= out["low_freq_factor"]:
-        raise ValueError(f"{where}: high_freq_factor {out['high_freq_factor']} must exceed low_freq_factor "
-                         f"{out['low_freq_factor']}")
-    return out
-
-_LLAMA3_SCALING_32 = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA3_SCALING_32 = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 PRESETS: dict[str, dict] = {
     "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
     "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
     "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, tie_embeddings=False,
-                         rope_scaling=dict(_LLAMA3_SCALING_32, factor=8.0)),
+                         rope_scaling=dict(LLAMA3_SCALING_32, factor=8.0)),
     # CPU sizes for tests and the toy default; byte-level vocabulary (see Tokenizer.byte_level)
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=512,
                  rope_theta=10000.0, rope_scaling=None),
@@ -381,8 +215,8 @@ class Attention(nn.Module):
         self.extra_branch: nn.Module | None = None
 
     def forward(self, x, cos, sin, mask=None, cache_start=None, prefix_kv=None, answer_mask=None):
-        """x (B, T, dim); mask (B, 1, T, S) bool or None for plain causal; answer_mask (B, T) bool or
-        None (no query is an answer position). Returns (y, (k, v))."""
+        """x (B, T, dim); mask: see minipeft/masks.py (None: plain causal); prefix_kv: the soft prompt's
+        keys/values for this layer; answer_mask (B, T) bool or None. Returns (y, (k, v))."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, n_heads, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
@@ -394,35 +228,21 @@ class Attention(nn.Module):
         new_kv = (k, v)
         if self.kv_cache is not None and cache_start is not None:
             k, v = self.kv_cache.update(cache_start, k, v)               # (B, n_kv, S, hd)
-        prefixes = [(*prefix_kv, None)] if prefix_kv is not None else []  # (k, v, queries that see them)
-        if self.kv_prefix is not None:
-            seen_by = None  # None: every query; infix tuning: the answer positions only (none without a mask)
-            if getattr(self.kv_prefix, "answer_only", False):
-                seen_by = torch.zeros(B, T, dtype=torch.bool, device=x.device) if answer_mask is None else answer_mask
-            prefixes.append((*self.kv_prefix(B), seen_by))
-        if isinstance(mask, SparseMask):  # a sparse pattern; prefix keys are extra columns every query sees
-            if any(seen is not None for _, _, seen in prefixes):
-                raise ValueError("infix tuning (prefix keys seen by answer positions only) does not run with a sparse "
-                                 "attention pattern; use attention='dense'")
-            y = mask.attend(q, k, v, [(pk.expand(B, -1, -1, -1).to(k.dtype), pv.expand(B, -1, -1, -1).to(v.dtype))
-                                      for pk, pv, _ in prefixes])
-        else:
-            if prefixes:  # extra keys/values at the front (they carry no position, so their order is free)
-                mask = causal_mask(T, k.shape[2], x.device) if mask is None else mask
-                mask = mask.expand(B, 1, T, mask.shape[-1])
-                k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _, _ in prefixes] + [k], dim=2)
-                v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv, _ in prefixes] + [v], dim=2)
-                visible = [(mask.new_ones(()) if seen is None else seen[:, None, :, None]).expand(B, 1, T, pk.shape[2])
-                           for pk, _, seen in prefixes]
-                mask = torch.cat(visible + [mask], dim=-1)  # (B, 1, T, P + S)
-            if BlockMask is not None and isinstance(mask, BlockMask):  # packed rows, no prefixes, no cache
-                y = _flex(q, k, v, block_mask=mask, enable_gqa=True)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        y = masks.attend(q, k, v, mask, self.prefixes(B, T, prefix_kv, answer_mask, x.device))
         if self.extra_branch is not None:
             y = y + self.extra_branch(q, self)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
         return self.o_proj(y), new_kv
+
+    def prefixes(self, B: int, T: int, prefix_kv, answer_mask, device) -> list:
+        """[(keys, values, the queries that see them: None = every query)] of the prefix slots."""
+        out = [(*prefix_kv, None)] if prefix_kv is not None else []
+        if self.kv_prefix is not None:
+            seen_by = None  # infix tuning: the answer positions only (none without a mask)
+            if getattr(self.kv_prefix, "answer_only", False):
+                seen_by = torch.zeros(B, T, dtype=torch.bool, device=device) if answer_mask is None else answer_mask
+            out.append((*self.kv_prefix(B), seen_by))
+        return out
 
 
 class MLP(nn.Module):
@@ -452,115 +272,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
-def causal_mask(T: int, S: int, device) -> torch.Tensor:
-    """(1, 1, T, S) bool: the T queries are the LAST T of the S keys."""
-    q_idx = torch.arange(S - T, S, device=device)
-    return (torch.arange(S, device=device)[None, :] <= q_idx[:, None])[None, None]
-
-
-def segment_mask(q_seg: torch.Tensor, k_seg: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, S) bool: causal, and a query sees only keys of its own segment (packing, padding)."""
-    T, S = q_seg.shape[1], k_seg.shape[1]
-    same = q_seg[:, :, None] == k_seg[:, None, :]  # (B, T, S)
-    return same[:, None] & causal_mask(T, S, q_seg.device)
-
-
-def document_block_mask(seg: torch.Tensor, block: int = 128):
-    """FlexAttention's BlockMask equal to segment_mask(seg, seg): causal within each segment. Blocks of
-    block x block (query, key) pairs that no query may see are skipped, not computed and masked."""
-    B, T = seg.shape
-
-    def same_segment_causal(b, h, q_idx, kv_idx):
-        return (seg[b, q_idx] == seg[b, kv_idx]) & (kv_idx <= q_idx)
-    return create_block_mask(same_segment_causal, B=B, H=None, Q_LEN=T, KV_LEN=T, device=seg.device,
-                             BLOCK_SIZE=block)
-
-
-def _flex(q, k, v, **kwargs):
-    """flex_attention, compiled on CUDA (eager it is a dense reference implementation)."""
-    global _FLEX_COMPILED
-    if q.device.type != "cuda":
-        return flex_attention(q, k, v, **kwargs)
-    if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_COMPILED(q, k, v, **kwargs)
-
-
-_FLEX_COMPILED = None
-
-
-def segment_positions(seg: torch.Tensor) -> torch.Tensor:
-    """Positions restarting at 0 at the first token of each contiguous run of equal segment ids."""
-    idx = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
-    starts = torch.ones_like(seg, dtype=torch.bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
-
-
-# ----------------------------------------------------------------------------------------------
-# The loss without the (B, T, vocab) logits
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of `h @ weight.T` against `targets`, computed chunk by chunk.
-
-    The plain path keeps fp32 logits (B*T x vocab: 2.1 GB for 4096 tokens of Llama 3's 128,256-word
-    vocabulary) plus their log-softmax and its gradient. Here each chunk of `chunk` tokens makes its
-    logits, its loss, and at once the gradients w.r.t. its hidden states (and the head weight, if it
-    trains): d loss / d logits = softmax - onehot (divided by the token count), then d/dh = that @ W.
-    Only those (N, dim) gradients are kept for backward, which just scales them. Same FLOPs, no
-    recomputation; the idea of fused linear cross-entropy kernels (e.g. Liger-Kernel, arXiv:2410.10989).
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int):  # h (N, dim), weight (V, dim), targets (N,)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.weight_dtype = weight.dtype
-        n_valid = (targets != IGNORE_INDEX).sum()
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.zeros_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for s in range(0, h.shape[0], chunk):
-            h_c, t_c = h[s:s + chunk], targets[s:s + chunk]
-            logits = F.linear(h_c, weight)  # (n, V), in the autocast dtype under autocast
-            low = logits.dtype
-            logits = logits.float()
-            valid = t_c != IGNORE_INDEX
-            safe_t = torch.where(valid, t_c, 0)
-            picked = logits.gather(1, safe_t[:, None])[:, 0]  # (n,) the target's logit
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()  # exp(logits - max), in place: one pass for loss and gradient
-            total = e.sum(dim=-1)
-            loss += ((top[:, 0] + total.log() - picked) * valid).sum()  # log-sum-exp - target logit
-            if want_h or want_w:
-                g = e.div_(total[:, None])  # softmax
-                g[torch.arange(len(t_c), device=g.device), safe_t] -= 1.0
-                g.mul_((valid / n_valid)[:, None])  # ignored rows get no gradient; mean over valid
-                g = g.to(low)
-                if want_h:
-                    grad_h[s:s + chunk] = (g @ weight).to(h.dtype)
-                if want_w:
-                    grad_w += (g.t() @ h_c).float()
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss / n_valid  # 0/0 = nan when every target is ignored, as F.cross_entropy
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None, None)
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_elements: int = 2**25) -> torch.Tensor:
-    """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100) without materialising
-    all the logits: chunks of about `chunk_elements` fp32 logits (128 MB by default)."""
-    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    if not torch.is_grad_enabled():  # evaluation: no gradients to prepare
-        h, weight = h.detach(), weight.detach()
-    return LinearCrossEntropy.apply(h, weight, targets, max(1, chunk_elements // weight.shape[0]))
-
-
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -578,10 +289,8 @@ class Llama(nn.Module):
         self.input_prefix: nn.Module | None = None  # prompt-tuning slot, see module docstring
         self.token_adapter: nn.Module | None = None  # PaSTA's slot: sees the token ids, see module docstring
         self.grad_checkpoint = False  # recompute each block in backward to save activation memory
-        # packed rows' document mask: "flex" (a FlexAttention block mask), "dense" (a (B, 1, T, T) bool
-        # mask), "auto" = flex on CUDA where available, dense elsewhere (eager flex on CPU is slower;
-        # README, Performance: bench/bench_masks.py). With a sparse config.attention: "auto" (flex on CUDA,
-        # the block-sparse "gather" kernel elsewhere), "flex", "gather", or "dense" (the masked reference)
+        # packed rows' mask: "flex", "dense" or "auto" (flex on CUDA); with a sparse config.attention also
+        # "gather", the block-sparse kernel (the default off CUDA). See minipeft/masks.py.
         self.attention_kernel = "auto"
         self.cache_segments: torch.Tensor | None = None
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, computed on first use
@@ -596,8 +305,7 @@ class Llama(nn.Module):
         """cos/sin (B, T, 1, head_dim) for integer positions (B, T); negative positions are allowed."""
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = rope_frequencies(self.config).to(positions.device)
-        inv_freq = self._inv_freq
-        angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+        angles = positions[..., None].float() * self._inv_freq  # (B, T, hd/2)
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
         return angles.cos(), angles.sin()
 
@@ -605,96 +313,72 @@ class Llama(nn.Module):
                 segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache_start: int | None = None, return_logits: bool = True,
                 answer_mask: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy when targets are given.
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, (logits, mean cross-entropy).
 
-        targets (B, T): the token to predict at each position (no shift inside), IGNORE_INDEX to skip;
-            passing idx itself (the Hugging Face habit) is an error: use idx[:, :-1], idx[:, 1:].
-        segment_ids (B, T): tokens attend only to earlier tokens with the same id (padding, packing);
-            positions then restart at 0 in each segment unless `positions` is given (with a cache,
-            counted over the segment ids of the whole cache so far).
-        cache_start: with a KV cache set up (setup_kv_cache), where in the cache idx begins.
-        return_logits=False (with targets): returns (None, loss) and never builds the (B, T, vocab)
-            logits (linear_cross_entropy): what training and evaluation of the loss use.
-        answer_mask (B, T) bool: the positions that predict an answer token (read by infix tuning only);
-            None: `targets != IGNORE_INDEX` when targets are given (the prompt's targets are -100), else
-            no position (idx is all prompt).
+        targets (B, T): the token after each position (no shift inside), IGNORE_INDEX to skip.
+        segment_ids (B, T): a token sees only earlier tokens of its segment (padding, packing); positions
+            restart at 0 in each segment unless given. cache_start: where idx begins in the KV cache.
+        return_logits=False (with targets): (None, loss), never building the (B, T, vocab) logits.
+        answer_mask (B, T) bool: the positions that predict an answer token (infix tuning); default
+            targets != IGNORE_INDEX, else none.
         """
-        if targets is idx:
-            raise ValueError("model(idx, targets): targets is idx itself. minipeft does not shift inside "
-                             "(targets[t] is the token after idx[t]); pass model(idx[:, :-1], idx[:, 1:])")
+        answer_mask = self._answer_mask(idx, targets, answer_mask)
         mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
         cos, sin = self.rope(positions)
-        if answer_mask is None and targets is not None:
-            answer_mask = targets != IGNORE_INDEX
-        elif answer_mask is not None and (answer_mask.shape != idx.shape or answer_mask.dtype != torch.bool):
-            raise ValueError(f"answer_mask must be a bool tensor shaped like idx {tuple(idx.shape)}, got "
-                             f"{answer_mask.dtype} {tuple(answer_mask.shape)}")
         x = self.embed_tokens(idx)  # (B, T, dim)
         for i, (layer, prefix_kv) in enumerate(zip(self.layers, self.input_prefix_kvs(cache_start))):
             if self.token_adapter is not None:
                 x = self.token_adapter(i, x, idx)
+            args = (x, cos, sin, mask, cache_start, prefix_kv, answer_mask)
             if self.grad_checkpoint and self.training:
-                x, _ = checkpoint(layer, x, cos, sin, mask, cache_start, prefix_kv, answer_mask, use_reentrant=False)
+                x, _ = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x, _ = layer(x, cos, sin, mask, cache_start, prefix_kv, answer_mask)
+                x, _ = layer(*args)
         x = self.norm(x)
         if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
         return (logits if return_logits else None), loss
 
+    @staticmethod
+    def _answer_mask(idx, targets, answer_mask):
+        if targets is idx:
+            raise ValueError("model(idx, targets): targets is idx itself. minipeft does not shift inside "
+                             "(targets[t] is the token after idx[t]); pass model(idx[:, :-1], idx[:, 1:])")
+        if answer_mask is None:
+            return None if targets is None else targets != IGNORE_INDEX
+        if answer_mask.shape != idx.shape or answer_mask.dtype != torch.bool:
+            raise ValueError(f"answer_mask must be a bool tensor shaped like idx {tuple(idx.shape)}, got "
+                             f"{answer_mask.dtype} {tuple(answer_mask.shape)}")
+        return answer_mask
+
     def mask_and_positions(self, idx, segment_ids, positions, cache_start):
-        """The attention mask (None = plain causal, the fast path) and the RoPE positions (B, T)."""
+        """The attention mask (minipeft/masks.py; None = plain causal, the fast path) and the RoPE
+        positions (B, T). While decoding, the cache remembers every token's segment id."""
         B, T = idx.shape
+        cached = None
         if segment_ids is not None and cache_start is not None:
             self.cache_segments[:, cache_start:cache_start + T] = segment_ids
-        if positions is None and segment_ids is not None and cache_start:
-            # decoding: restart counting at each segment of everything in the cache so far, so a
-            # token continues its segment's positions instead of starting again at 0
-            positions = segment_positions(self.cache_segments[:, :cache_start + T])[:, cache_start:]
-        elif positions is None:
-            positions = (segment_positions(segment_ids) if segment_ids is not None
-                         else torch.arange(T, device=idx.device).expand(B, T) + (cache_start or 0))
+            cached = self.cache_segments[:, :cache_start + T]
+        if positions is None:
+            positions = masks.positions(B, T, idx.device, segment_ids, cached, cache_start)
         if self.config.attention != "dense":  # never builds a (T, T) mask (minipeft/sparse_attention.py)
-            return self.sparse_mask(segment_ids, positions, cache_start), positions
-        mask = None
-        if segment_ids is not None and cache_start is not None:
-            mask = segment_mask(segment_ids, self.cache_segments[:, :cache_start + T])
-        elif segment_ids is not None:
-            mask = self.document_mask(segment_ids)
-        elif cache_start:
-            mask = causal_mask(T, cache_start + T, idx.device)
-        return mask, positions
+            return masks.sparse_mask(self.config, positions, segment_ids, cached, cache_start,
+                                     self.attention_kernel), positions
+        return masks.dense_mask(T, idx.device, segment_ids, cached, cache_start, self.attention_kernel,
+                                self.has_prefix_keys()), positions
 
-    def sparse_mask(self, segment_ids, positions, cache_start) -> SparseMask:
-        """The config's sparse pattern for these queries. While decoding, the cached keys' positions are
-        counted from the cache's segment ids (as the queries' own positions are)."""
-        cfg, S = self.config, (cache_start or 0) + positions.shape[1]
-        k_pos, k_seg = positions, segment_ids
-        if cache_start:
-            k_seg = self.cache_segments[:, :S] if segment_ids is not None else None
-            k_pos = (segment_positions(k_seg) if k_seg is not None
-                     else torch.arange(S, device=positions.device).expand(positions.shape[0], S))
-        return SparseMask(cfg.attention, cfg.sparse_block, cfg.sparse_summary, positions, k_pos, segment_ids, k_seg,
-                          kernel_for(positions.device, self.attention_kernel))
+    def has_prefix_keys(self) -> bool:
+        return self.input_prefix is not None or any(l.self_attn.kv_prefix is not None for l in self.layers)
 
     def document_mask(self, segment_ids: torch.Tensor):
-        """segment_mask(seg, seg), as a FlexAttention BlockMask where attention_kernel asks for it, no slot
-        adds prefix keys (their columns are not in the block mask) and, on CPU, no gradient is needed
-        (torch has no FlexAttention backward on CPU)."""
-        kernel = self.attention_kernel
-        if kernel == "auto":
-            kernel = "flex" if segment_ids.device.type == "cuda" else "dense"
-        if kernel not in ("flex", "dense"):
-            raise ValueError(f"Llama.attention_kernel: {self.attention_kernel!r}; expected 'auto', 'flex' or 'dense'")
-        prefixed = self.input_prefix is not None or any(l.self_attn.kv_prefix is not None for l in self.layers)
-        no_backward = segment_ids.device.type == "cpu" and torch.is_grad_enabled()  # CPU flex: forward only
-        if kernel == "flex" and create_block_mask is not None and not prefixed and not no_backward:
-            return document_block_mask(segment_ids)
-        return segment_mask(segment_ids, segment_ids)
+        """The mask of packed rows: a FlexAttention block mask or a dense (B, 1, T, T) one (masks.dense_mask)."""
+        return masks.dense_mask(segment_ids.shape[1], segment_ids.device, segment_ids,
+                                kernel=self.attention_kernel, prefixed=self.has_prefix_keys())
 
     def input_prefix_kvs(self, cache_start: int | None) -> list:
         """Per-layer soft-prompt keys/values (or Nones). In cached generation they are computed at
@@ -712,8 +396,7 @@ class Llama(nn.Module):
         layer's prefix. Because attention is causal, this equals prepending the P embeddings to every
         sequence; they sit at positions -P..-1 so the real tokens keep positions 0, 1, ..."""
         x = self.input_prefix()[None]  # (1, P, dim)
-        P = x.shape[1]
-        cos, sin = self.rope(torch.arange(-P, 0, device=x.device)[None])
+        cos, sin = self.rope(torch.arange(-x.shape[1], 0, device=x.device)[None])
         kvs = []
         for layer in self.layers:
             x, kv = layer(x, cos, sin)
@@ -785,7 +468,7 @@ class Llama(nn.Module):
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"generate: prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}"
                              + (" (convert a tensor with .tolist())" if isinstance(prompts, torch.Tensor) else ""))
-        vocab, longest = self.config.vocab_size, 0
+        vocab = self.config.vocab_size
         for i, p in enumerate(prompts):
             if not isinstance(p, (list, tuple)) or not p:
                 raise ValueError(f"generate: prompt {i} must be a non-empty list of token ids, got {p!r:.60}"
@@ -794,19 +477,21 @@ class Llama(nn.Module):
             if bad != ():
                 raise ValueError(f"generate: prompt {i} holds token id {bad!r}; ids must be integers in "
                                  f"[0, {vocab}) (the model's vocabulary size is {vocab})")
-            longest = max(longest, len(p))
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
+        for ok, what, value in (
+                (not isinstance(max_new_tokens, bool) and isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+                 "max_new_tokens must be an integer >= 1", max_new_tokens),
+                (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0,
+                 "temperature must be a finite number >= 0 (0 = greedy)", temperature),
+                (isinstance(top_p, (int, float)) and 0 < top_p <= 1, "top_p must be in (0, 1]", top_p)):
+            if not ok:
+                raise ValueError(f"generate: {what}, got {value!r}")
+        longest = max(map(len, prompts))
         if longest + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the model's max_seq_len {self.config.max_seq_len} "
                              "(max_position_embeddings): shorten the prompt or generate fewer tokens")
 
-    # ---------------------------------------------------------------- loading and saving
+    # ---------------------------------------------------------------- loading and saving (below the line)
 
     @staticmethod
     def expected_keys(cfg: LlamaConfig) -> set[str]:
@@ -817,83 +502,14 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, quantize: str | None = None) -> Llama:
-        """Load a Hugging Face (config.json + *.safetensors) or Meta (params.json + consolidated.00.pth) checkpoint.
-        quantize="nf4" | "int8": then replace the blocks' Linear layers by frozen quantised ones (minipeft/quant.py)."""
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: not a folder (give the checkpoint folder, not a file in it)")
-        if (path / "config.json").exists():
-            cfg = LlamaConfig.from_hf(_read_json(path / "config.json"), path / "config.json")
-            state, origin = _load_hf_state(path)
-            _check_tied(cfg, state, origin, path / "config.json")
-        elif (path / "params.json").exists():
-            cfg = LlamaConfig.from_meta(_read_json(path / "params.json"), path / "params.json")
-            source = path / "consolidated.00.pth"
-            if not source.exists():
-                raise FileNotFoundError(f"{path}: params.json found but {source.name} is missing")
-            source = _regular_file(path, source.name, source)
-            raw = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-            # params.json does not say whether the head is tied: the weights do
-            out, emb = raw.get("output.weight"), raw.get("tok_embeddings.weight")
-            tied = out is None or (emb is not None and out.shape == emb.shape and torch.equal(out, emb))
-            cfg = replace(cfg, tie_embeddings=tied)
-            state = meta_to_hf(raw, cfg, source)
-            origin = dict.fromkeys(state, source)
-        else:
-            raise FileNotFoundError(f"{path}: unknown checkpoint layout: expected config.json + *.safetensors "
-                                    "(Hugging Face) or params.json + consolidated.00.pth (Meta)")
-        with torch.device("meta"):
-            model = cls(cfg)
-        check_state(model, state, origin, path)
-        check_finite(state, origin)
-        state = {k: v.to(device=device or "cpu", dtype=dtype or v.dtype) for k, v in state.items()}
-        if cfg.tie_embeddings:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        model.load_state_dict(state, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        if quantize:  # after loading, apart from it: QLoRA's frozen 4-bit base (or int8)
-            from .quant import quantize_model
-            quantize_model(model, quantize)
-        return model.eval()
+        """Load a Hugging Face (config.json + *.safetensors) or Meta (params.json + consolidated.00.pth)
+        checkpoint (`load_pretrained`). quantize="nf4" | "int8": then replace the blocks' Linear layers by
+        frozen quantised ones (minipeft/quant.py)."""
+        return load_pretrained(cls, path, dtype, device, quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write config.json + model.safetensors (or shards + index) in the Hugging Face layout."""
-        extra = [k for k in self.state_dict() if k not in Llama.expected_keys(self.config)]
-        if extra:  # a PEFT wrapper or slot: from_pretrained (and transformers) would reject the folder
-            raise ValueError(f"save_pretrained: the model carries modules a Llama checkpoint cannot hold "
-                             f"('{extra[0]}', {len(extra)} tensors): fold them with "
-                             "minipeft.merge_and_unload(model) first, or keep them apart with save_adapter")
-        path = Path(path).expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v for k, v in self.state_dict().items()
-                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
-        state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in state.items()}
-        dtype = next(iter(state.values())).dtype
-        hf = dict(self.config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."))
-        shards, size = [[]], 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-                shards, size = shards + [[]], 0
-            shards[-1].append(k)
-            size += nbytes
-        # the files of an earlier save in another layout would shadow (index, config.json over params.json)
-        # or mix with this one (old shards): remove them first, the index before its shards
-        _remove_weight_files(path)
-        if len(shards) == 1:
-            save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({k: state[k] for k in names}, path / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in names})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            _write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_json(path / "config.json", hf)
+        save_pretrained(self, path, max_shard_bytes)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -908,83 +524,211 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     return order.gather(-1, choice).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoint formats
+# ==============================================================================================
+# Below the line: reading and writing checkpoints (Hugging Face and Meta layouts)
+# ==============================================================================================
+
+# config.json key: (LlamaConfig field, type, transformers' LlamaConfig default); None: derived below
+HF_FIELDS = {"vocab_size": ("vocab_size", int, 32000), "hidden_size": ("dim", int, 4096),
+             "num_hidden_layers": ("n_layers", int, 32), "num_attention_heads": ("n_heads", int, 32),
+             "num_key_value_heads": ("n_kv_heads", int, None), "intermediate_size": ("ffn_dim", int, 11008),
+             "head_dim": ("head_dim", int, None), "rms_norm_eps": ("norm_eps", float, 1e-6),
+             "max_position_embeddings": ("max_seq_len", int, 2048),
+             "tie_word_embeddings": ("tie_embeddings", bool, False)}
+# fields with one value minipeft implements: another would change the computed function, never ignored
+HF_FIXED = {"model_type": ("llama", "minipeft implements 'llama'"), "hidden_act": ("silu", "minipeft implements 'silu'"),
+            "attention_bias": (False, "Llama 3 has no biases"), "mlp_bias": (False, "Llama 3 has no biases")}
+KINDS = {int: "a positive integer", float: "a positive number", bool: "true or false", str: "a string"}
+_REQUIRED = object()
 
 
-def _read_json(path: Path) -> dict:
-    path = _regular_file(path.parent, path.name, path)
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _field(cfg: dict, key: str, kind: type, default=_REQUIRED, source="config.json", nullable=()):
+    """cfg[key], type- and range-checked (ints and floats positive and finite), or `default` if absent;
+    null counts as absent only where transformers' own type allows it (`int | None`). Errors name the
+    file, the field and the value."""
+    if key not in cfg or (cfg[key] is None and key in nullable):
+        if default is _REQUIRED:
+            raise ValueError(f"{source}: field '{key}' is missing")
+        return default
+    value = cfg[key]
+    if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{source}: field '{key}' must be {KINDS[kind]}, got {value!r} ({_json_kind(value)})")
+    if kind in (int, float) and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{source}: field '{key}' must be {KINDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def config_from_hf(cls, cfg: dict, source: str | Path = "config.json") -> LlamaConfig:
+    """LlamaConfig from a Hugging Face `config.json` dict, as transformers 4.x or 5.x writes it.
+
+    RoPE comes in two forms: 4.x's top-level `rope_theta` + `rope_scaling` ({"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}), or 5.x's
+    `rope_parameters` ({"rope_theta": ..., "rope_type": "default" | "llama3", the same four keys}).
+    rope_type "default" (or no scaling) means plain RoPE. Both forms at once must agree. Missing fields
+    take transformers' LlamaConfig defaults (HF_FIELDS; num_key_value_heads = num_attention_heads,
+    head_dim = hidden_size // num_attention_heads, rope_theta 10000.0 without scaling). Anything that
+    would change the computed function and that minipeft does not implement (HF_FIXED, another rope_type,
+    a partial rotary factor) is an error naming `source` and the field, never silently ignored."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(cfg)}")
+    # transformers types these `int | None` (null = derived); 5.x writers may leave rope_theta null
+    nullable = ("num_key_value_heads", "head_dim") + (("rope_theta",) if cfg.get("rope_parameters") else ())
+    for key, (only, why) in HF_FIXED.items():
+        value = _field(cfg, key, type(only), only, source, nullable)
+        if value != only:
+            raise ValueError(f"{source}: {key} {'true' if value is True else repr(value)} is not supported ({why})")
+    out = {name: _field(cfg, key, kind, _REQUIRED if default is None else default, source, nullable)
+           for key, (name, kind, default) in HF_FIELDS.items() if default is not None or key in cfg
+           and cfg[key] is not None}
+    out.setdefault("n_kv_heads", out["n_heads"])
+    out.setdefault("head_dim", out["dim"] // out["n_heads"])
+    out["rope_theta"], out["rope_scaling"] = _read_rope(cfg, source, nullable)
+    return _build(cls, source, **out)
+
+
+def config_from_meta(cls, params: dict, source: str | Path = "params.json") -> LlamaConfig:
+    """LlamaConfig from Meta's `params.json`, computing the FFN width as Meta's reference does."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(params)}")
+    nullable = ("n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor")
+    get = lambda key, kind, default=_REQUIRED: _field(params, key, kind, default, source, nullable)  # noqa: E731
+    dim, heads = get("dim", int), get("n_heads", int)
+    hidden = int(2 * (4 * dim) / 3)
+    if params.get("ffn_dim_multiplier") is not None:  # null: no multiplier, as Meta's reference
+        hidden = int(get("ffn_dim_multiplier", float) * hidden)
+    multiple_of = get("multiple_of", int, 256)
+    hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)  # round up
+    # Meta's reference hard-codes factor 8 in apply_scaling; the 3.2 models were trained with 32.
+    # params.json does not say which, so take the factor Meta's own 3.2 releases use by size.
+    scaling = None
+    if get("use_scaled_rope", bool, False):
+        scaling = dict(LLAMA3_SCALING_32, factor=get("rope_scaling_factor", float, 32.0 if dim <= 3072 else 8.0))
+    return _build(cls, source, vocab_size=get("vocab_size", int), dim=dim, n_layers=get("n_layers", int),
+                  n_heads=heads, n_kv_heads=get("n_kv_heads", int, heads), ffn_dim=hidden,
+                  norm_eps=get("norm_eps", float, 1e-5), rope_theta=get("rope_theta", float, 10000.0),
+                  rope_scaling=scaling, max_seq_len=get("max_seq_len", int, 131072))
+
+
+def _build(cls, source, **fields) -> LlamaConfig:
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+        return cls(**fields)
+    except ValueError as e:  # a cross-field check of __post_init__ (heads vs key/value heads)
+        raise ValueError(f"{source}: {e}") from None
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2)
+def _read_rope(cfg: dict, source, nullable) -> tuple[float, dict | None]:
+    """(rope_theta, llama3 scaling or None) from either the 4.x or the 5.x form (see config_from_hf)."""
+    params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{source}: field '{key}' must be an object or null, got {value!r}")
+    theta = _field(cfg, "rope_theta", float, 10000.0, source, nullable)
+    if params is None:
+        return theta, None if scaling is None else _read_scaling(scaling, f"{source} rope_scaling")
+    p_theta = _field(params, "rope_theta", float, theta, f"{source} rope_parameters")  # transformers 5.x
+    if cfg.get("rope_theta") is not None and p_theta != theta:
+        raise ValueError(f"{source}: rope_theta {theta} contradicts rope_parameters.rope_theta {p_theta}")
+    from_params = _read_scaling(params, f"{source} rope_parameters")
+    if scaling is not None and _read_scaling(scaling, f"{source} rope_scaling") != from_params:
+        raise ValueError(f"{source}: rope_scaling {scaling} contradicts rope_parameters {params}")
+    return p_theta, from_params
 
 
-def _regular_file(folder: Path, name, named_in: Path) -> Path:
-    """folder / name, where `name` (read from `named_in`) must stay inside the folder and be a regular
-    file: no absolute path, no '..', no FIFO or device (opening /dev/stdin or a FIFO would hang)."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ValueError(f"{named_in}: file name {name!r} must be a relative path inside {folder}")
-    path = folder / name
-    try:
-        mode = path.stat().st_mode  # follows symlinks (the Hugging Face cache links into blobs/)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: named by {named_in.name} but missing" if named_in != path
-                                else f"{path}: not found") from None
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{path}: not a regular file")
-    return path
+def _read_scaling(spec: dict, where: str) -> dict | None:
+    """None for rope_type "default" (or none given), the four llama3 numbers for "llama3"."""
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    factor = spec.get("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {factor!r} is not supported (Llama rotates every dimension)")
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(f"{where}: rope_type {kind!r} is not supported (minipeft implements 'default' and 'llama3')")
+    missing = [k for k in LLAMA3_SCALING_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"{where}: rope_type 'llama3' needs {list(LLAMA3_SCALING_KEYS)}; missing {missing}")
+    out = {k: _field(spec, k, float, source=where) for k in LLAMA3_SCALING_KEYS[:3]}
+    out["original_max_position_embeddings"] = _field(spec, "original_max_position_embeddings", int, source=where)
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor {out['high_freq_factor']} must exceed low_freq_factor "
+                         f"{out['low_freq_factor']}")
+    return out
 
 
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "config.json", "params.json",
-                "consolidated.00.pth")
+def load_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None, quantize: str | None = None) -> Llama:
+    """The model of a checkpoint folder, every file and tensor checked (see Llama.from_pretrained)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder (give the checkpoint folder, not a file in it)")
+    if (path / "config.json").exists():
+        cfg = LlamaConfig.from_hf(read_json(path / "config.json"), path / "config.json")
+        state, origin = load_safetensors_checkpoint(path)
+        state, origin = _strip_prefix(state, origin, path)
+        _check_tied(cfg, state, origin, path / "config.json")
+    elif (path / "params.json").exists():
+        cfg = LlamaConfig.from_meta(read_json(path / "params.json"), path / "params.json")
+        source = path / "consolidated.00.pth"
+        if not source.exists():
+            raise FileNotFoundError(f"{path}: params.json found but {source.name} is missing")
+        source = regular_file(path, source.name, source)
+        raw = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        # params.json does not say whether the head is tied: the weights do
+        out, emb = raw.get("output.weight"), raw.get("tok_embeddings.weight")
+        tied = out is None or (emb is not None and out.shape == emb.shape and torch.equal(out, emb))
+        cfg = replace(cfg, tie_embeddings=tied)
+        state = meta_to_hf(raw, cfg, source)
+        origin = dict.fromkeys(state, source)
+    else:
+        raise FileNotFoundError(f"{path}: unknown checkpoint layout: expected config.json + *.safetensors "
+                                "(Hugging Face) or params.json + consolidated.00.pth (Meta)")
+    with torch.device("meta"):
+        model = cls(cfg)
+    check_state(model, state, origin, path)
+    check_finite(state, origin)
+    state = {k: v.to(device=device or "cpu", dtype=dtype or v.dtype) for k, v in state.items()}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if quantize:  # after loading, apart from it: QLoRA's frozen 4-bit base (or int8)
+        from .quant import quantize_model
+        quantize_model(model, quantize)
+    return model.eval()
+
+
+def save_pretrained(model: Llama, path: str | Path, max_shard_bytes: int | None = None) -> None:
+    """config.json + model.safetensors (or shards + index) in the Hugging Face layout."""
+    extra = [k for k in model.state_dict() if k not in Llama.expected_keys(model.config)]
+    if extra:  # a PEFT wrapper or slot: from_pretrained (and transformers) would reject the folder
+        raise ValueError(f"save_pretrained: the model carries modules a Llama checkpoint cannot hold "
+                         f"('{extra[0]}', {len(extra)} tensors): fold them with "
+                         "minipeft.merge_and_unload(model) first, or keep them apart with save_adapter")
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in state.items()}
+    hf = dict(model.config.to_hf(), torch_dtype=str(next(iter(state.values())).dtype).removeprefix("torch."))
+    # the files of an earlier save in another layout would shadow (config.json over params.json)
+    _remove_weight_files(path)
+    save_safetensors_checkpoint(state, path, max_shard_bytes)
+    write_json(path / "config.json", hf)
 
 
 def _remove_weight_files(path: Path) -> None:
-    shards = tuple(sorted(p.name for p in path.glob("model-*-of-*.safetensors")))
-    for name in WEIGHT_FILES[:2] + shards + WEIGHT_FILES[2:]:  # the index before the shards it names
+    """The weight and config files of an earlier save, index before shards (see save_safetensors_checkpoint)."""
+    remove_safetensors_checkpoint(path)
+    for name in ("config.json", "params.json", "consolidated.00.pth"):
         if (path / name).is_file() or (path / name).is_symlink():
             (path / name).unlink()
-
-
-def _load_hf_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """Tensors of a HF checkpoint (single file or shards), names without the "model." prefix,
-    and the file each came from (for error messages). With shards, each tensor comes from the shard
-    the index names; a tensor in another shard too, or in none the index lists, is an error."""
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
-        if not (path / "model.safetensors").exists():
-            raise FileNotFoundError(f"{path}: config.json found but no model.safetensors or "
-                                    "model.safetensors.index.json")
-        source = _regular_file(path, "model.safetensors", path / "model.safetensors")
-        tensors = load_file(source)
-        return _strip_prefix(tensors, dict.fromkeys(tensors, source), source)
-    meta = _read_json(index)
-    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index}: missing or empty 'weight_map'")
-    shards = {fname: load_file(_regular_file(path, fname, index)) for fname in sorted(set(weight_map.values()))}
-    state, origin = {}, {}
-    for fname, tensors in shards.items():
-        for k in tensors:
-            if k not in weight_map:
-                raise KeyError(f"{path / fname}: tensor '{k}' is not listed in {index.name}")
-            if weight_map[k] != fname:
-                raise ValueError(f"{path / fname}: tensor '{k}' is also in {weight_map[k]}, the shard {index.name} "
-                                 "names for it (a tensor must be in one shard only)")
-            state[k], origin[k] = tensors[k], path / fname
-    absent = sorted(set(weight_map) - set(state))
-    if absent:
-        raise KeyError(f"{index}: names {path / weight_map[absent[0]]} for '{absent[0]}', but that shard has no "
-                       f"such tensor ({len(absent)} such)")
-    return _strip_prefix(state, origin, index)
 
 
 def _strip_prefix(state: dict, origin: dict, source: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
@@ -1112,4 +856,4 @@ def save_meta(model: Llama, path: str | Path) -> None:
                   ffn_dim_multiplier=cfg.ffn_dim / base if base > cfg.ffn_dim else None)
     if cfg.rope_scaling is not None:
         params["rope_scaling_factor"] = cfg.rope_scaling["factor"]
-    _write_json(path / "params.json", params)
+    write_json(path / "params.json", params)

@@ -1,4 +1,5 @@
-"""A small reader and writer for the safetensors format, written here so minipeft needs no extra package.
+"""A small reader and writer for the safetensors format, written here so minipeft needs no extra package;
+and the guarded file reads and atomic writes every minipeft file goes through.
 
 The format (https://github.com/huggingface/safetensors, "Format" section) is:
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -186,3 +188,106 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def regular_file(folder: Path, name, named_in: Path) -> Path:
+    """folder / name, where `name` (read from `named_in`) must stay inside the folder and be a regular
+    file: no absolute path, no '..', no FIFO or device (opening /dev/stdin or a FIFO would hang)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{named_in}: file name {name!r} must be a relative path inside {folder}")
+    path = folder / name
+    try:
+        mode = path.stat().st_mode  # follows symlinks (the Hugging Face cache links into blobs/)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: named by {named_in.name} but missing" if named_in != path
+                                else f"{path}: not found") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in the regular file `path`; errors name the file (and the line of a bad byte)."""
+    path = regular_file(path.parent, path.name, path)
+    raw = path.read_bytes()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(obj), "number")
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {kind}")
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    """`obj` as indented JSON, written atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+# A checkpoint folder in transformers' layout: model.safetensors, or shards model-00001-of-0000N.safetensors
+# named by model.safetensors.index.json ({"weight_map": {tensor: shard}}).
+INDEX = "model.safetensors.index.json"
+
+
+def load_safetensors_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """The tensors of the folder's single file or shards, and the file each came from (for error
+    messages). With shards, each tensor comes from the shard the index names; a tensor in another shard
+    too, or in none the index lists, is an error."""
+    index = path / INDEX
+    if not index.exists():
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(f"{path}: config.json found but no model.safetensors or {INDEX}")
+        source = regular_file(path, "model.safetensors", path / "model.safetensors")
+        tensors = load_file(source)
+        return tensors, dict.fromkeys(tensors, source)
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: missing or empty 'weight_map'")
+    shards = {fname: load_file(regular_file(path, fname, index)) for fname in sorted(set(weight_map.values()))}
+    state, origin = {}, {}
+    for fname, tensors in shards.items():
+        for k in tensors:
+            if k not in weight_map:
+                raise KeyError(f"{path / fname}: tensor '{k}' is not listed in {INDEX}")
+            if weight_map[k] != fname:
+                raise ValueError(f"{path / fname}: tensor '{k}' is also in {weight_map[k]}, the shard {INDEX} "
+                                 "names for it (a tensor must be in one shard only)")
+            state[k], origin[k] = tensors[k], path / fname
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise KeyError(f"{index}: names {path / weight_map[absent[0]]} for '{absent[0]}', but that shard has no "
+                       f"such tensor ({len(absent)} such)")
+    return state, origin
+
+
+def save_safetensors_checkpoint(state: dict[str, torch.Tensor], path: Path, max_shard_bytes: int | None = None) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes (a tensor larger than that alone) + index."""
+    shards, size = [[]], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(k)
+        size += nbytes
+    if len(shards) == 1:
+        return save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in names}, path / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, fname))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    write_json(path / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def remove_safetensors_checkpoint(path: Path) -> None:
+    """Delete the folder's index, then its shards and model.safetensors (an index never names a missing shard)."""
+    shards = sorted(p.name for p in path.glob("model-*-of-*.safetensors"))
+    for name in [INDEX, "model.safetensors"] + shards:
+        if (path / name).is_file() or (path / name).is_symlink():
+            (path / name).unlink()

@@ -273,10 +273,11 @@ def flex_sparse_attention(q, k, v, m: SparseMask, prefix_k=None, prefix_v=None) 
 
     if P not in m.block_masks:
         m.block_masks[P] = create_block_mask(mask_mod, B=B, H=None, Q_LEN=T, KV_LEN=T + P, device=q.device)
-    return _flex(q, k, v, m.block_masks[P])
+    return flex(q, k, v, m.block_masks[P])
 
 
-def _flex(q, k, v, block_mask):
+def flex(q, k, v, block_mask):
+    """flex_attention under `block_mask`, compiled on CUDA (eager it is a dense reference implementation)."""
     global _FLEX_COMPILED
     if q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)

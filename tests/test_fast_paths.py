@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import minipeft.llama as llama
+import minipeft.masks as masks
 from helpers import tiny
 from minipeft.adapters import apply_method
 from minipeft.data import IGNORE, attention_segments, collate, encode_example, pack, synthetic_gsm8k
 from minipeft.finetune import train_step
 from minipeft.tokenizer import Tokenizer
 
-HAS_FLEX = llama.create_block_mask is not None
+HAS_FLEX = masks.create_block_mask is not None
 
 
 def _examples(n: int = 6):
@@ -85,7 +85,7 @@ def test_flex_document_mask_equals_the_dense_mask():
     m.attention_kernel = "flex"
     assert m.document_mask(seg).dtype == torch.bool  # CPU with gradients: no FlexAttention backward there
     with torch.no_grad():
-        assert isinstance(m.document_mask(seg), llama.BlockMask)
+        assert isinstance(m.document_mask(seg), masks.BlockMask)
         flex = m(idx, segment_ids=seg)
     real = seg != 0
     torch.testing.assert_close(flex[real], dense[real], atol=1e-5, rtol=1e-5)
@@ -99,7 +99,7 @@ def test_document_mask_falls_back_to_the_dense_mask(monkeypatch):
     m.attention_kernel = "auto"  # on CPU: dense (eager FlexAttention has no backward on CPU)
     assert m.document_mask(seg).dtype == torch.bool
     m.attention_kernel = "flex"
-    monkeypatch.setattr(llama, "create_block_mask", None)  # an older torch without FlexAttention
+    monkeypatch.setattr(masks, "create_block_mask", None)  # an older torch without FlexAttention
     with torch.no_grad():
         assert m.document_mask(seg).dtype == torch.bool
         torch.testing.assert_close(m(idx, segment_ids=seg), want.detach())

@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import assert_cached_decoding_equals_full_forward, tiny
 from minipeft import sparse_attention
 from minipeft.adapters import apply_method
-from minipeft.llama import LlamaConfig, segment_positions
+from minipeft.llama import LlamaConfig
+from minipeft.masks import segment_positions
 from minipeft.sparse_attention import SparseMask, block_sparse_attention, create_block_mask, describe
 
 SHAPES = [(3, 12, 1), (4, 13, 2), (5, 23, 1), (4, 16, 4), (1, 7, 1), (8, 8, 3)]  # (l, T, c); T % l != 0 too
