@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # `--no-deps` there because the local folder holds only torch; the next pip call resolves the rest.
 TORCH  ?= torch>=2.5
 
-.PHONY: install test test-slow notebooks data finetune compare evaluate bench gpu-check clean
+.PHONY: install test test-slow notebooks data finetune resume compare evaluate bench gpu-check clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ data:
 finetune:
 	$(PY) -m minipeft.finetune --method $(METHOD) $(if $(TASK),--task $(TASK)) $(if $(RUN),--out $(RUN)) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data $(TASK_DATA)) $(ARGS)
+
+# continue an interrupted run with its saved settings and state: make resume RUN=runs/toy/lora
+resume:
+	$(if $(RUN),,$(error make resume needs RUN=<run folder>, e.g. RUN=runs/toy/lora))
+	$(PY) -m minipeft.finetune --resume $(RUN) $(ARGS)
 
 evaluate:
 	$(PY) -m minipeft.evaluate $(if $(TASK),--task $(TASK)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data $(TASK_DATA)) \

@@ -27,8 +27,16 @@ from .methods.simple_dora import SimpleDoRAConfig
 from .methods.tensor_embedding import TensorEmbeddingConfig
 from .methods.tied_lora import TiedLoRAConfig
 from .methods.tied_lora_extra import TiedLoRAExtraConfig
-from .generate import generate_text
 from .peft import count_parameters, merge, merge_and_unload, param_groups, trainable_report, unmerge
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`generate_text` is imported on first use: importing minipeft.generate here would make
+    `python -m minipeft.generate` find its own module already loaded (runpy's RuntimeWarning)."""
+    if name == "generate_text":
+        from .generate import generate_text
+        return generate_text
+    raise AttributeError(f"module 'minipeft' has no attribute {name!r}")

@@ -8,9 +8,9 @@ Two numbers, the same ones `minipeft.finetune` reports before and after training
   and cut after the `#### N` line; the number after `####` (else the last number) must equal the gold
   answer (minipeft.data.extract_prediction / answers_match). Every prediction is written down.
 
-    python -m minipeft.evaluate                                  # the toy base on the toy task
-    python -m minipeft.evaluate --adapter runs/lora              # the run's base + its adapter
-    python -m minipeft.evaluate --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k [--adapter RUN]
+    .venv/bin/python -m minipeft.evaluate                              # the toy base on the toy task
+    .venv/bin/python -m minipeft.evaluate --adapter runs/toy/lora      # the run's base + its adapter
+    .venv/bin/python -m minipeft.evaluate --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k [--adapter RUN]
 
 Other tasks (minipeft/tasks.py), with `--task`:
 
@@ -21,8 +21,8 @@ Other tasks (minipeft/tasks.py), with `--task`:
 * dolly: bits per response token and perplexity (2 ** bits).
 * text: sliding-window perplexity (`sliding_window_nll`, window --max-len, --stride), and bits/token.
 
-    python -m minipeft.evaluate --task mmlu --checkpoint ~/models/Llama-3.2-1B --data data/mmlu --shots 5
-    python -m minipeft.evaluate --task text --data wiki.test.raw --max-len 1024 --stride 512
+    .venv/bin/python -m minipeft.evaluate --task mmlu --checkpoint ~/models/Llama-3.2-1B --data data/mmlu --shots 5
+    .venv/bin/python -m minipeft.evaluate --task text --data wiki.test.raw --max-len 1024 --stride 512
 """
 from __future__ import annotations
 
@@ -457,24 +457,42 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < low:
                 raise ValueError(f"{flag} {value}: must be >= {low}")
         result = run_evaluation(args)
-    except (ValueError, KeyError, OSError, NotImplementedError) as e:
+    except (ValueError, KeyError, OSError, NotImplementedError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
     return 0
 
 
+def run_settings(adapter: str | None) -> dict:
+    """The `train` settings of a finetune run folder given as --adapter ({} for an adapter folder or
+    none), so evaluate and generate reuse the run's base, data and format."""
+    if not adapter:
+        return {}
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{adapter}: --adapter folder does not exist (finetune's runs are in "
+                                "runs/toy/METHOD or runs/CHECKPOINT_NAME/METHOD)")
+    if not (path / "config.json").is_file():
+        return {}
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    train = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(train, dict):
+        raise ValueError(f"{path / 'config.json'}: no 'train' section (an object with the run's settings)")
+    return train
+
+
 def run_evaluation(args: argparse.Namespace) -> dict:
-    run = {}
-    if args.adapter and not Path(args.adapter).expanduser().exists():
-        raise FileNotFoundError(f"{args.adapter}: --adapter folder does not exist")
-    if args.adapter and (Path(args.adapter) / "config.json").exists():  # a finetune run: reuse its settings
-        run = json.loads((Path(args.adapter) / "config.json").read_text()).get("train", {})
+    run = run_settings(args.adapter)  # a finetune run: reuse its settings
+    source = adapter_dir(args.adapter) if args.adapter else None  # before the base loads: a wrong folder fails fast
     device = pick_device(args.device)
     checkpoint = args.checkpoint or run.get("checkpoint")
     model, tok, base = load_base(checkpoint, None if args.checkpoint else run.get("preset"), device)
-    if args.adapter:
-        load_adapter(model, adapter_dir(args.adapter))
+    if source:
+        load_adapter(model, source)
     task = args.task or run.get("task", "gsm8k")
     test, data = load_test_set(args.data or run.get("data"), task, args.limit)
     pool = load_examples(data, get_task(task).shots_split, task) if args.shots and get_task(task).shots_split else []

@@ -1,7 +1,7 @@
 """Export a fine-tuned model: base + adapter folded into one plain checkpoint (and its tokenizer).
 
-    python -m minipeft.export --checkpoint ~/models/Llama-3.2-1B --adapter runs/lora --out merged/
-    python -m minipeft.export --toy --adapter runs/lora --out merged/     # the toy base
+    .venv/bin/python -m minipeft.export --toy --adapter runs/toy/lora --out merged/    # the toy base
+    .venv/bin/python -m minipeft.export --checkpoint ~/models/Llama-3.2-1B --adapter runs/Llama-3.2-1B/lora --out merged/
 
 The adapter is applied to the base, folded into the weights by `peft.merge_and_unload` (a plain
 `Llama` again: no wrapper modules, no `.base.` keys), and written with `save_pretrained` in the
@@ -40,6 +40,8 @@ def export(checkpoint: str | Path, adapter: str | Path, out: str | Path,
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: not empty; choose a new folder for the merged checkpoint")
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint folder does not exist")
     tokenizer = [checkpoint / f for f in TOKENIZER_FILES if (checkpoint / f).is_file()]
     if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in tokenizer):
         raise FileNotFoundError(f"{checkpoint}: no tokenizer.model or tokenizer.json to ship with the merged model")
@@ -56,10 +58,12 @@ def export(checkpoint: str | Path, adapter: str | Path, out: str | Path,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minipeft.export",
                                 description="Fold an adapter into its base model and write a plain checkpoint "
-                                            "(Hugging Face layout) with the tokenizer next to it.")
+                                            "(Hugging Face layout) with the tokenizer next to it.",
+                                epilog="example: .venv/bin/python -m minipeft.export --toy --adapter runs/toy/lora "
+                                       "--out merged/")
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--checkpoint", help="the base model's folder (HF or Meta layout, tokenizer inside)")
     base.add_argument("--toy", action="store_true", help="the toy base (built and cached on first use)")
@@ -67,13 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="new folder for the merged checkpoint")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="dtype of the written weights (default: the base checkpoint's)")
-    args = p.parse_args(argv)
-    if args.toy:
-        from .toy import toy_base
-        checkpoint = toy_base()
-    else:
-        checkpoint = args.checkpoint
-    out = export(checkpoint, args.adapter, args.out, getattr(torch, args.dtype) if args.dtype else None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.toy:
+            from .toy import toy_base
+            checkpoint = toy_base()
+        else:
+            checkpoint = args.checkpoint
+        out = export(checkpoint, args.adapter, args.out, getattr(torch, args.dtype) if args.dtype else None)
+    except (ValueError, KeyError, OSError, NotImplementedError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out} (base {checkpoint} + adapter {args.adapter}, merged)")
     return 0
 

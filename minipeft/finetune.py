@@ -1,10 +1,10 @@
 """Fine-tune a Llama with any minipeft method on GSM8K-format data: the training loop and its CLI.
 
-    python -m minipeft.finetune                                    # toy base + toy task, LoRA
-    python -m minipeft.finetune --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k \\
+    .venv/bin/python -m minipeft.finetune                          # toy base + toy task, LoRA: runs/toy/lora
+    .venv/bin/python -m minipeft.finetune --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k \\
         --method lora --set r=16 --set alpha=32 --epochs 1 --lr 2e-4 --out runs/lora-1b
-    python -m minipeft.finetune --resume runs/lora-1b              # continue after a crash
-    python -m minipeft.finetune --task mmlu                        # another task (minipeft/tasks.py), here its toy analogue
+    .venv/bin/python -m minipeft.finetune --resume runs/lora-1b    # continue after a crash (make resume RUN=...)
+    .venv/bin/python -m minipeft.finetune --task mmlu              # another task (minipeft/tasks.py), its toy analogue
 
 What one optimiser step does (`train_step`): the micro-batches of the step are collated first, so
 each micro-batch's loss can be weighted by its share of the step's answer tokens; then forward under
@@ -31,8 +31,10 @@ loses at most the steps since the last save point and never leaves a torn adapte
 
 A new run needs a new or empty --out: an existing run folder is refused unless --resume (continue it)
 or --overwrite (delete it whole and start over), so a finished run is never wiped by running the
-same command again, and two runs never mix their records. Every setting's range is checked up front
-(`check_config`), with the flag's name. Ctrl-C prints the command that resumes.
+same command again, and two runs never mix their records. --resume takes every setting from the run's
+config.json; other flags may come with it only with the saved values (`make finetune` always passes
+--method). Every setting's range is checked up front (`check_config`), with the flag's name. The run
+folder is printed at the start and at the end; Ctrl-C prints the command that resumes.
 """
 from __future__ import annotations
 
@@ -442,6 +444,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     remove_temp_files(run)  # left by an earlier run that died on a full disk
     if cfg.recipe:
         say(progress, cfg.recipe["line"])
+    say(progress, f"run folder: {run}" + (" (resuming)" if resume else ""))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tok, base_name = load_base(cfg.checkpoint, cfg.preset, device, progress)
@@ -517,6 +520,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     _write_json(run / "summary.json", summary)
     plot_losses(metrics.records, run / "loss.png", cfg.method)
     say(progress, _summary_line(summary))
+    say(progress, f"run folder: {run} (summary.json, metrics.jsonl, predictions.jsonl, loss.png, adapter/)")
     return summary
 
 
@@ -816,6 +820,45 @@ def _recipe_values(args: argparse.Namespace, values: dict) -> dict:
                             lr_from="recipe" if args.lr is None else "--lr", line=line))
 
 
+class _NotGiven(list):
+    """The namespace's starting value for every setting: argparse keeps a value already there instead of
+    its default (and copies it before an append), so a setting still holding this object was not given."""
+
+
+def given_settings(argv: Sequence[str]) -> dict:
+    """{dest: value} of the flags the command line names, without argparse's defaults."""
+    p = build_parser()
+    unset = {dest: _NotGiven() for dest in vars(p.parse_args([]))}
+    parsed = vars(p.parse_args(argv, namespace=argparse.Namespace(**unset)))
+    return {k: v for k, v in parsed.items() if v is not unset[k]}
+
+
+def check_resume_flags(given: dict, cfg: TrainConfig, run: Path) -> None:
+    """--resume RUN takes every setting from RUN/config.json; a flag may come with it (`make finetune`
+    always passes --method) only with the value saved there. Refuses the first that differs."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for dest, value in given.items():
+        if dest in ("resume", "device", "quiet"):
+            continue
+        shown = f"--{dest.replace('_', '-')} {value}"
+        if dest == "method_args":
+            shown, value = " ".join(f"--set {v}" for v in value), parse_method_args(cfg.method, value)
+            same, saved = all(cfg.method_args.get(k) == v for k, v in value.items()), cfg.method_args
+        elif dest in ("out", "checkpoint", "data"):
+            saved = getattr(cfg, dest)
+            same = saved is not None and Path(value).expanduser().resolve() == Path(saved).expanduser().resolve()
+        elif dest in fields:
+            saved, same = getattr(cfg, dest), value == getattr(cfg, dest)
+            shown = "--no-baseline" if dest == "baseline" else shown
+        else:  # --overwrite, --list-methods
+            raise ValueError(f"--resume {run} continues the run saved there; --{dest.replace('_', '-')} cannot "
+                             "come with it")
+        if not same:
+            raise ValueError(f"--resume {run}: {shown} differs from the run's {dest} = {saved!r} in "
+                             f"{run / 'config.json'}; a resumed run keeps its settings: drop {shown.split()[0]}, "
+                             "or start over with --overwrite")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -826,13 +869,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(describe_method(m) for m in names))
             return 0
         if args.resume:
-            extra = [a.split("=")[0] for a in argv if a.startswith("--")
-                     and a.split("=")[0] not in ("--resume", "--device", "--quiet")]
-            if extra:
-                raise ValueError(f"--resume takes the configuration from {args.resume}/config.json; "
-                                 f"drop {', '.join(extra)}")
             run = Path(args.resume).expanduser()
             cfg = resume_config(run, args.device)
+            check_resume_flags(given_settings(argv), cfg, run)
             if not (run / STATE_FILE).exists():
                 raise FileNotFoundError(f"{run}: no {STATE_FILE} yet (the run never reached a save point); "
                                         f"start it again with --overwrite")
@@ -848,9 +887,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         step = _saved_step_or_none(run)
-        print(f"\ninterrupted. " + (f"The last save is step {step}; continue with: python -m minipeft.finetune "
-                                     f"--resume {run}" if step else
-                                     f"No save point was reached; start over with --overwrite."), file=sys.stderr)
+        print(f"\ninterrupted. " + (f"The last save is step {step}; continue with: make resume RUN={run} "
+                                     f"(or .venv/bin/python -m minipeft.finetune --resume {run})" if step else
+                                     "No save point was reached; start over with --overwrite."), file=sys.stderr)
         return 130
     return 0
 

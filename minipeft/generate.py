@@ -5,14 +5,18 @@ does the rest a user expects: it encodes each prompt (plain text after BOS, or w
 Llama 3 chat format ending in an open assistant header), stops at the tokenizer's stop tokens
 (<|end_of_text|>, <|eom_id|>, <|eot_id|>), and decodes the answers.
 
-    python -m minipeft.generate "Question: 2 + 3 =\\nAnswer:"                  # the toy base
-    python -m minipeft.generate --checkpoint ~/models/Llama-3.2-1B-Instruct --chat "Why is the sky blue?"
-    python -m minipeft.generate --adapter runs/lora "Question: ..."           # the run's base + adapter
+    .venv/bin/python -m minipeft.generate "Question: What is 2 + 3?\\nAnswer:"     # the toy base
+    .venv/bin/python -m minipeft.generate --adapter runs/toy/lora "Question: ...\\nAnswer:"  # a run's base + adapter
+    .venv/bin/python -m minipeft.generate --checkpoint ~/models/Llama-3.2-1B-Instruct --chat "Why is the sky blue?"
+
+A shell passes `\\n` in a quoted prompt as a backslash and an n; the command line turns `\\n`, `\\t`
+and `\\\\` into a newline, a tab and one backslash (`decode_escapes`), as the prompt templates need.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -63,37 +67,61 @@ def generate_text(model: Llama, tok: Tokenizer, prompts: list[str], max_new_toke
     return [tok.decode(o) for o in outs]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .adapters import load_adapter
-    from .evaluate import adapter_dir, load_base, pick_device
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
+
+def decode_escapes(text: str) -> str:
+    """The command line's prompt with `\\n`, `\\t` and `\\\\` made a newline, a tab and one backslash;
+    any other backslash stays as it is (a shell gives `\\n` in quotes as two characters)."""
+    return re.sub(r"\\([nt\\])", lambda m: ESCAPES[m.group(1)], text)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minipeft.generate",
-                                description="Answer prompts with a base model, or a base model + adapter.")
-    p.add_argument("prompts", nargs="+", help="one or more prompts (each its own answer)")
+                                description="Answer prompts with a base model, or a base model + adapter.",
+                                epilog="example: .venv/bin/python -m minipeft.generate --adapter runs/toy/lora "
+                                       '"Question: What is 2 + 3?\\nAnswer:"')
+    p.add_argument("prompts", nargs="+", help="one or more prompts (each its own answer); \\n, \\t and \\\\ in "
+                                              "them become a newline, a tab and a backslash")
     p.add_argument("--checkpoint", default=None,
                    help="HF or Meta checkpoint folder (default: the run's base, else the toy base)")
-    p.add_argument("--adapter", default=None, help="a finetune run folder, or an adapter folder")
+    p.add_argument("--adapter", default=None, help="a finetune run folder (runs/toy/lora), or an adapter folder")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the Llama 3 chat format (default: off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="(default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
-    args = p.parse_args(argv)
-    run = {}
-    if args.adapter and (Path(args.adapter) / "config.json").exists():  # a finetune run: reuse its base
-        run = json.loads((Path(args.adapter) / "config.json").read_text()).get("train", {})
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = [decode_escapes(p) for p in args.prompts]
+    try:
+        answers = run_generation(args, prompts)
+    except (ValueError, KeyError, OSError, NotImplementedError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for prompt, answer in zip(prompts, answers):
+        print(answer if len(prompts) == 1 else f"### {prompt}\n{answer}\n")
+    return 0
+
+
+def run_generation(args: argparse.Namespace, prompts: list[str]) -> list[str]:
+    from .adapters import load_adapter
+    from .evaluate import adapter_dir, load_base, pick_device, run_settings
+
+    run = run_settings(args.adapter)  # a finetune run: reuse its base
+    source = adapter_dir(args.adapter) if args.adapter else None  # before the base loads: a wrong folder fails fast
     device = pick_device(args.device)
     model, tok, _ = load_base(args.checkpoint or run.get("checkpoint"),
                               None if args.checkpoint else run.get("preset"), device, progress=True)
-    if args.adapter:
-        load_adapter(model, adapter_dir(args.adapter))
+    if source:
+        load_adapter(model, source)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    answers = generate_text(model, tok, args.prompts, args.max_new_tokens, args.temperature, args.top_p,
-                            chat=args.chat, generator=generator)
-    for prompt, answer in zip(args.prompts, answers):
-        print(answer if len(args.prompts) == 1 else f"### {prompt}\n{answer}\n")
-    return 0
+    return generate_text(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                         chat=args.chat, generator=generator)
 
 
 if __name__ == "__main__":

@@ -224,8 +224,9 @@ def recipe(method: str, task: str) -> Recipe:
 
 
 def describe(method: str, task: str, lr: float, from_recipe: bool) -> str:
-    """The line finetune prints first, e.g. `recipe: ia3 on toy: lr 3e-02 (minipeft/recipes.py)`."""
+    """The line finetune prints first, e.g. `recipe: ia3pp on toy: lr 0.033 (minipeft/recipes.py)`. Rates
+    are printed in full (repr), so pasting one into --lr gives the same rate."""
     r = recipe(method, task)
     extra = "".join(f", {k}={v}" for k, v in r.method_args.items())
-    where = SOURCE if from_recipe else f"--lr; the recipe's is {r.lr:.0e} in {SOURCE}"
-    return f"recipe: {method} on {task}: lr {lr:.0e}{extra} ({where})"
+    where = SOURCE if from_recipe else f"--lr; the recipe's is {float(r.lr)!r} in {SOURCE}"
+    return f"recipe: {method} on {task}: lr {float(lr)!r}{extra} ({where})"

@@ -103,7 +103,7 @@ def test_merged_bf16_lora_is_rounded_once(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_export_cli_writes_a_loadable_checkpoint_with_its_tokenizer(tmp_path, dtype):
+def test_export_cli_writes_a_loadable_checkpoint_with_its_tokenizer(tmp_path, dtype, capsys):
     base = tiny_checkpoint(tmp_path / "base", dtype)
     m = perturbed("lora", dict(targets="all-linear"))
     save_adapter(m, tmp_path / "adapter")
@@ -118,17 +118,42 @@ def test_export_cli_writes_a_loadable_checkpoint_with_its_tokenizer(tmp_path, dt
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(merged(IDX).float(), want.to(dtype)(IDX).float(), **tol)
     assert Tokenizer.from_file(out).vocab_size == 512
-    with pytest.raises(FileExistsError, match="not empty"):  # never writes over an earlier export
-        export_main(["--checkpoint", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out)])
+    capsys.readouterr()  # never writes over an earlier export: one line naming the folder
+    assert export_main(["--checkpoint", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {out}: not empty; choose a new folder for the merged checkpoint\n"
 
 
-def test_export_refuses_before_writing_anything(tmp_path):
+def test_export_refuses_before_writing_anything(tmp_path, capsys):
     base = tiny_checkpoint(tmp_path / "base")
     save_adapter(perturbed("prefix_tuning", dict(prefix_len=2)), tmp_path / "adapter")
-    with pytest.raises(NotImplementedError, match="prefix_tuning"):
-        export_main(["--checkpoint", str(base), "--adapter", str(tmp_path / "adapter"),
-                     "--out", str(tmp_path / "merged")])
+    assert export_main(["--checkpoint", str(base), "--adapter", str(tmp_path / "adapter"),
+                        "--out", str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: merge_and_unload: prefix_tuning") and err.count("\n") == 1, err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("mistake,named", [
+    ("no adapter", "adapter: neither a run folder with adapter/"),
+    ("no checkpoint", "nowhere: checkpoint folder does not exist"),
+    ("checkpoint without weights", "base: unknown checkpoint layout"),
+])
+def test_export_mistakes_are_one_error_line_naming_the_file(tmp_path, capsys, mistake, named):
+    """The same error style as finetune and evaluate: `error: ...` on stderr, exit status 1, no traceback."""
+    base = tiny_checkpoint(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    if mistake == "no adapter":
+        adapter.mkdir()  # a folder, but no adapter in it
+    else:
+        save_adapter(perturbed("lora", {}), adapter)
+    if mistake == "no checkpoint":
+        base = tmp_path / "nowhere"
+    elif mistake == "checkpoint without weights":
+        (base / "model.safetensors").unlink()
+        (base / "config.json").unlink()
+    assert export_main(["--checkpoint", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
 
 
 def test_transformers_loads_the_merged_checkpoint(tmp_path):

@@ -223,14 +223,17 @@ def _kill_at(monkeypatch, call: int):
     monkeypatch.setattr(finetune, "train_step", dying)
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(checkpoint, data, tmp_path, monkeypatch):
+def test_resume_after_a_kill_equals_an_uninterrupted_run(checkpoint, data, tmp_path, monkeypatch, capsys):
     args = ("--max-steps", "6", "--save-every", "2", "--no-baseline", "--set", "dropout=0.1")  # dropout: RNG
     assert finetune.main(cli_args(checkpoint, data, tmp_path / "a", *args)) == 0
     _kill_at(monkeypatch, 4)  # dies during step 4: steps 1-2 are saved, step 3 is lost
     assert finetune.main(cli_args(checkpoint, data, tmp_path / "b", *args)) == 130  # Ctrl-C: says how to resume
+    assert f"continue with: make resume RUN={tmp_path / 'b'} " in capsys.readouterr().err
     monkeypatch.undo()
     assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["step"] == 2
-    assert finetune.main(["--resume", str(tmp_path / "b"), "--quiet"]) == 0
+    # flags equal to the saved settings may come with --resume (`make finetune ARGS="--resume RUN"` adds --method)
+    assert finetune.main(["--resume", str(tmp_path / "b"), "--method", "lora", "--max-steps", "6", "--lr", "0.01",
+                          "--set", "r=4", "--no-baseline", "--quiet"]) == 0
     a, b = (load_file(tmp_path / x / "adapter" / "adapter.safetensors") for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (torch.load(tmp_path / x / "train_state.pt", weights_only=True) for x in "ab")
@@ -241,9 +244,28 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(checkpoint, data, tmp_p
     assert ra == rb  # the same losses, and no step logged twice
 
 
-def test_resume_refuses_other_flags(checkpoint, data, tmp_path, capsys):
-    assert finetune.main(["--resume", str(tmp_path), "--lr", "1"]) == 1
-    assert "drop --lr" in capsys.readouterr().err
+@pytest.mark.parametrize("flags,named", [
+    (["--lr", "1"], "--lr 1.0 differs from the run's lr = 0.01"),
+    (["--method", "ia3"], "--method ia3 differs from the run's method = 'lora'"),
+    (["--set", "r=8"], "--set r=8 differs from the run's method_args = {'r': 4}"),
+    (["--epochs", "3"], "--epochs 3 differs from the run's epochs = 2"),
+    (["--overwrite"], "--overwrite cannot come with it"),
+])
+def test_resume_refuses_flags_that_differ_from_the_saved_run(run, flags, named, capsys):
+    assert finetune.main(["--resume", str(run), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and ("--overwrite" in flags or f"{run}/config.json" in err)
+    assert err.count("\n") == 1  # one line
+
+
+def test_the_run_folder_is_printed_at_the_start_and_at_the_end(checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [a for a in cli_args(checkpoint, data, out, "--max-steps", "1", "--no-baseline", "--eval-limit", "2",
+                                "--max-new-tokens", "4") if a != "--quiet"]
+    assert finetune.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("recipe: lora on llama-3.2-1b: lr 0.01 (--lr;") and lines[1] == f"run folder: {out}"
+    assert lines[-1].startswith(f"run folder: {out} (summary.json") and (out / "summary.json").exists()
 
 
 def test_a_crash_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch):

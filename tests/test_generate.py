@@ -75,3 +75,62 @@ def test_generate_cli_defaults_to_the_toy_base(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(minipeft.toy, "toy_base", lambda progress=True: base)  # the real one pretrains
     assert generate_main(["--device", "cpu", "--max-new-tokens", "2", "2 + 2 ="]) == 0
     assert capsys.readouterr().out == generate_text(tiny(), TOK, ["2 + 2 ="], max_new_tokens=2)[0] + "\n"
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("typed,prompt", [
+    (r"Question: 2 + 3?\nAnswer:", "Question: 2 + 3?\nAnswer:"),
+    (r"a\tb", "a\tb"),
+    (r"a\\nb", "a\\nb"),  # an escaped backslash stays one backslash, followed by n
+    (r"C:\path\x", "C:\\path\\x"),  # other backslashes stay as they are
+])
+def test_the_cli_decodes_escapes_in_prompts(typed, prompt, tmp_path, monkeypatch, capsys):
+    """A shell passes "...\\nAnswer:" as a backslash and an n; the prompt templates need a newline."""
+    import minipeft.generate as gen
+    import minipeft.toy
+    base = tmp_path / "toy"
+    tiny().save_pretrained(base)
+    TOK.save(base / "tokenizer.model")
+    monkeypatch.setattr(minipeft.toy, "toy_base", lambda progress=True: base)
+    seen = []
+    monkeypatch.setattr(gen, "generate_text", lambda model, tok, prompts, *a, **kw: seen.extend(prompts) or ["ok"])
+    assert generate_main(["--device", "cpu", typed]) == 0
+    assert seen == [prompt] and capsys.readouterr().out == "ok\n"
+    assert "\\n, \\t and \\\\ in them become" in " ".join(gen.build_parser().format_help().split())  # --help says so
+
+
+@pytest.mark.parametrize("mistake,named", [
+    ("missing adapter", "nope: --adapter folder does not exist"),
+    ("not an adapter", "empty: neither a run folder with adapter/"),
+    ("missing checkpoint", "gone: checkpoint folder does not exist"),
+    ("corrupt run config", "run/config.json: not valid JSON"),
+])
+def test_cli_mistakes_are_one_error_line_naming_the_file(mistake, named, tmp_path, capsys):
+    """The same error style as finetune and evaluate: `error: ...` on stderr, exit status 1, no traceback."""
+    base = tmp_path / "base"
+    tiny().save_pretrained(base)
+    TOK.save(base / "tokenizer.model")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    flags = {"missing adapter": ["--checkpoint", str(base), "--adapter", str(tmp_path / "nope")],
+             "not an adapter": ["--checkpoint", str(base), "--adapter", str(tmp_path / "empty")],
+             "missing checkpoint": ["--checkpoint", str(tmp_path / "gone")],
+             "corrupt run config": ["--adapter", str(tmp_path / "run")]}[mistake]
+    assert generate_main([*flags, "--device", "cpu", "--max-new-tokens", "2", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
+
+
+def test_python_m_minipeft_generate_prints_no_runpy_warning():
+    """minipeft/__init__.py imports generate lazily: runpy would warn that the module it is about to
+    run was imported already ("found in sys.modules after import of package")."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "minipeft.generate", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage:" in done.stdout and done.stderr == "", done.stderr
+    import minipeft
+    from minipeft import generate_text as lazy
+    from minipeft.generate import generate_text as real
+    assert lazy is real is minipeft.generate_text

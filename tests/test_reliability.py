@@ -429,8 +429,9 @@ def test_ctrl_c_says_how_to_resume(checkpoint, data, tmp_path, monkeypatch, caps
         return real(*a, **kw)
     monkeypatch.setattr(finetune, "train_step", interrupted)
     assert finetune.main(args(checkpoint, data, tmp_path / "r")) == 130
-    assert f"last save is step 1; continue with: python -m minipeft.finetune --resume {tmp_path / 'r'}" in \
-        capsys.readouterr().err
+    run = tmp_path / "r"
+    assert (f"last save is step 1; continue with: make resume RUN={run} (or .venv/bin/python -m minipeft.finetune "
+            f"--resume {run})") in capsys.readouterr().err
 
 
 def test_evaluate_prints_one_line_errors(tmp_path, capsys):
@@ -439,6 +440,15 @@ def test_evaluate_prints_one_line_errors(tmp_path, capsys):
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
     assert evaluate_main(["--limit", "-1"]) == 1
     assert "--limit -1: must be >= 0" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    for adapter, named in (("runs/lora", "runs/lora: --adapter folder does not exist"),
+                           (tmp_path / "empty", "empty: neither a run folder with adapter/"),
+                           (tmp_path / "run", "run/config.json: not valid JSON")):
+        assert evaluate_main(["--adapter", str(adapter), "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
 
 
 def test_help_lists_methods_and_defaults(capsys):

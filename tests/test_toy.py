@@ -117,7 +117,7 @@ def test_finetune_ia3_without_lr_uses_its_toy_recipe(tmp_path, capsys):
     assert finetune.main(["--method", "ia3", "--out", str(out), "--limit", "16", "--max-steps", "1",
                           "--eval-limit", "2", "--max-new-tokens", "4", "--no-baseline"]) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line == "recipe: ia3 on toy: lr 1e-01 (minipeft/recipes.py)"
+    assert first_line == "recipe: ia3 on toy: lr 0.1 (minipeft/recipes.py)"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lr"] == RECIPES["ia3"]["toy"].lr and summary["recipe"]["lr_from"] == "recipe"
     assert json.loads((out / "config.json").read_text())["train"]["lr"] == RECIPES["ia3"]["toy"].lr
