@@ -155,6 +155,34 @@ def test_training_masks_down_to_the_target_budget():
     assert losses[-1] < losses[0]
 
 
+def test_no_importance_update_at_total_step_minus_tfinal():
+    """As Hugging Face PEFT (RankAllocator.update_and_allocate) and the authors' update_and_mask: the
+    averages are updated at every step before T - t_final (here 10 - 3 = 7), not at step 7, where the
+    final mask is fixed from the averages of step 6; the frozen final phase leaves them alone too."""
+    m = tiny().train()
+    apply_method(m, "adalora", **{**HYPER, "tinit": 2, "tfinal": 3})
+    mods = adalora.modules(m)
+    opt = torch.optim.AdamW(peft.param_groups(m, 2e-2))
+    data = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(11))
+    state = []  # the averages after each step's hook, (step, [(ema_ipt, ema_unc) per module])
+    for step in range(1, 11):
+        train_step(m, m, opt, [batch(data)], 1.0, CPU, step=step)
+        state.append([({k: v.clone() for k, v in x.ema_ipt.items()}, {k: v.clone() for k, v in x.ema_unc.items()})
+                      for x in mods])
+
+    def same(a, b):
+        return all(ia.keys() == ib.keys() and all(torch.equal(ia[k], ib[k]) and torch.equal(ua[k], ub[k]) for k in ia)
+                   for (ia, ua), (ib, ub) in zip(a, b))
+
+    assert not same(state[5], state[4])  # step 6 still updates
+    assert same(state[6], state[5])      # step 7 = T - t_final: no update
+    assert all(same(state[i], state[5]) for i in (7, 8, 9))
+    # the final mask is the one step 6's averages give at the target budget
+    scores = torch.cat([x.triplet_scores() for x in mods])
+    assert sum(int(x.mask.sum()) for x in mods) == 2 * len(mods)
+    assert torch.equal(torch.cat([x.mask for x in mods]), scores > torch.kthvalue(scores, scores.numel() - 28).values)
+
+
 def test_parameter_counts_llama_1b_on_meta(capsys):
     cfg = LlamaConfig.from_name("llama-3.2-1b")
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim

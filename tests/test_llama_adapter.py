@@ -261,3 +261,19 @@ def test_bf16_base_with_float32_adapters():
         logits, loss = m(torch.randint(0, 512, (2, 6)), torch.randint(0, 512, (2, 6)))
         assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
         loss.backward()
+
+
+def test_v2_bias_scale_is_the_papers_form_not_the_released_codes():
+    """The documented choice (module docstring): y = s ⊙ (W x + b) with s, b of size out (Gao et al.
+    2023), not the released chat65b code's W (s ⊙ x) + b (s of size in) nor multimodal7b's biases only."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 4, bias=False)
+    mod = BiasScaleLinear(base)
+    with torch.no_grad():
+        mod.adapter_scale.uniform_(0.5, 1.5)
+        mod.adapter_bias.normal_()
+    x = torch.randn(3, 6)
+    s, b, W = mod.adapter_scale, mod.adapter_bias, base.weight
+    assert s.shape == b.shape == (4,)
+    torch.testing.assert_close(mod(x), s * (x @ W.T + b))
+    assert not torch.allclose(mod(x), x @ W.T + b)  # the bias alone (multimodal7b) is another function

@@ -211,6 +211,36 @@ def test_schedule():
         spiel.SpIELConfig(every=5, accumulate=5)
 
 
+def test_gradient_steps_accumulated_per_reselection(monkeypatch):
+    """As the released code (AlanAnsell/peft, sft/trainer.py SftSelector.step: hooks on when
+    (t + 1) % S == 0, reselect when t % S == γ): with S = 4, γ = 2 the first reselection (step 2) grows
+    from steps 1, 2 and the later ones (6, 10) from steps 4-6 and 8-10: γ + 1 = 3 dense gradients."""
+    m = tiny().train()
+    apply_method(m, "spiel", **HYPER)
+    x, step_now, fired, seen = mods(m)[2], [0], [], {}
+    real_accumulate, real_swap = spiel._accumulate, spiel.swap
+
+    def accumulate(mod, g):  # the observer's reduction: record the step whose gradient it adds
+        fired.extend([step_now[0]] if mod is x else [])
+        real_accumulate(mod, g)
+
+    def swap(mod, n, opt=None):  # record the steps accumulated and the count the moments divide by
+        if mod is x:
+            seen[step_now[0]] = (fired.copy(), mod.candidates[3])
+            fired.clear()
+        return real_swap(mod, n, opt)
+
+    monkeypatch.setattr(spiel, "_accumulate", accumulate)
+    monkeypatch.setattr(spiel, "swap", swap)
+    opt = torch.optim.AdamW(peft.param_groups(m, 1e-2))
+    batch = (DATA[:, :-1], DATA[:, 1:], torch.ones_like(DATA[:, :-1]))
+    for step in range(1, 11):
+        step_now[0] = step
+        train_step(m, m, opt, [batch], 1.0, CPU, step=step)
+    assert seen == {2: ([1, 2], 2), 6: ([4, 5, 6], 3), 10: ([8, 9, 10], 3)}
+    assert fired == []  # nothing observed between reselections
+
+
 def test_parameter_counts_llama_1b_on_meta():
     cfg = LlamaConfig.from_name("llama-3.2-1b")
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim

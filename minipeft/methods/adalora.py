@@ -23,6 +23,12 @@ until T - t_final; then b_T, with b0 = r × modules and b_T = final_r × modules
 steps (and at every step of the final phase, with the mask frozen) the λ_i of the least important
 triplets (over the whole model) are set to zero. `total_step` must be the run's number of steps
 (finetune sets it so unless --set gives one).
+The averages are updated at every step before T - t_final, not at T - t_final itself: the final mask
+is chosen from the averages of step T - t_final - 1, as in Hugging Face PEFT (tuners/adalora/layer.py,
+RankAllocator.update_and_allocate: `if global_step < total_step - tfinal: self.update_ipt(model)`)
+and the authors' code (QingruZhang/AdaLoRA, loralib/adalora.py, RankAllocator.update_and_mask: "do
+not update ipt during final fine-tuning"). A run resumed at or after T - t_final, with no averages
+and no mask yet, takes one step's averages and masks from them.
 The importance averages and the mask are training state that is not saved (masked λ are saved as 0):
 a resumed run starts its averages again from zero.
 
@@ -178,9 +184,11 @@ class BudgetSchedule:
             for m in mods:
                 m.apply_mask()
             return
-        for m in mods:
-            m.update_importance(c.beta1, c.beta2)
-        if step > c.tinit and (final or step == c.total_step - c.tfinal or step % c.delta_t == 0):
+        fix = step == c.total_step - c.tfinal  # the final mask, from the averages as they stand (as PEFT)
+        if not (fix and any(m.ema_ipt for m in mods)):
+            for m in mods:
+                m.update_importance(c.beta1, c.beta2)
+        if step > c.tinit and (final or fix or step % c.delta_t == 0):
             mask_to_budget(mods, budget(c, len(mods), step))
 
 

@@ -29,6 +29,15 @@ the weights (W <- scale * W, and the Linear gets bias scale * bias) with the pro
 peft.unmerge undoes it. peft.merge_and_unload refuses v1 and v2: the prompts have no weight form,
 and minipeft's Llama checkpoint has no biases.
 
+Known difference from the authors' released code (github.com/OpenGVLab/LLaMA-Adapter), for v2's
+bias and scale: we keep the paper's y = s ⊙ (W x + b) (s, b: (out,)), on which lab 05 and its checks
+build. The released code differs: llama_adapter_v2_chat65b/llama/model.py
+(`forward_linear_with_scale_and_bias`) scales the INPUT and adds the bias after, y = W (s ⊙ x) + b
+(s: (in,), b: (out,)), on wq/wk/wv/wo and w1/w2/w3; llama_adapter_v2_multimodal7b/llama/llama.py has
+no scale at all, only zero-initialised biases (`w_bias`) on wq, wo, w1, w2 and w3 (none on wk, wv).
+Both forms are the identity at init and fold into the weights (W diag(s) there, diag(s) W here), but
+they train differently and their weights do not map onto this module's.
+
 Known difference from Hugging Face PEFT's `adaption_prompt`: PEFT gates each layer with ONE scalar
 `adaption_gate` used as it is (no tanh); we keep the paper's code, one gate per head through tanh.
 PEFT's adapter weights therefore do not map onto this module.

@@ -10,12 +10,16 @@ trainer.py `SftSelector`, defaults in its README) for the schedule and the detai
     "reduced linearly to zero over the course of training", ζ0 = 0.2, S = 20, γ = 5);
   * drop: the n = int(ζ_t k) entries with the smallest |φ| (φ is the change from the pretrained value);
   * grow n new entries, each with φ = 0, so the function is unchanged at the swap, by
-    - SpIEL-AG (`growth="gradient"`): during the γ steps before a reselection, the dense gradient dL/dW
+    - SpIEL-AG (`growth="gradient"`): in the steps before a reselection, the dense gradient dL/dW
       exists in backward one weight at a time (sparse_ft's `dense_grad_observer`) and is reduced at
       once: the first step picks k candidates (largest |dL/dW|), every step adds their gradients
-      (Σg, Σg²: O(k)); grow the candidates with the largest |Σg| that are not staying in η (a dropped
-      entry may come straight back and then keeps its φ). The new entries' AdamW moments start at the
-      candidates' mean g and mean g² (the released code's `init_momenta`);
+      (Σg, Σg²: O(k)). The first reselection (t = γ) sees steps 1..γ, the later ones (t = jS + γ)
+      steps jS..jS + γ, γ + 1 of them, as the released code: `SftSelector.step` calls
+      `begin_selection_phase` (the gradient hooks on) when (t + 1) % S == 0 and
+      `end_selection_phase` when t % S == γ. Grow the candidates with the largest |Σg| that are
+      not staying in η (a dropped entry may come straight back and then keeps its φ). The new
+      entries' AdamW moments start at the candidates' mean g and mean g² (the released code's
+      `init_momenta`);
     - SpIEL-MA (`growth="momentum"`): no dense gradient ever. SM3's row and column accumulators
       (Anil et al. 2019, arXiv:1901.11150; beta = 0) are fed each step by the k gradients of φ,
       ν = min(row[i], col[j]) + g², row[i] = max(row[i], ν), col[j] likewise: O(out + in) memory.
@@ -53,7 +57,7 @@ class SpIELConfig(SparseFTConfig):
     method: ClassVar[str] = "spiel"
     growth: str = "gradient"      # "gradient" (SpIEL-AG) or "momentum" (SpIEL-MA)
     every: int = 20               # S: steps between reselections
-    accumulate: int = 5           # γ: gradient-accumulation steps before each (AG); the first comes at t = γ
+    accumulate: int = 5           # γ: the first reselection (t = γ) grows from γ steps' gradients, later ones γ + 1
     drop_fraction: float = 0.2    # ζ0: later reselections swap ζ0 (1 - t / total_steps) of k
     total_steps: int = 1000       # ζ reaches 0 here (finetune: the run's steps); no reselection afterwards
 
@@ -102,8 +106,8 @@ class Reselection:
         for m in mods:
             if p is not None and not m.merged:
                 swap(m, int(p * len(m.values)), opt)
-            if c.growth == "gradient" and step % c.every == 0 and step + c.accumulate <= c.total_steps:
-                self.observe(m, True)  # dL/dW is observed in the γ steps before the next reselection
+            if c.growth == "gradient" and (step + 1) % c.every == 0 and step + 1 + c.accumulate <= c.total_steps:
+                self.observe(m, True)  # dL/dW is observed in steps jS .. jS + γ (γ + 1), as the released code
             elif c.growth == "gradient" and p is not None:
                 self.observe(m, False)
 
