@@ -1,5 +1,6 @@
-"""The README's library snippet runs as it stands (issue 12: it lacked `import torch`): the one
-```python block after "Using the library directly", on a tiny checkpoint in place of Llama-3.2-1B."""
+"""The README's library snippet runs as it stands (the one ```python block after "Using the library
+directly", on a tiny checkpoint in place of Llama-3.2-1B), and the figures docs/toy-results.md quotes are
+the committed results: the compare tables and the toy multiple-choice figures."""
 import json
 import re
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 from minipeft import Tokenizer
 from helpers import tiny
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TOY_RESULTS = ROOT / "docs" / "toy-results.md"
 
 
 def library_snippet() -> str:
@@ -33,17 +36,17 @@ def test_readme_library_snippet_runs_verbatim(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "my-lora-merged" / "model.safetensors").exists()
 
 
-def test_readme_compare_tables_are_the_committed_results_at_the_current_recipes():
-    """The README's full-compare table and claims table are the ones in results/toy-compare/ (the run that
-    made them), and every row's rate is its method's toy recipe today: a recipe changed without rerunning
-    `make compare` (and copying its tables) fails here."""
+def test_compare_tables_are_the_committed_results_at_the_current_recipes():
+    """docs/toy-results.md's full-compare table and claims table are the ones in results/toy-compare/ (the
+    run that made them), and every row's rate is its method's toy recipe today: a recipe changed without
+    rerunning `make compare` (and copying its tables) fails here."""
     from minipeft.compare import parse_entry
     from minipeft.recipes import recipe
 
-    text, results = README.read_text(), README.parent / "results" / "toy-compare"
+    text, results = TOY_RESULTS.read_text(), ROOT / "results" / "toy-compare"
     for name in ("compare.md", "claims.md"):
         table = (results / name).read_text().split("\n\n")[0].strip()
-        assert table in text, f"README.md lacks the table of results/toy-compare/{name}"
+        assert table in text, f"docs/toy-results.md lacks the table of results/toy-compare/{name}"
     for line in (results / "compare.md").read_text().split("\n\n")[0].splitlines()[3:]:  # after the base row
         cells = [c.strip() for c in line.strip("|").split("|")]
         entry, lr = cells[0], float(cells[6])
@@ -51,13 +54,14 @@ def test_readme_compare_tables_are_the_committed_results_at_the_current_recipes(
 
 
 @pytest.mark.parametrize("folder", ["toy-mc", "toy-arc"])
-def test_readme_toy_multiple_choice_figures_are_the_committed_results(folder):
-    """The README's Tasks section quotes each (IA)3++-comparison entry on the toy multiple-choice analogues
-    as "name mean ± std% (per seed)": those are the numbers in results/<folder>/compare.json."""
+def test_toy_multiple_choice_figures_are_the_committed_results(folder):
+    """docs/toy-results.md quotes each (IA)3++-comparison entry on the toy multiple-choice analogues as
+    "name mean ± std% (per seed)": those are the numbers in results/<folder>/compare.json."""
     names = {"lora": "LoRA", "ia3": "(IA)³", "ia3pp": "(IA)³++", "ia3pp+use_l_o=false": "without l_o"}
-    text = README.read_text()
-    text = text[text.index("## Tasks: MMLU"):text.index("### The (IA)³++ experiment")].replace("\n", " ")
-    saved = json.loads((README.parent / "results" / folder / "compare.json").read_text())
+    text = TOY_RESULTS.read_text()
+    text = text[text.index("## The toy multiple-choice analogues"):text.index("## Sparse fine-tuning memory")]
+    text = text.replace("\n", " ")
+    saved = json.loads((ROOT / "results" / folder / "compare.json").read_text())
     for row in saved["rows"][1:]:  # [0] is the base model
         per_seed = ", ".join(f"{100 * r['accuracy']:.0f}" for r in sorted(saved["runs"], key=lambda r: r["seed"])
                              if r["label"] == row["method"])
