@@ -5,8 +5,11 @@ A minipeft adapter directory holds
     minipeft_adapter.json    {"format": "minipeft", "methods": [{"method": "lora", "r": 8, ...}],
                               "base_model": {dim, n_layers, ...}}   (the base model's fingerprint)
 Loading re-applies each method with its recorded hyper-parameters, then copies the tensors in, and
-refuses a base model whose fingerprint differs (naming the fields). Writes are atomic (temp file +
-rename), the tensors first and the JSON last, so a directory with a JSON is always complete.
+refuses a base model whose fingerprint differs (naming the fields), a weight that is not floating
+point, and NaN / inf in a tensor or a number. Saving writes both files under temp names, then renames
+them in, the tensors first and the JSON last, then removes the files of an earlier save in the other
+format (safetensors_io.staged_files): a folder with a JSON is always complete, and a failed save (a
+full disk) leaves the earlier adapter loading as before.
 
 A Hugging Face PEFT directory (adapter_config.json + adapter_model.safetensors) is recognised and
 handed to minipeft/hf_peft.py, which maps its key names and config onto the same methods. The
@@ -20,6 +23,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -33,7 +37,8 @@ from .hf_peft import WEIGHTS_FILE as PEFT_WEIGHTS_FILE
 from .hf_peft import load_peft_adapter, save_peft_adapter
 from .methods import METHODS
 from .peft import applied_configs, check_base
-from .safetensors_io import atomic_write, load_file, read_json, save_file
+from .safetensors_io import (atomic_write, cast_finite, check_tensor, dtype_name, load_file, read_json, regular,
+                             save_file, staged_files)
 
 CONFIG_FILE, WEIGHTS_FILE = "minipeft_adapter.json", "adapter.safetensors"
 PEFT_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_BASE_FILE)
@@ -96,21 +101,26 @@ def save_adapter(model: nn.Module, path: str | Path, format: str = "minipeft") -
     if not methods:
         raise ValueError("save_adapter: no PEFT method has been applied to this model")
     meta = {"format": "minipeft", "methods": methods, "base_model": model.config.fingerprint()}
-    json.dumps(meta)  # fail before touching any file if the config cannot be written
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in PEFT_FILES:  # an earlier Hugging Face PEFT save here: leave one adapter, this one
-        (path / stale).unlink(missing_ok=True)
-    save_file(adapter_state(model), path / WEIGHTS_FILE)
-    # the JSON names the exact tensors file it belongs to: a crash between the two renames leaves
-    # a pair that load_adapter recognises as mismatched instead of loading silently
-    meta["weights_sha256"] = sha256_file(path / WEIGHTS_FILE)
-    with atomic_write(path / CONFIG_FILE, "w") as f:
-        json.dump(meta, f, indent=2)
+    try:  # fail before touching any file if the config cannot be written, or holds NaN / inf
+        json.dumps(meta, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"save_adapter: {path}: a hyper-parameter is NaN or inf in {methods}") from None
+    state = adapter_state(model)
+    for name, t in state.items():
+        check_tensor(name, t, f"save_adapter: {path} (nothing written)", floating=False)
+    # an earlier Hugging Face PEFT save here goes once this one is in place: one adapter, this one
+    with staged_files(path, last=(CONFIG_FILE,), stale=PEFT_FILES) as tmp:
+        save_file(state, tmp / WEIGHTS_FILE)
+        # the JSON names the exact tensors file it belongs to: a crash between the two renames leaves
+        # a pair that load_adapter recognises as mismatched instead of loading silently
+        meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
+        with atomic_write(tmp / CONFIG_FILE, "w") as f:
+            json.dump(meta, f, indent=2)
 
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(regular(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -143,8 +153,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                              "come from different saves (interrupted save?), or the tensors file was changed")
         entries = [checked_hyper(entry, f"{source} methods[{i}]") for i, entry in enumerate(meta["methods"])]
         tensors = load_file(path / WEIGHTS_FILE)
-        for name, hyper in entries:
-            apply_method(model, name, **hyper)
+        for i, (name, hyper) in enumerate(entries):
+            try:  # what only the model can tell (targets that match no Linear, a method already there)
+                apply_method(model, name, **hyper)
+            except ValueError as e:
+                raise ValueError(f"{source} methods[{i}]: {e}") from None
         load_adapter_state(model, tensors, path / WEIGHTS_FILE)
     return model
 
@@ -165,7 +178,14 @@ def checked_hyper(entry, where: str) -> tuple[str, dict]:
         if not value_has_type(value, hints[key]):
             raise ValueError(f"{where}: field '{key}' must be {type_name(hints[key])}, got {value!r} "
                              f"({type(value).__name__})")
-    return name, {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: field '{key}' must be a finite number, got {value!r}")
+    hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+    try:  # the config's own range checks (r >= 1, 0 <= dropout < 1, ...), before any method is applied
+        config_cls(**hyper)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    return name, hyper
 
 
 def value_has_type(value, t) -> bool:
@@ -222,15 +242,28 @@ def rollback_on_error(model: nn.Module):
 
 
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy `tensors` into the model's trainable parameters; every name must match, both ways."""
+    """Copy `tensors` into the model's trainable parameters; every name must match, both ways. Every
+    tensor is checked before any is copied (a method that trains base weights copies into the base):
+    its shape; a floating weight must come as a finite floating tensor, finite in the parameter's dtype
+    too; an index buffer (sparse fine-tuning) in its own integer dtype."""
     target = adapter_state(model)
     missing, unexpected = sorted(set(target) - set(tensors)), sorted(set(tensors) - set(target))
     if missing or unexpected:
         raise KeyError(f"{source}: adapter tensors do not match the model: missing {missing[:5]}, "
                        f"unexpected {unexpected[:5]}")
+    checked = {}
+    for name, t in tensors.items():
+        want = target[name]
+        if t.shape != want.shape:
+            raise ValueError(f"{source}: '{name}' has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(want.shape)}")
+        if want.is_floating_point():
+            checked[name] = cast_finite(name, t, want.dtype, source)
+        elif t.dtype != want.dtype:
+            raise ValueError(f"{source}: tensor '{name}' has dtype {dtype_name(t.dtype)}, the model's is "
+                             f"{dtype_name(want.dtype)}")
+        else:
+            checked[name] = t
     with torch.no_grad():
-        for name, t in tensors.items():
-            if t.shape != target[name].shape:
-                raise ValueError(f"{source}: '{name}' has shape {tuple(t.shape)}, the model expects "
-                                 f"{tuple(target[name].shape)}")
+        for name, t in checked.items():
             target[name].copy_(t)

@@ -30,6 +30,7 @@ that loading onto a different base fails clearly even when the shapes happen to 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -40,7 +41,7 @@ import torch.nn as nn
 from . import peft
 from .methods import adalora, dora, ia3, lora
 from .peft import check_base
-from .safetensors_io import atomic_write, load_file, read_json, save_file
+from .safetensors_io import atomic_write, cast_finite, check_tensor, load_file, read_json, save_file, staged_files
 
 PREFIX = "base_model.model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM -> LlamaModel
 CONFIG_FILE, WEIGHTS_FILE, BASE_FILE = "adapter_config.json", "adapter_model.safetensors", "minipeft_base_model.json"
@@ -56,14 +57,19 @@ UNDERSTOOD = {"peft_type", "task_type", "base_model_name_or_path", "revision", "
 PLAIN_INITS = (True, False, "gaussian")  # pissa, olora, loftq, corda, eva: the adapter needs a modified base
 
 
-# The type of every adapter_config.json field minipeft reads (PEFT's LoraConfig / IA3Config types);
-# a value of another type (a string "false" for a bool, 4.7 for an int) is an error, not a guess.
-_STR_LIST = (str, list)
-FIELD_TYPES = {"r": int, "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": bool,
+# The type of every adapter_config.json field minipeft reads (PEFT's LoraConfig / IA3Config / AdaLoraConfig
+# types); a value of another type (a string "false" for a bool, 4.7 or "4" for an int) is an error, not a
+# guess, and every number must be finite.
+_STR_LIST, _NUMBER = (str, list), (int, float)
+FIELD_TYPES = {"r": int, "lora_alpha": _NUMBER, "lora_dropout": _NUMBER, "use_rslora": bool,
                "use_dora": bool, "rank_pattern": dict, "alpha_pattern": dict, "target_modules": _STR_LIST,
                "exclude_modules": _STR_LIST, "feedforward_modules": _STR_LIST, "layers_to_transform": (int, list),
                "layers_pattern": _STR_LIST, "init_lora_weights": (bool, str), "init_ia3_weights": bool,
-               "fan_in_fan_out": bool, "inference_mode": bool, "peft_type": str, "bias": str}
+               "fan_in_fan_out": bool, "inference_mode": bool, "peft_type": str, "bias": str,
+               "init_r": int, "target_r": int, "tinit": int, "tfinal": int, "deltaT": int, "total_step": int,
+               "beta1": _NUMBER, "beta2": _NUMBER, "orth_reg_weight": _NUMBER}
+# fields that PEFT reads as regular expressions: a bad one is an error naming the field, not a bare re.error
+REGEX_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "rank_pattern", "alpha_pattern")
 IA3_UNDERSTOOD = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                   "peft_version", "target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights"}
 
@@ -88,9 +94,20 @@ def check_field_types(config: dict, source: Path) -> None:
         if not ok:
             names = " or ".join(k.__name__ for k in kinds)
             raise ValueError(f"{source}: field '{key}' must be {names}, got {value!r} ({type(value).__name__})")
+        numbers = value.values() if isinstance(value, dict) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{source}: field '{key}' must be a finite number, got {value!r}")
     for key in ("r", "lora_alpha"):
         if config.get(key) is not None and config[key] <= 0:
             raise ValueError(f"{source}: field '{key}' must be > 0, got {config[key]!r}")
+    for key in REGEX_FIELDS:
+        value = config.get(key)
+        for pattern in [value] if isinstance(value, str) else value if isinstance(value, dict) else []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{source}: field '{key}': {pattern!r} is not a valid regular expression "
+                                 f"({e})") from None
 
 
 def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -134,14 +151,20 @@ def save_peft_adapter(model: nn.Module, path: str | Path, base_model_name_or_pat
         raise NotImplementedError(f"save_peft_adapter: a PEFT directory holds one LoRA, DoRA or IA3 adapter (or one AdaLoRA); "
                                   f"this model has {sorted(methods)}: save it with format='minipeft'")
     config["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None)
-    text, base = json.dumps(config, indent=2), json.dumps(model.config.fingerprint(), indent=2)
-    path.mkdir(parents=True, exist_ok=True)  # tensors first, config last (each write atomic)
-    for stale in MINIPEFT_FILES:  # a minipeft adapter saved here earlier would be loaded instead of this one
-        (path / stale).unlink(missing_ok=True)
-    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
-    for name, content in ((BASE_FILE, base), (CONFIG_FILE, text)):
-        with atomic_write(path / name, "w") as f:
-            f.write(content)
+    try:  # before any file is touched: a NaN / inf hyper-parameter is not JSON
+        text = json.dumps(config, indent=2, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"save_peft_adapter: {path}: a hyper-parameter is NaN or inf in {config}") from None
+    base = json.dumps(model.config.fingerprint(), indent=2)
+    for name, t in tensors.items():
+        check_tensor(name, t, f"save_peft_adapter: {path} (nothing written)")
+    # all three under temp names, then renamed in (tensors first, config last); a minipeft adapter saved
+    # here earlier (it would be loaded instead of this one) goes after, its JSON first
+    with staged_files(path, last=(BASE_FILE, CONFIG_FILE), stale=MINIPEFT_FILES) as tmp:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        for name, content in ((BASE_FILE, base), (CONFIG_FILE, text)):
+            with atomic_write(tmp / name, "w") as f:
+                f.write(content)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,16 +191,32 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor],
                 expected[f"{PREFIX}{name}.{MAGNITUDE}"] = (out_f,)
     _check_tensors(expected, tensors, path / WEIGHTS_FILE)
     module, config_cls = (dora, dora.DoRAConfig) if use_dora else (lora, lora.LoRAConfig)
-    for (r, alpha), names in groups.items():  # one apply per (r, alpha), with the exact module names
-        module.apply(model, config_cls(r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
-                                       targets=tuple(names), use_rslora=bool(config.get("use_rslora", False))))
+    configs = [_config(config_cls, source, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
+                       targets=tuple(names), use_rslora=bool(config.get("use_rslora", False)))
+               for (r, alpha), names in groups.items()]
+    for cfg in configs:  # one apply per (r, alpha), with the exact module names
+        module.apply(model, cfg)
+    weights = path / WEIGHTS_FILE
     with torch.no_grad():
         for name in (n for names in groups.values() for n in names):
             m = model.get_submodule(name)
-            m.lora_A.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
-            m.lora_B.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+            _copy(m.lora_A, tensors, f"{PREFIX}{name}.lora_A.weight", weights)
+            _copy(m.lora_B, tensors, f"{PREFIX}{name}.lora_B.weight", weights)
             if use_dora:
-                m.magnitude.copy_(tensors[f"{PREFIX}{name}.{MAGNITUDE}"])
+                _copy(m.magnitude, tensors, f"{PREFIX}{name}.{MAGNITUDE}", weights)
+
+
+def _config(config_cls, source: Path, **fields):
+    """A method config built from adapter_config.json's values; its range errors name the file."""
+    try:
+        return config_cls(**fields)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _copy(param: torch.Tensor, tensors: dict[str, torch.Tensor], key: str, source: Path) -> None:
+    """param <- tensors[key] (checked floating and finite, also once cast to the parameter's dtype)."""
+    param.copy_(cast_finite(key, tensors[key], param.dtype, source))
 
 
 def _lora_groups(model: nn.Module, config: dict, source: Path) -> dict[tuple[int, float], list[str]]:
@@ -187,7 +226,7 @@ def _lora_groups(model: nn.Module, config: dict, source: Path) -> dict[tuple[int
         key = "model." + name
         r = _pattern_value(config.get("rank_pattern"), key, config.get("r", 8))  # PEFT's defaults: 8 and 8
         alpha = _pattern_value(config.get("alpha_pattern"), key, config.get("lora_alpha", 8))
-        groups.setdefault((int(r), float(alpha)), []).append(name)
+        groups.setdefault((r, float(alpha)), []).append(name)  # types checked by check_field_types
     return groups
 
 
@@ -240,6 +279,7 @@ def _check_tensors(expected: dict[str, tuple], tensors: dict[str, torch.Tensor],
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{source}: '{key}' has shape {tuple(tensors[key].shape)}, this base model expects "
                              f"{shape} (an adapter for a different base model, or a wrong r?)")
+        check_tensor(key, tensors[key], source)  # floating point and finite, before the model is touched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +343,7 @@ def _load_adalora(model: nn.Module, config: dict, tensors: dict[str, torch.Tenso
                                   "false or empty (bias: 'none')")
     if config.get("alpha_pattern") or config.get("use_dora") or config.get("use_rslora"):
         raise NotImplementedError(f"{source}: alpha_pattern / use_dora / use_rslora are not part of AdaLoRA")
-    r = int(config.get("init_r", 12))  # PEFT's defaults: init_r 12, target_r 8, lora_alpha 8
+    r = config.get("init_r", 12)  # PEFT's defaults: init_r 12, target_r 8, lora_alpha 8 (types checked)
     names = _peft_targets(model, config, source)
     patterns = config.get("rank_pattern") or {}
     kept, expected = {}, {}
@@ -321,21 +361,22 @@ def _load_adalora(model: nn.Module, config: dict, tensors: dict[str, torch.Tenso
             raise ValueError(f"{path / WEIGHTS_FILE}: '{key}' is {t.tolist()}, init_r is {r}: minipeft scales by "
                              "lora_alpha / init_r")
     _check_tensors(expected, {k: v for k, v in tensors.items() if k not in ranknum}, path / WEIGHTS_FILE)
-    cfg = adalora.AdaLoRAConfig(r=r, final_r=int(config.get("target_r", 8)), alpha=float(config.get("lora_alpha", 8)),
-                                dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(names),
-                                total_step=int(config.get("total_step") or 1000), tinit=int(config.get("tinit", 0)),
-                                tfinal=int(config.get("tfinal", 0)), delta_t=int(config.get("deltaT", 1)),
-                                beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
-                                orth_reg_weight=float(config.get("orth_reg_weight", 0.5)))
+    get = lambda key, default: default if config.get(key) is None else config[key]  # noqa: E731  PEFT's null
+    cfg = _config(adalora.AdaLoRAConfig, source, r=r, final_r=get("target_r", 8), alpha=float(get("lora_alpha", 8)),
+                  dropout=float(get("lora_dropout", 0.0)), targets=tuple(names), total_step=get("total_step", 1000),
+                  tinit=get("tinit", 0), tfinal=get("tfinal", 0), delta_t=get("deltaT", 1),
+                  beta1=float(get("beta1", 0.85)), beta2=float(get("beta2", 0.85)),
+                  orth_reg_weight=float(get("orth_reg_weight", 0.5)))
     adalora.apply(model, cfg)
+    weights = path / WEIGHTS_FILE
     with torch.no_grad():
         for name in names:
             m, keep = model.get_submodule(name), kept[name]
             for key in ("lora_A", "lora_E", "lora_B"):
                 getattr(m, key).zero_()
-            m.lora_A[keep] = tensors[f"{PREFIX}{name}.lora_A"].to(m.lora_A.dtype)
-            m.lora_E[keep] = tensors[f"{PREFIX}{name}.lora_E"].to(m.lora_E.dtype)
-            m.lora_B[:, keep] = tensors[f"{PREFIX}{name}.lora_B"].to(m.lora_B.dtype)
+            for key, rows in (("lora_A", keep), ("lora_E", keep), ("lora_B", (slice(None), keep))):
+                p, k = getattr(m, key), f"{PREFIX}{name}.{key}"
+                p[rows] = cast_finite(k, tensors[k], p.dtype, weights)  # the kept triplets' rows (B: columns)
             m.mask = None if bool(keep.all()) else keep
 
 
@@ -395,11 +436,13 @@ def ia3_from_peft(model: nn.Module, adapter_config: dict, tensors: dict[str, tor
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{source}: '{key}' has shape {tuple(tensors[key].shape)}, this base model expects "
                              f"{shape} (an adapter for a different base model?)")
+        check_tensor(key, tensors[key], source)  # floating point and finite, before the model is touched
     ia3.apply(model, ia3.IA3Config(targets=tuple(_compact(model, targets)),
                                    feedforward_targets=tuple(_compact(model, ff))))
     with torch.no_grad():
         for n in targets:
-            model.get_submodule(n).ia3_l.copy_(tensors[PREFIX + n + ".ia3_l"].reshape(-1))
+            key, l = PREFIX + n + ".ia3_l", model.get_submodule(n).ia3_l
+            l.copy_(cast_finite(key, tensors[key], l.dtype, source).reshape(-1))
     return model
 
 

@@ -41,8 +41,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import masks
 from .loss import IGNORE_INDEX, linear_cross_entropy
-from .safetensors_io import (atomic_write, load_safetensors_checkpoint, read_json, regular_file,
-                             remove_safetensors_checkpoint, save_safetensors_checkpoint, write_json)
+from .safetensors_io import (INDEX, atomic_write, check_tensor, dtype_name, load_safetensors_checkpoint, nonfinite,
+                             overflow_error, read_json, regular_file, safetensors_checkpoint_files,
+                             save_safetensors_checkpoint, staged_files, write_json)
 
 
 
@@ -692,8 +693,9 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = cls(cfg)
     check_state(model, state, origin, path)
-    check_finite(state, origin)
-    state = {k: v.to(device=device or "cpu", dtype=dtype or v.dtype) for k, v in state.items()}
+    loaded = {k: v.to(device=device or "cpu", dtype=dtype or v.dtype) for k, v in state.items()}
+    check_finite(loaded, origin, state)  # after the cast: a finite 1e5 is inf in float16
+    state = loaded
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
@@ -706,29 +708,33 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
 
 
 def save_pretrained(model: Llama, path: str | Path, max_shard_bytes: int | None = None) -> None:
-    """config.json + model.safetensors (or shards + index) in the Hugging Face layout."""
+    """config.json + model.safetensors (or shards + index) in the Hugging Face layout. Every weight must be
+    finite (a merge or a cast to float16 can make inf: refused, naming the tensor). The new files are
+    written under temp names first, then swapped in, then the old save's files removed: a full disk
+    leaves the folder's earlier checkpoint loading exactly as before (safetensors_io.staged_files)."""
     extra = [k for k in model.state_dict() if k not in Llama.expected_keys(model.config)]
     if extra:  # a PEFT wrapper or slot: from_pretrained (and transformers) would reject the folder
         raise ValueError(f"save_pretrained: the model carries modules a Llama checkpoint cannot hold "
                          f"('{extra[0]}', {len(extra)} tensors): fold them with "
                          "minipeft.merge_and_unload(model) first, or keep them apart with save_adapter")
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
     state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in state.items()}
-    hf = dict(model.config.to_hf(), torch_dtype=str(next(iter(state.values())).dtype).removeprefix("torch."))
-    # the files of an earlier save in another layout would shadow (config.json over params.json)
-    _remove_weight_files(path)
-    save_safetensors_checkpoint(state, path, max_shard_bytes)
-    write_json(path / "config.json", hf)
+    hf = dict(model.config.to_hf(), torch_dtype=dtype_name(next(iter(state.values())).dtype))
+    for k, v in state.items():
+        check_tensor(k, v, f"save_pretrained: {path} (nothing written)")
+    # config.json last (it makes the set loadable); then the files of an earlier save that the new one
+    # does not replace, which would shadow it (config.json over params.json) or go stale (shards)
+    with staged_files(path, last=(INDEX, "config.json"), stale=_weight_files(path)) as tmp:
+        save_safetensors_checkpoint(state, tmp, max_shard_bytes)
+        write_json(tmp / "config.json", hf)
 
 
-def _remove_weight_files(path: Path) -> None:
-    """The weight and config files of an earlier save, index before shards (see save_safetensors_checkpoint)."""
-    remove_safetensors_checkpoint(path)
-    for name in ("config.json", "params.json", "consolidated.00.pth"):
-        if (path / name).is_file() or (path / name).is_symlink():
-            (path / name).unlink()
+def _weight_files(path: Path) -> list[str]:
+    """The weight and config files an earlier save may have left, in the order to delete them: the file
+    that makes a layout loadable before its weights (config.json, the index), so that each step leaves
+    a folder that loads one whole checkpoint or the other."""
+    return ["config.json", *safetensors_checkpoint_files(path), "params.json", "consolidated.00.pth"]
 
 
 def _strip_prefix(state: dict, origin: dict, source: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
@@ -751,12 +757,16 @@ def _check_tied(cfg: LlamaConfig, state: dict, origin: dict, config_path: Path) 
                          "to use that head, or remove it")
 
 
-def check_finite(state: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:
-    """NaN or inf in a weight makes every output NaN: refuse it at load, naming the tensor."""
+def check_finite(state: dict[str, torch.Tensor], origin: dict[str, Path],
+                 before: dict[str, torch.Tensor] | None = None) -> None:
+    """NaN or inf in a weight makes every output NaN: refuse it at load, naming the tensor. Runs on the
+    tensors as loaded (cast to the requested dtype); `before`, the tensors as read, tells a value the file
+    holds from one the cast made (a 1e5 weight is inf in float16), and the error says which."""
     for k, v in state.items():
-        # in chunks of 4M elements: a whole-tensor mask would add half the embedding's bytes to the peak
-        if v.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in v.reshape(-1).split(1 << 22)):
-            n = int((~torch.isfinite(v)).sum())
+        n = nonfinite(v)
+        if n and before is not None and before[k].dtype != v.dtype and not nonfinite(before[k]):
+            raise overflow_error(k, before[k], v.dtype, n, f"{origin[k]} (loaded as {dtype_name(v.dtype)})")
+        if n:
             raise ValueError(f"{origin[k]}: tensor '{k}' holds {n} NaN or inf value(s)")
 
 
@@ -777,6 +787,9 @@ def check_state(model: Llama, state: dict[str, torch.Tensor], origin: dict[str, 
         if state[k].shape != shape:
             raise ValueError(f"{origin[k]}: tensor '{k}' has shape {tuple(state[k].shape)}, "
                              f"the config expects {tuple(shape)}")
+        if not state[k].is_floating_point():  # an int or bool tensor would load silently as its float values
+            raise ValueError(f"{origin[k]}: tensor '{k}' has dtype {dtype_name(state[k].dtype)}; a weight must be "
+                             "floating point (float32, bfloat16, float16 or float64)")
 
 
 # Meta name -> HF name; {i} is the layer index (a small format-string table, as in gpt-fast)
@@ -830,10 +843,10 @@ def meta_to_hf(raw: dict[str, torch.Tensor], cfg: LlamaConfig, source: Path) -> 
 
 
 def save_meta(model: Llama, path: str | Path) -> None:
-    """Write params.json + consolidated.00.pth in Meta's layout (interleaved q/k rows)."""
+    """Write params.json + consolidated.00.pth in Meta's layout (interleaved q/k rows). As save_pretrained:
+    finite weights only; new files first, then the swap, then an earlier save's files go (config.json
+    would shadow params.json)."""
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    _remove_weight_files(path)  # config.json would shadow params.json: an HF save in the folder goes
     cfg, hf_to_meta = model.config, {v: k for k, v in META_TO_HF.items()}
     raw = {}
     for name, t in model.state_dict().items():
@@ -845,9 +858,8 @@ def save_meta(model: Llama, path: str | Path) -> None:
             t = half_to_interleaved(t, cfg.n_heads)
         elif name.endswith("k_proj.weight"):
             t = half_to_interleaved(t, cfg.n_kv_heads)
+        check_tensor(name, t, f"save_meta: {path} (nothing written)")
         raw[key] = t.clone()
-    with atomic_write(path / "consolidated.00.pth") as f:
-        torch.save(raw, f)
     # choose multiple_of / ffn_dim_multiplier so that from_meta's rounding gives back ffn_dim exactly
     base = int(2 * (4 * cfg.dim) / 3)
     params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
@@ -856,4 +868,12 @@ def save_meta(model: Llama, path: str | Path) -> None:
                   ffn_dim_multiplier=cfg.ffn_dim / base if base > cfg.ffn_dim else None)
     if cfg.rope_scaling is not None:
         params["rope_scaling_factor"] = cfg.rope_scaling["factor"]
-    write_json(path / "params.json", params)
+    with staged_files(path, last=("params.json",), stale=_weight_files(path)) as tmp:
+        with atomic_write(tmp / "consolidated.00.pth") as f:
+            try:
+                torch.save(raw, f)
+            except RuntimeError as e:  # torch's zip writer hides a full disk behind "unexpected pos"
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+        write_json(tmp / "params.json", params)

@@ -1,6 +1,15 @@
 """A small reader and writer for the safetensors format, written here so minipeft needs no extra package;
 and the guarded file reads and atomic writes every minipeft file goes through.
 
+Three rules hold for every file minipeft reads or writes:
+  * reads go through `regular_file` / `regular` (a FIFO or a device would hang the reader);
+  * a tensor or JSON number read or written is finite (`check_tensor`, `cast_finite`, `read_json`),
+    checked after any cast, and a weight is floating point;
+  * a write never destroys what it replaces before the new data is complete: one file through
+    `atomic_write` (temp file + rename), a set of files that belong together (a checkpoint, an adapter)
+    through `staged_files` (all written under temp names, then renamed into place, then the stale ones
+    of an earlier save removed).
+
 The format (https://github.com/huggingface/safetensors, "Format" section) is:
 
     [8 bytes: little-endian u64 N][N bytes: JSON header][raw tensor bytes]
@@ -15,13 +24,17 @@ keeps loading a 1B model in bf16 close to 1x its weight bytes of memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import mmap
 import os
+import shutil
 import stat
 import struct
 import tempfile
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 
@@ -36,7 +49,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit too
 
 def read_header(path: str | Path) -> tuple[dict, int]:
     """Return (header dict without __metadata__, byte offset where tensor data starts)."""
-    path = Path(path)
+    path = regular(Path(path))
     size = path.stat().st_size
     with open(path, "rb") as f:
         first = f.read(8)
@@ -206,6 +219,12 @@ def regular_file(folder: Path, name, named_in: Path) -> Path:
     return path
 
 
+def regular(path: str | Path) -> Path:
+    """`path` itself, checked as `regular_file` checks a named file: it exists and is a regular file."""
+    path = Path(path)
+    return regular_file(path.parent, path.name, path)
+
+
 def read_json(path: Path) -> dict:
     """The JSON object in the regular file `path`; errors name the file (and the line of a bad byte)."""
     path = regular_file(path.parent, path.name, path)
@@ -220,13 +239,110 @@ def read_json(path: Path) -> dict:
     if not isinstance(obj, dict):
         kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(obj), "number")
         raise ValueError(f"{path}: expected a JSON object, got a JSON {kind}")
+    field, value = first_nonfinite(obj)
+    if field is not None:  # Python's json reads NaN, Infinity and 1e999; none is a JSON number
+        raise ValueError(f"{path}: field '{field}' is {value!r}; numbers must be finite")
     return obj
+
+
+def first_nonfinite(obj) -> tuple[str | None, float | None]:
+    """(the path of the first NaN / inf number in a parsed JSON value, e.g. "methods[0].alpha", and the
+    value), or (None, None). Iterative: as deep as json.loads itself goes."""
+    stack = [("", obj)]
+    while stack:
+        at, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return at, value
+        if isinstance(value, dict):
+            stack += [(f"{at}.{k}" if at else str(k), v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(f"{at}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
+    return None, None
 
 
 def write_json(path: Path, obj) -> None:
     """`obj` as indented JSON, written atomically."""
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
+
+
+# ----------------------------------------------------------------------------------------------
+# What is read or written is finite, and a weight is floating point
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def nonfinite(t: torch.Tensor) -> int:
+    """How many NaN / inf values `t` holds (0 for integer dtypes). Checked in chunks of 4M elements:
+    a whole-tensor mask would add half the tensor's bytes to the peak."""
+    if not t.is_floating_point() or all(bool(torch.isfinite(c).all()) for c in t.detach().reshape(-1).split(1 << 22)):
+        return 0
+    return int((~torch.isfinite(t.detach())).sum())
+
+
+def check_tensor(name: str, t: torch.Tensor, where, floating: bool = True) -> None:
+    """Refuse a weight that is not floating point (with floating=True) or holds NaN / inf, naming the
+    file (`where`), the tensor and its dtype."""
+    if floating and not t.is_floating_point():
+        raise ValueError(f"{where}: tensor '{name}' has dtype {dtype_name(t.dtype)}; a weight must be floating "
+                         "point (float32, bfloat16, float16 or float64)")
+    n = nonfinite(t)
+    if n:
+        raise ValueError(f"{where}: tensor '{name}' holds {n} NaN or inf value(s) ({dtype_name(t.dtype)})")
+
+
+def overflow_error(name: str, t: torch.Tensor, dtype: torch.dtype, n: int, where) -> ValueError:
+    """The error for a finite tensor that a cast to `dtype` turned into `n` infs."""
+    big = float(t.detach().abs().max())
+    return ValueError(f"{where}: tensor '{name}' overflows {dtype_name(dtype)}: its largest |value| {big:.4g} "
+                      f"exceeds {dtype_name(dtype)}'s maximum {torch.finfo(dtype).max:.4g} ({n} value(s) would "
+                      "become inf); use a wider dtype (float32 or bfloat16)")
+
+
+def cast_finite(name: str, t: torch.Tensor, dtype: torch.dtype, where) -> torch.Tensor:
+    """`t` (a floating weight read from `where`) cast to `dtype`, checked AFTER the cast: a finite 1e5
+    becomes inf in float16."""
+    check_tensor(name, t, where)
+    out = t.to(dtype)
+    n = nonfinite(out) if out.dtype != t.dtype else 0
+    if n:
+        raise overflow_error(name, t, dtype, n, where)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Files that belong together: written beside the old ones, then swapped in
+
+
+STAGING_PREFIX = ".minipeft-save-"
+
+
+@contextlib.contextmanager
+def staged_files(folder: Path, last: Sequence[str] = (), stale: Sequence[str] = ()) -> Iterator[Path]:
+    """`with staged_files(folder) as tmp:` write a set of files into `tmp`, a hidden temp folder inside
+    `folder`; when the block succeeds, each is renamed into `folder` (the names in `last` last, in that
+    order: the file whose presence makes the set loadable goes last), then the `stale` files (an earlier
+    save in another layout) that the new set does not replace are deleted, in the order given.
+
+    On any error while writing (a full disk: Errno 28 ENOSPC, 27 EFBIG) the temp folder is deleted and
+    `folder` holds exactly what it held before. The renames that follow need no disk space. The cost:
+    old and new files are on disk together for a moment."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # a folder, so not named *.tmp as atomic_write's temp files are
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=STAGING_PREFIX, suffix=".staging"))
+    try:
+        yield tmp
+        written = sorted(p.name for p in tmp.iterdir())
+        for name in [n for n in written if n not in last] + [n for n in last if n in written]:
+            os.replace(tmp / name, folder / name)
+        for name in stale:
+            if name not in written and ((folder / name).is_file() or (folder / name).is_symlink()):
+                (folder / name).unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # A checkpoint folder in transformers' layout: model.safetensors, or shards model-00001-of-0000N.safetensors
@@ -285,9 +401,7 @@ def save_safetensors_checkpoint(state: dict[str, torch.Tensor], path: Path, max_
     write_json(path / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def remove_safetensors_checkpoint(path: Path) -> None:
-    """Delete the folder's index, then its shards and model.safetensors (an index never names a missing shard)."""
-    shards = sorted(p.name for p in path.glob("model-*-of-*.safetensors"))
-    for name in [INDEX, "model.safetensors"] + shards:
-        if (path / name).is_file() or (path / name).is_symlink():
-            (path / name).unlink()
+def safetensors_checkpoint_files(path: Path) -> list[str]:
+    """The names of the folder's index, model.safetensors and shards, in the order to delete them
+    (the index first: an index never names a missing shard)."""
+    return [INDEX, "model.safetensors"] + sorted(p.name for p in path.glob("model-*-of-*.safetensors"))

@@ -26,8 +26,10 @@ and for one-token decoding) saves nothing. Two kernels do it:
       - local: the query block and the block before it (2l keys; covers A1 of both patterns);
       - strided A2 \\ A1: queries and keys regrouped by residue i mod l, (T/l) x (T/l) per residue;
       - fixed A2 \\ A1: the summary columns gathered once per row (c T/l keys).
-    Scores computed: T * (2l + T/l) (strided), T * (2l + cT/l) (fixed), instead of T * T; the queries
-    go in checkpointed chunks of QUERY_CHUNK, so a training step holds one chunk's scores at a time.
+    Scores computed: T * (2l + T/l) (strided), T * (2l + cT/l) (fixed), instead of T * T; a sequence
+    no longer than one block (T <= l) is not padded to l but scored densely under the pattern's mask
+    (T * T), so l = 4096 on 6 tokens costs what 6 tokens cost. The queries go in checkpointed chunks
+    of QUERY_CHUNK, so a training step holds one chunk's scores at a time.
     Measured against dense kernels in README ("Sparse attention for long context"): far less memory and
     time than attention that keeps its T x T scores; no memory saving against a fused (flash) kernel.
   * FlexAttention (torch.nn.attention.flex_attention) with the pattern as a block mask, compiled on
@@ -133,11 +135,16 @@ class SparseMask:
             return flex_sparse_attention(q, k, v, self, pk, pv)
         # one-token (or short) decoding with a cache, or the dense reference: T x S scores are cheap
         # for T = 1 and are the point of the reference
-        mask = self.dense_mask()
-        if pk is not None:
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            mask = F.pad(mask, (pk.shape[2], 0), value=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return _one_block(q, k, v, self, pk, pv)
+
+
+def _one_block(q, k, v, m: SparseMask, pk=None, pv=None) -> torch.Tensor:
+    """Attention over full (T, S) scores under `m.dense_mask()`, the prefix keys visible to all."""
+    mask = m.dense_mask()
+    if pk is not None:
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        mask = F.pad(mask, (pk.shape[2], 0), value=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 QUERY_CHUNK = 1024  # queries per chunk: the scores of one chunk are all that is held at once
@@ -155,6 +162,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ki
     recomputes its scores instead of keeping them (the paper's "recomputation of attention weights"),
     so a training step holds one chunk's scores, not a layer's."""
     B, H, T, hd = q.shape
+    if T <= block:  # one block holds the sequence: its T x T scores cost less than padding it to l
+        return _one_block(q, k, v, SparseMask(kind, block, summary, pos, pos, seg, seg), prefix_k, prefix_v)
     Hk, l = k.shape[1], block
     g, nb = H // Hk, math.ceil(T / block)
     pad = nb * l - T

@@ -128,7 +128,7 @@ def load_mmlu_csv(path: str | Path, subject: str | None = None) -> list[dict]:
                 raise ValueError(f"{where}: blank row")
             if len(row) != 6:
                 raise ValueError(f"{where}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
-            if row[5].strip() not in LETTERS[:4]:
+            if row[5].strip() not in ("A", "B", "C", "D"):  # one letter: not a substring test ("", "BC")
                 raise ValueError(f"{where}: answer must be one of A, B, C, D, got {row[5]!r}")
             out.append(dict(question=row[0], choices=row[1:5], labels=list(LETTERS[:4]),
                             answer=LETTERS.index(row[5].strip()), subject=subject, where=where))
@@ -217,7 +217,7 @@ def load_arc(data: str | Path, split: str = "test") -> list[dict]:
     if split not in ARC_FILES:
         raise ValueError(f"ARC split must be one of {sorted(ARC_FILES)}, got {split!r}")
     path = Path(data) / ARC_FILES[split]
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device is refused by the reader (read_utf8), not called missing
         raise FileNotFoundError(f"{path} not found; download ARC with `make data TASK=arc_challenge`")
     return load_arc_jsonl(path)
 
@@ -260,9 +260,9 @@ def dolly_split(records: Sequence[dict], n_valid: int = DOLLY_VALID, seed: int =
 def load_dolly(data: str | Path, split: str = "test") -> list[dict]:
     """`data`/databricks-dolly-15k.jsonl split by dolly_split, or already split train.jsonl / test.jsonl."""
     data = Path(data)
-    if (data / f"{split}.jsonl").is_file():
+    if (data / f"{split}.jsonl").exists():  # exists, not is_file: the reader refuses a FIFO by name
         return load_dolly_jsonl(data / f"{split}.jsonl")
-    if not (data / DOLLY_FILE).is_file():
+    if not (data / DOLLY_FILE).exists():
         raise FileNotFoundError(f"{data}: neither {DOLLY_FILE} nor {split}.jsonl; download dolly with "
                                 "`make data TASK=dolly`")
     records = load_dolly_jsonl(data / DOLLY_FILE)
@@ -289,8 +289,8 @@ def encode_dolly(tok, ex: dict, fmt: str = "plain", max_len: int | None = None) 
 def load_text(data: str | Path, split: str = "test") -> list[dict]:
     """A text file itself (for any split), or `data`/{split}.txt: one record with the whole text."""
     data = Path(data)
-    path = data if data.is_file() else data / f"{split}.txt"
-    if not path.is_file():
+    path = data if data.exists() and not data.is_dir() else data / f"{split}.txt"
+    if not path.exists():  # a FIFO or device is refused by read_utf8, by name
         raise FileNotFoundError(f"{path} not found (give a text file, or a folder with train.txt and test.txt)")
     text = read_utf8(path)
     if not text.strip():

@@ -28,6 +28,8 @@ from typing import AbstractSet, Literal, Sequence
 
 import tiktoken
 
+from .safetensors_io import regular
+
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 NUM_SPECIAL = 256
@@ -44,8 +46,9 @@ MAX_RUN_CHARS = 25_000
 
 
 def read_utf8(path: Path) -> str:
-    """The file's text; a byte that is not UTF-8 is an error naming the file, line and column."""
-    raw = path.read_bytes()
+    """The text of the regular file `path` (a FIFO or device is refused: reading it would hang); a byte
+    that is not UTF-8 is an error naming the file, line and column."""
+    raw = regular(path).read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -159,13 +162,13 @@ class Tokenizer:
         """Load a `tokenizer.model`, a `tokenizer.json`, or a directory holding one (.model first)."""
         path = Path(path)
         if path.is_dir():
-            found = [p for p in (path / "tokenizer.model", path / "tokenizer.json") if p.is_file()]
+            found = [p for p in (path / "tokenizer.model", path / "tokenizer.json") if p.exists()]
             if not found:
                 raise FileNotFoundError(f"{path}: directory holds neither tokenizer.model nor tokenizer.json")
             path = found[0]
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        text = read_utf8(path)
+        text = read_utf8(path)  # refuses a FIFO or device
         if text.lstrip().startswith("{"):  # JSON; a base64 line can never start with "{"
             return cls(*_read_tokenizer_json(text, path), source=str(path))
         return cls(_read_tiktoken_model(text, path), source=str(path))
