@@ -365,3 +365,234 @@ def synthetic_arithmetic_text(n: int, seed: int = 0) -> str:
         a, b, op, c = _fact(r)
         lines.append(f"{a}{op}{b}={c}" if kind < 0.7 else f"<<{a}{op}{b}={c}>>{c}")
     return "\n".join(lines) + "\n"
+
+
+# =============================================================================================
+# GSM8K as lm-evaluation-harness scores it: its filters, its exact match, its k-shot prompts
+# =============================================================================================
+# Read from EleutherAI/lm-evaluation-harness (commit 4e7e0d47): lm_eval/tasks/gsm8k/gsm8k.yaml,
+# gsm8k-cot.yaml, gsm8k-cot-llama.yaml; the filters in lm_eval/filters/extraction.py (RegexFilter) and
+# selection.py (take_first); exact_match in lm_eval/api/metrics.py (exact_match_hf_evaluate); the
+# prompt in lm_eval/api/task.py (fewshot_context, build_qa_turn), lm_eval/api/utils.py (Message) and
+# lm_eval/api/samplers.py (ContextSampler, FirstNSampler). GSM8K numbers published from lm-eval are
+# these two, not minipeft's `extract_prediction` above (docs/lm-eval.md).
+#
+#     gsm8k_scores("... #### 1,000", "... #### 1000")  -> strict_match True, flexible_extract True
+#     gsm8k_prompt(question, "gsm8k_cot")              -> the 8-shot "Q: ...\nA: ..." text
+#     encode_gsm8k_prompt(tok, question, "gsm8k_cot_llama", chat=True)   -> Meta's multi-turn chat
+
+GSM8K_STYLES = ("gsm8k", "gsm8k_cot", "gsm8k_cot_llama")  # lm-eval's task names
+INVALID = "[invalid]"                                       # RegexFilter's fallback when nothing matches
+# exact_match's regexes_to_ignore (the same in all three YAMLs), applied in this order to the filtered
+# prediction and to the reference alike, then both lower-cased (ignore_case: true)
+EXACT_MATCH_IGNORE = (",", r"\$", "(?s).*#### ", r"\.$")
+FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"                   # flexible-extract, last match (group_select -1)
+STRICT = {  # strict-match: (regex, group_select)
+    "gsm8k": (r"#### (\-?[0-9\.\,]+)", 0),
+    "gsm8k_cot": (r"The answer is (\-?[0-9\.\,]+).", 0),
+    "gsm8k_cot_llama": (r"The final answer is ((-?[$0-9.,]{2,})|(-?[0-9]+))", -1),
+}
+# generation_kwargs.until; lm-eval's HF model adds its own EOS text (lm_eval/models/utils.py
+# handle_stop_sequences) and cuts the decoded text before the first of them (postprocess_generated_text)
+GSM8K_UNTIL = {
+    "gsm8k": ("Question:", "</s>", "<|im_end|>"),
+    "gsm8k_cot": ("Q:", "</s>", "<|im_end|>"),
+    "gsm8k_cot_llama": ("<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>", "<|im_end|>"),
+}
+GSM8K_NUM_FEWSHOT = {"gsm8k": 5, "gsm8k_cot": 8, "gsm8k_cot_llama": 8}
+LM_EVAL_FEWSHOT_SEED = 1234   # lm_eval/defaults.py DEFAULT_OTHER_SEED, the fewshot sampler's seed
+LLAMA_INSTRUCTION = ("Given the following problem, reason and give a final answer to the problem.\n"
+                     "Problem: {question}\nYour response should end with \"The final answer is [answer]\" "
+                     "where [answer] is the response to the problem.\n")
+# Wei et al., "Chain-of-Thought Prompting Elicits Reasoning in Large Language Models", arXiv:2201.11903,
+# table 20: the 8 exemplars of gsm8k-cot.yaml and gsm8k-cot-llama.yaml as (question, reasoning, answer).
+# gsm8k_cot ends each with " The answer is N."; gsm8k_cot_llama with " The final answer is N" (no stop).
+COT_EXEMPLARS = (
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are "
+     "done, there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must "
+     "have been 21 - 15 = 6.", "6"),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5.", "5"),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in "
+     "total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After "
+     "eating 35, they had 74 - 35 = 39.", "39"),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops "
+     "did Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny "
+     "20 - 12 = 8.", "8"),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he "
+     "have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
+     "5 + 4 = 9.", "9"),
+    ("There were nine computers in the server room. Five more computers were installed each day, from "
+     "monday to thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
+     "computers were added. 9 + 20 is 29.", "29"),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many "
+     "golf balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 "
+     "more, he had 35 - 2 = 33 golf balls.", "33"),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 "
+     "dollars left. 23 - 15 is 8.", "8"),
+)
+
+
+def _check_style(style: str) -> None:
+    if style not in GSM8K_STYLES:
+        raise ValueError(f"GSM8K style must be one of {GSM8K_STYLES} (lm-eval's task names), got {style!r}")
+
+
+def lm_eval_regex(text: str, pattern: str, group_select: int = 0, fallback: str = INVALID) -> str:
+    """lm-eval's `regex` filter on one response: `re.findall`, the match at index `group_select`
+    (0 the first, -1 the last); a match of a pattern with several groups is a tuple, of which the
+    first non-empty group counts; the result is stripped. No match: `fallback`."""
+    matches = re.findall(pattern, text if isinstance(text, str) else "")
+    if not matches:
+        return fallback
+    match = matches[group_select]
+    if isinstance(match, tuple):
+        match = next((group for group in match if group), fallback)
+    return match.strip()
+
+
+def lm_eval_exact_match(prediction: str, reference: str, regexes_to_ignore: Sequence[str] = EXACT_MATCH_IGNORE,
+                        ignore_case: bool = True) -> bool:
+    """lm-eval's exact_match (exact_match_hf_evaluate): each regex of `regexes_to_ignore` in turn is
+    deleted (re.sub) from the prediction and the reference alike, both are lower-cased, then compared
+    as strings. GSM8K's list turns "1,000" into "1000", "$5" into "5", "5." into "5", and the full answer
+    text "...\\n#### 72" into "72" (the greedy "(?s).*#### " eats everything up to the last "#### ")."""
+    for pattern in regexes_to_ignore:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    if ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    return prediction == reference
+
+
+def gsm8k_target(answer: str, style: str = "gsm8k") -> str:
+    """The reference lm-eval compares with (doc_to_target): the full answer text for gsm8k (the
+    regexes of the metric cut it to the number), the text after the last `####`, stripped, for the
+    two chain-of-thought styles."""
+    _check_style(style)
+    return answer if style == "gsm8k" else answer.split("####")[-1].strip()
+
+
+def gsm8k_extract(generation: str, style: str = "gsm8k") -> dict[str, str]:
+    """{"strict_match": ..., "flexible_extract": ...}: what each of lm-eval's two filters takes from a
+    generation (already cut at the stop strings), "[invalid]" when its regex finds nothing.
+    strict-match: the first `#### N` (gsm8k), `The answer is N.` (gsm8k_cot), the last `The final answer
+    is N` (gsm8k_cot_llama); flexible-extract: the last number-like run anywhere."""
+    _check_style(style)
+    pattern, group = STRICT[style]
+    return {"strict_match": lm_eval_regex(generation, pattern, group),
+            "flexible_extract": lm_eval_regex(generation, FLEXIBLE, -1)}
+
+
+def gsm8k_scores(generation: str, answer: str, style: str = "gsm8k") -> dict:
+    """lm-eval's two GSM8K scores of one generation against the gold answer text (GSM8K's `answer`,
+    reasoning and `#### N`): {"strict_match": bool, "flexible_extract": bool, "strict_match_extracted":
+    str, "flexible_extract_extracted": str}. The means of the bools over a test set are lm-eval's
+    `exact_match,strict-match` and `exact_match,flexible-extract`."""
+    extracted, reference = gsm8k_extract(generation, style), gsm8k_target(answer, style)
+    out: dict = {name: lm_eval_exact_match(pred, reference) for name, pred in extracted.items()}
+    return out | {f"{name}_extracted": pred for name, pred in extracted.items()}
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string (lm-eval's postprocess_generated_text:
+    `text.split(term)[0]` for each non-empty term in turn, which keeps the shortest prefix)."""
+    for term in until:
+        if term:
+            text = text.split(term)[0]
+    return text
+
+
+def cot_exemplars(style: str = "gsm8k_cot", k: int = 8) -> list[dict]:
+    """The first k of the 8 fixed exemplars as {"question", "target"} (lm-eval's first_n sampler over
+    fewshot_config.samples, so --num_fewshot k takes the first k)."""
+    if style not in ("gsm8k_cot", "gsm8k_cot_llama"):
+        raise ValueError(f"fixed exemplars exist for gsm8k_cot and gsm8k_cot_llama, not {style!r}")
+    if not 0 <= k <= len(COT_EXEMPLARS):
+        raise ValueError(f"k={k}: {style} has {len(COT_EXEMPLARS)} exemplars")
+    final = " The answer is {}." if style == "gsm8k_cot" else " The final answer is {}"
+    return [{"question": q, "target": r + final.format(n)} for q, r, n in COT_EXEMPLARS[:k]]
+
+
+def _shot_docs(style: str, shots: Sequence[dict] | int | None) -> list[dict]:
+    if isinstance(shots, int) and not isinstance(shots, bool):
+        if style == "gsm8k":
+            raise ValueError("gsm8k's shots come from the training split: pass the examples "
+                             "(gsm8k_fewshot(train, n) gives the ones lm-eval samples)")
+        return cot_exemplars(style, shots)
+    if shots is None:
+        return [] if style == "gsm8k" else cot_exemplars(style)
+    return list(shots)
+
+
+def _turn(doc: dict, style: str) -> str:
+    """doc_to_text of one question (the question is not stripped: the templates say {{question}})."""
+    if style == "gsm8k":
+        return f"Question: {doc['question']}\nAnswer:"
+    if style == "gsm8k_cot":
+        return f"Q: {doc['question']}\nA:"
+    return LLAMA_INSTRUCTION.format(question=doc["question"])
+
+
+def _shot_target(doc: dict, style: str) -> str:
+    """doc_to_target of a shot: a GSM8K example gives its answer (gsm8k) or the number (the CoT styles:
+    `answer.split('####')[-1].strip() if answer is defined else target`); an exemplar its target."""
+    return gsm8k_target(doc["answer"], style) if "answer" in doc else doc["target"]
+
+
+def gsm8k_messages(question: str, style: str = "gsm8k_cot_llama",
+                   shots: Sequence[dict] | int | None = None) -> list[dict]:
+    """The chat lm-eval builds with --apply_chat_template --fewshot_as_multiturn: one user turn per shot
+    (the full doc_to_text, instruction included) answered by an assistant turn (its target), then the
+    question's user turn; no system turn unless lm-eval is given --system_instruction."""
+    _check_style(style)
+    messages = []
+    for doc in _shot_docs(style, shots):
+        messages += [{"role": "user", "content": _turn(doc, style)},
+                     {"role": "assistant", "content": _shot_target(doc, style)}]
+    return messages + [{"role": "user", "content": _turn({"question": question}, style)}]
+
+
+def gsm8k_prompt(question: str, style: str = "gsm8k", shots: Sequence[dict] | int | None = None) -> str:
+    """lm-eval's plain-text prompt (no chat template) for `question`.
+
+    Each shot is doc_to_text + target_delimiter + its target + fewshot_delimiter ("\\n\\n"); the question's
+    doc_to_text ends the prompt, with no delimiter after it. target_delimiter is " " (TaskConfig's
+    default) except gsm8k_cot_llama's "". `shots`: gsm8k takes training examples ({"question", "answer"};
+    lm-eval's 5 are a seeded random sample: `gsm8k_fewshot`), None = zero-shot; the CoT styles take the
+    first k of their 8 fixed exemplars (an int, or None for all 8) or given dicts."""
+    _check_style(style)
+    delimiter = "" if style == "gsm8k_cot_llama" else " "
+    solved = "".join(f"{_turn(d, style)}{delimiter}{_shot_target(d, style)}\n\n" for d in _shot_docs(style, shots))
+    return solved + _turn({"question": question}, style)
+
+
+def encode_gsm8k_prompt(tok, question: str, style: str = "gsm8k", shots: Sequence[dict] | int | None = None,
+                        chat: bool = False) -> list[int]:
+    """Token ids to generate from: the plain prompt after BOS, or (chat=True, Instruct models) the
+    multi-turn chat of `gsm8k_messages` in the Llama 3 format, ending in an open assistant header.
+    Hugging Face's Llama 3.1/3.2 chat template adds a system turn (a knowledge cut-off and a date) that
+    Meta's reference format, and so `Tokenizer.encode_dialog_prompt`, does not."""
+    if chat:
+        return tok.encode_dialog_prompt(gsm8k_messages(question, style, shots), add_generation_prompt=True)
+    return tok.encode(gsm8k_prompt(question, style, shots), bos=True)
+
+
+def gsm8k_fewshot(train: Sequence[dict], n_docs: int, k: int = 5, seed: int = LM_EVAL_FEWSHOT_SEED) -> list[list[dict]]:
+    """The k shots lm-eval's gsm8k task puts before each of the first `n_docs` test questions.
+
+    gsm8k.yaml has no fewshot_config, so the "default" ContextSampler draws them: ONE random.Random(seed)
+    per task (seeded by simple_evaluate's fewshot_random_seed, 1234 unless --seed says otherwise), then
+    `rnd.sample(train, k)` for each test document in turn (lm_eval/api/samplers.py; the fewshot split,
+    train, is not the test split, so no document is removed). Question i therefore gets the (i+1)-th
+    draw: reproducible with the same training list in the same order (lm-eval reads the openai/gsm8k
+    train split from the Hugging Face hub) and the questions in test-file order from the first (--limit
+    N takes the first N; data-parallel ranks draw per rank)."""
+    rnd = random.Random(seed)
+    return [rnd.sample(list(train), k) for _ in range(n_docs)]
