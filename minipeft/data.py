@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import zlib
 from decimal import Decimal
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .safetensors_io import current_umask
 
 IGNORE = -100                      # the target value cross_entropy skips
 SPLITS = ("train", "test")
@@ -96,6 +99,43 @@ def write_jsonl(examples: Sequence[dict], path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+# ----------------------------------------------------------------------------- generated data, cached
+
+def cache_dir() -> Path:
+    """$MINIPEFT_CACHE, else data/cache/ of this checkout, else ~/.cache/minipeft (for the task files)."""
+    if os.environ.get("MINIPEFT_CACHE"):
+        return Path(os.environ["MINIPEFT_CACHE"])
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").exists() and (root / "data").is_dir():
+        return root / "data" / "cache"
+    return Path.home() / ".cache" / "minipeft"
+
+
+def publish(build, final: Path) -> Path:
+    """Run build(tmp_dir), then rename tmp_dir to `final` (atomic; a concurrent winner is kept)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; an ordinary mkdir would not
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "done.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def story_text(n: int, seed: int = 0) -> str:
+    """`n` training-split word problems told as plain prose, the question then its worked reasoning on
+    one line: no "Question:"/"Answer:" prompt, no "#### N" line, never a test question."""
+    lines = []
+    for ex in synthetic_gsm8k(n, seed + 1, "train"):
+        reasoning = ex["answer"].rsplit("\n####", 1)[0].replace("\n", " ")
+        lines.append(f"{ex['question']} {reasoning}")
+    return "\n".join(lines) + "\n"
 
 # ----------------------------------------------------------------------------- answers
 

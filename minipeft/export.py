@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .adapters import load_adapter
-from .evaluate import adapter_dir
+from .base import toy_base
+from .runs import adapter_dir
 from .llama import Llama
 from .peft import merge_and_unload
 from .safetensors_io import atomic_write
@@ -78,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.toy:
-            from .toy import toy_base
             checkpoint = toy_base()
         else:
             checkpoint = args.checkpoint

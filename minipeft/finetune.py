@@ -1,4 +1,4 @@
-"""Fine-tune a Llama with any minipeft method on GSM8K-format data: the training loop and its CLI.
+"""Fine-tune a Llama with any minipeft method: the training loop (the command line's plumbing is in runs.py).
 
     .venv/bin/python -m minipeft.finetune                          # toy base + toy task, LoRA: runs/toy/lora
     .venv/bin/python -m minipeft.finetune --checkpoint ~/models/Llama-3.2-1B --data data/gsm8k \\
@@ -13,219 +13,41 @@ method's parameter groups (`peft.param_groups`: the LoRA+ B-matrix boost and no-
 warmup + cosine schedule. Loss is the mean cross-entropy over answer tokens only (the prompt is masked
 with -100 by data.encode_example); it is reported in bits per token (nats / ln 2).
 
-The run folder (--out):
-    config.json          the full training configuration, the method's config, parameter counts
-    metrics.jsonl        one JSON record per line: "baseline", "train" (every step), "eval", "epoch",
-                         "final" (or "stopped")
-    adapter/             the adapter (adapters.save_adapter), refreshed at every save point
-    train_state.pt       optimiser, scheduler, RNG states, step and the adapter tensors, in ONE atomic
-                         file: --resume continues from it exactly, with the same data order. Plain data
-                         only, read with torch.load(weights_only=True) (a state file from elsewhere can
-                         never run code), and tied to this run by the hash of its config.json
-    predictions.jsonl    the final greedy answers (predictions_base.jsonl: the base model's)
-    loss.png             train and test bits/token against the step
-    summary.json         before/after numbers, wall time, tokens/s, peak memory
-
-Every file is written atomically (temp file + rename), state before adapter, so a killed process
-loses at most the steps since the last save point and never leaves a torn adapter behind.
-
-A new run needs a new or empty --out: an existing run folder is refused unless --resume (continue it)
-or --overwrite (delete it whole and start over), so a finished run is never wiped by running the
-same command again, and two runs never mix their records. --resume takes every setting from the run's
-config.json; other flags may come with it only with the saved values (`make finetune` always passes
---method). Every setting's range is checked up front (`check_config`), with the flag's name. The run
-folder is printed at the start and at the end; Ctrl-C prints the command that resumes.
+The run folder, resuming, the command line's settings and the plots are in minipeft/runs.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
-import json
 import math
 import random
-import shutil
 import sys
 import time
-import types
-import typing
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .adapters import (METHODS, adapter_state, apply_method, checked_hyper, load_adapter_state, method_module,
-                       save_adapter, value_has_type)
+from .adapters import METHODS, apply_method, method_module
+from .base import autocast, load_base, pick_device
 from .data import Batch, Example, attention_segments, bucket_batches, collate, pack
-from .evaluate import (LN2, autocast, bits_per_token, encode_all, evaluate, load_base, load_task,
-                       pick_device)
 from .llama import Llama
 from .peft import applied_configs, count_parameters, param_groups, run_step_hooks, trainable_report
+from .plots import plot_losses
 from .quant import quantize_model
-from .recipes import describe, recipe
-from .tasks import TASKS, check_train_split
-from .safetensors_io import atomic_write
+from .runs import (STATE_FILE, Metrics, TrainConfig, build_parser, check_config, check_resume_flags, config_from_args,
+                   describe_method, given_settings, load_checkpoint, mean_throughput, peak_memory,
+                   prepare_run_folder, progress_bar, remove_temp_files, resume_config, save_checkpoint, saved_step,
+                   saved_step_or_none, say, summary_line)
+from .safetensors_io import write_json
+from .scoring import LN2, bits_per_token, evaluate
 from .sparse_attention import describe as describe_sparse
-from .toy import TOY_TRAINING
-
-STATE_FILE = "train_state.pt"
-
-
-@dataclass
-class TrainConfig:
-    checkpoint: str | None = None  # HF or Meta folder with its tokenizer; None -> the toy base
-    preset: str | None = None      # instead: a LlamaConfig preset with random weights (GPU checks)
-    data: str | None = None        # folder with train.jsonl / test.jsonl; None -> the toy task
-    task: str = "gsm8k"            # minipeft/tasks.py: gsm8k, mmlu, arc_challenge, dolly, text
-    train_split: str = "train"     # the split trained on: MMLU "train" (auxiliary_train/), "dev" or "val"; ARC "dev"
-    method: str = "lora"
-    method_args: dict = field(default_factory=dict)  # the method config's fields, e.g. {"r": 16}
-    out: str = "runs/latest"
-    epochs: int = 1
-    max_steps: int = 0             # > 0: exactly this many optimiser steps (the data cycles)
-    lr: float = 2e-4               # peak learning rate
-    weight_decay: float = 0.0
-    warmup: float = 0.05           # fraction of the steps with a linear warmup
-    min_lr_ratio: float = 0.0      # cosine decays to lr * min_lr_ratio
-    batch_size: int = 8            # examples (or packed rows) per micro-batch
-    grad_accum: int = 1            # micro-batches per optimiser step
-    max_len: int = 512             # tokens per example (longer answers lose their tail) / packed row
-    clip: float = 1.0              # max gradient norm
-    seed: int = 0
-    eval_every: int = 0            # steps between test evaluations (0: at epoch ends only)
-    save_every: int = 0            # steps between saves (0: at every evaluation)
-    limit: int = 0                 # > 0: the first N train and N test examples (quick runs)
-    eval_limit: int = 0            # > 0: the first N test examples for accuracy and bits/token
-    format: str = "plain"          # "plain" (base models) or "chat" (Instruct models)
-    pack: bool = False             # pack examples into rows of max_len (segment masks keep them apart)
-    compile: bool = False          # torch.compile the training forward
-    grad_checkpoint: bool = False  # recompute each block in backward (activation memory)
-    max_new_tokens: int = 256      # generation budget for accuracy
-    eval_batch_size: int = 32
-    baseline: bool = True          # evaluate the base model before training
-    device: str = "auto"
-    quantize: str | None = None    # "nf4" (QLoRA) or "int8": a frozen quantised base (minipeft/quant.py)
-    attention: str = "dense"       # "strided" | "fixed": Child et al.'s sparse patterns (minipeft/sparse_attention.py)
-    sparse_block: int = 64         # l of the sparse patterns
-    sparse_summary: int = 8        # c of the "fixed" pattern
-    recipe: dict = field(default_factory=dict)  # which recipes.py entry set lr/method_args (CLI runs)
+from .tasks import encode_all, load_task
 
 
 class Diverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the last saved adapter is kept."""
-
-
-# Every numeric setting's allowed range, in one place: (field, test, what the flag needs)
-RANGES = [
-    ("epochs", lambda v: v >= 1, ">= 1"), ("max_steps", lambda v: v >= 0, ">= 0 (0: use --epochs)"),
-    ("lr", lambda v: 0 < v < math.inf, "> 0"), ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0"),
-    ("warmup", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"), ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("batch_size", lambda v: v >= 1, ">= 1"), ("grad_accum", lambda v: v >= 1, ">= 1"),
-    ("max_len", lambda v: v >= 2, ">= 2"), ("clip", lambda v: 0 <= v < math.inf, ">= 0 (0: off)"),
-    ("seed", lambda v: v >= 0, ">= 0"), ("eval_every", lambda v: v >= 0, ">= 0 (0: per epoch)"),
-    ("save_every", lambda v: v >= 0, ">= 0 (0: with evaluations)"), ("limit", lambda v: v >= 0, ">= 0 (0: all)"),
-    ("eval_limit", lambda v: v >= 0, ">= 0 (0: all)"), ("max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("eval_batch_size", lambda v: v >= 1, ">= 1"), ("sparse_block", lambda v: v >= 1, ">= 1"),
-    ("sparse_summary", lambda v: v >= 1, ">= 1 (and <= --sparse-block)"),
-]
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Refuse a setting out of range (or of the wrong type), naming its command-line flag and value."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if not value_has_type(getattr(cfg, f.name), hints[f.name]):
-            raise ValueError(f"--{f.name.replace('_', '-')} must be {_type_name(hints[f.name])}, "
-                             f"got {getattr(cfg, f.name)!r}")
-    for name, ok, need in RANGES:
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and ok(value)):
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {need}")
-    if (cfg.attention not in ("dense", "strided", "fixed")
-            or cfg.attention == "fixed" and cfg.sparse_summary > cfg.sparse_block):
-        raise ValueError(f"--attention {cfg.attention!r} --sparse-summary {cfg.sparse_summary} --sparse-block "
-                         f"{cfg.sparse_block}: attention must be dense, strided or fixed, and c <= l")
-    if cfg.format not in ("plain", "chat"):
-        raise ValueError(f"--format {cfg.format!r}: must be 'plain' or 'chat'")
-    check_train_split(cfg.task, cfg.train_split)  # an unknown task raises here too, naming the tasks
-    pick_device(cfg.device)  # raises for an unknown device or one this machine lacks
-
-
-# ----------------------------------------------------------------------------- method arguments
-
-def parse_method_args(method: str, pairs: Sequence[str]) -> dict:
-    """["r=16", "targets=q_proj,v_proj"] -> {"r": 16, "targets": ("q_proj", "v_proj")}, typed by the
-    method's config dataclass; unknown fields and bad values raise naming the field and its type."""
-    _, config_cls = method_module(method)
-    hints = typing.get_type_hints(config_cls)
-    fields = {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep:
-            raise ValueError(f"--set {pair!r}: expected NAME=VALUE")
-        if key not in fields:
-            known = ", ".join(f"{k}: {_type_name(t)}" for k, t in fields.items())
-            raise ValueError(f"--set {pair!r}: {config_cls.__name__} has no field '{key}'; fields are {known}")
-        try:
-            out[key] = _coerce(value.strip(), fields[key])
-        except ValueError as e:
-            raise ValueError(f"--set {pair!r}: {key} expects {_type_name(fields[key])}: {e}") from None
-    return out
-
-
-def _type_name(t) -> str:
-    return getattr(t, "__name__", None) if typing.get_origin(t) is None else str(t).replace("typing.", "")
-
-
-def _preference(t, value: str) -> int:
-    """Order in which a union's options are tried: numbers before text; "a,b" is a tuple, "a" a str."""
-    origin = typing.get_origin(t)
-    if origin in (tuple, list):
-        return 0 if "," in value else 6
-    return {bool: 1, int: 2, float: 3, typing.Literal: 4}.get(origin or t, 5)
-
-
-def _coerce(value: str, t):
-    """Turn command-line text into a value of type `t` (bool, int, float, str, Literal, tuple/list,
-    Optional / unions of these)."""
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin in (typing.Union, types.UnionType):
-        if value.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for option in sorted((a for a in args if a is not type(None)), key=lambda a: _preference(a, value)):
-            try:
-                return _coerce(value, option)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError("; ".join(errors))
-    if origin is typing.Literal:
-        for choice in args:
-            if str(choice) == value:
-                return choice
-        raise ValueError(f"{value!r} is not one of {list(args)}")
-    if origin in (tuple, list):
-        items = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
-        item_type = args[0] if args else str
-        return origin(_coerce(v, item_type) for v in items)
-    if t is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{value!r} is not a boolean (true/false)")
-    if t in (int, float):
-        try:
-            return t(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a valid {t.__name__}") from None
-    if t in (str, typing.Any):
-        return value
-    raise ValueError(f"fields of type {_type_name(t)} cannot be set from the command line")
 
 
 # ----------------------------------------------------------------------------- data order
@@ -313,127 +135,6 @@ def train_step(model, forward, opt: torch.optim.Optimizer, batches: Sequence[Bat
     return bits, tokens, n_answer, grad_norm
 
 
-# ----------------------------------------------------------------------------- saving and resuming
-
-def rng_state() -> dict:
-    state = dict(python=random.getstate(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run: Path, model, opt, sched, step: int) -> None:
-    """The training state (one atomic file), then the adapter folder (atomic files).
-
-    The state holds only tensors, numbers, strings, lists and dicts, so `load_state` reads it with
-    torch.load(weights_only=True): a state file from elsewhere can never run code. It carries the
-    run's identity (the hash of its config.json), checked on resume."""
-    state = dict(format=STATE_FORMAT, step=step, config_sha256=run_identity(run), optimizer=opt.state_dict(),
-                 scheduler=sched.state_dict(), rng=rng_state(),
-                 adapter={k: v.clone().cpu() for k, v in adapter_state(model).items()})
-    try:
-        with atomic_write(run / STATE_FILE) as f:
-            torch.save(state, f)
-        save_adapter(model, run / "adapter")
-    except BaseException:
-        remove_temp_files(run)  # a full disk can fail the temp file's close too, before its removal
-        raise
-
-
-STATE_FORMAT = "minipeft-train-state-2"
-
-
-def run_identity(run: Path) -> str:
-    """sha256 of the run's config.json (which holds a random run_id): what a state file must match."""
-    path = run / "config.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
-
-
-def remove_temp_files(run: Path) -> None:
-    """The `.NAME.*.tmp` files atomic_write leaves if even its clean-up fails (disk full)."""
-    for tmp in [*run.glob(".*.tmp"), *run.glob("adapter/.*.tmp")]:
-        tmp.unlink(missing_ok=True)
-
-
-def load_state(run: Path) -> dict:
-    """RUN/train_state.pt, read without unpickling code, checked for its fields and its run."""
-    path = run / STATE_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (the run never reached a save point)") from None
-    except Exception as e:  # truncated, corrupt, or holding objects other than plain data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot be read as a training state ({first[:300]}); it is corrupt, "
-                         "truncated, or not plain data (only tensors, numbers and strings are loaded). "
-                         "The adapter of the last good save is in adapter/") from None
-    need = {"format": str, "step": int, "config_sha256": str, "optimizer": dict, "scheduler": dict,
-            "rng": dict, "adapter": dict}
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not a {STATE_FORMAT} training state (written by another minipeft version?)")
-    for key, kind in need.items():
-        if not isinstance(state.get(key), kind):
-            raise ValueError(f"{path}: field '{key}' is missing or not a {kind.__name__}")
-    if state["config_sha256"] != run_identity(run):
-        raise ValueError(f"{path} belongs to another run: its config hash {state['config_sha256'][:12]} differs "
-                         f"from {run / 'config.json'}'s {run_identity(run)[:12]}")
-    return state
-
-
-def load_checkpoint(run: Path, model, opt, sched) -> int:
-    """Restore what save_checkpoint wrote; returns the step to continue from."""
-    state = load_state(run)
-    load_adapter_state(model, state["adapter"], run / STATE_FILE)
-    try:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{run / STATE_FILE}: the optimiser, schedule or RNG state does not fit this run ({e})") from None
-    return state["step"]
-
-
-class Metrics:
-    """metrics.jsonl: appended and flushed record by record (a crash loses at most the last line)."""
-
-    def __init__(self, path: Path, keep_until_step: int | None = None):
-        self.path = path
-        self.records: list[dict] = []
-        if keep_until_step is not None and path.exists():  # resuming: drop what came after the save
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by the crash
-                if rec.get("step", 0) <= keep_until_step and rec["kind"] not in ("final", "stopped"):
-                    self.records.append(rec)
-        with atomic_write(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
-
-    def log(self, **record) -> dict:
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        return record
-
-    def last_step(self, kind: str) -> int:
-        return max((r["step"] for r in self.records if r["kind"] == kind), default=0)
-
-    def mean_train_bits(self, after: int = 0, epoch: int | None = None) -> float:
-        """Token-weighted mean train bits/token over the steps after `after` (of one epoch, if given)."""
-        recs = [r for r in self.records if r["kind"] == "train" and r["step"] > after
-                and (epoch is None or r["epoch"] == epoch)]
-        n = sum(r["answer_tokens"] for r in recs)
-        return sum(r["loss_bpt"] * r["answer_tokens"] for r in recs) / n if n else float("nan")
-
-
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -471,7 +172,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return evaluate(model, tok, test_set, cfg.format, cfg.max_len, cfg.eval_batch_size, cfg.max_new_tokens,
                         run / f"predictions{tag}.jsonl", task=cfg.task, progress=progress)
 
-    metrics = Metrics(run / "metrics.jsonl", keep_until_step=_saved_step(run) if resume else None)
+    metrics = Metrics(run / "metrics.jsonl", keep_until_step=saved_step(run) if resume else None)
     if cfg.baseline and not resume:
         say(progress, f"evaluating the base model on {len(test_set)} test problems ...")
         metrics.log(kind="baseline", step=0, **full_eval("_base"))
@@ -483,7 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     start = load_checkpoint(run, model, opt, sched) if resume else 0
     trainable, total = count_parameters(model)
     if not resume:
-        _write_json(run / "config.json", dict(
+        write_json(run / "config.json", dict(
             run_id=uuid.uuid4().hex, n_train_skipped_no_answer=n_no_answer,
             train=asdict(cfg), method_config=applied_configs(model), base=base_name, data=data_name,
             trainable_params=trainable, total_params=total, trainable_report=trainable_report(model),
@@ -515,11 +216,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                    before=None if base is None else dict(test_bpt=base["test_bpt"], accuracy=base["accuracy"]),
                    after=dict(test_bpt=final["test_bpt"], accuracy=final["accuracy"]), n_test=len(test_set),
                    train_seconds=sum(r["tokens"] / r["tokens_per_s"] for r in train_recs),
-                   tokens_per_s=_mean_throughput(train_recs), peak_mem_gib=_peak_memory(device),
+                   tokens_per_s=mean_throughput(train_recs), peak_mem_gib=peak_memory(device),
                    wall_seconds=time.time() - t_start, lr=cfg.lr, recipe=cfg.recipe or None)
-    _write_json(run / "summary.json", summary)
+    write_json(run / "summary.json", summary)
     plot_losses(metrics.records, run / "loss.png", cfg.method)
-    say(progress, _summary_line(summary))
+    say(progress, summary_line(summary))
     say(progress, f"run folder: {run} (summary.json, metrics.jsonl, predictions.jsonl, loss.png, adapter/)")
     return summary
 
@@ -568,7 +269,7 @@ def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, 
     every cfg.save_every steps (default: at every evaluation) and at the end."""
     model.train()
     save_every = cfg.save_every or cfg.eval_every or plan.steps_per_epoch
-    bar = _progress_bar(progress, plan.total_steps, start)
+    bar = progress_bar(progress, plan.total_steps, start)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_start, step = time.time(), start
@@ -581,7 +282,7 @@ def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, 
             sched.step()
             dt, done, epoch = time.time() - t0, step + 1, plan.epoch_of(step)
             metrics.log(kind="train", step=done, epoch=epoch, loss_bpt=bits, lr=lr, grad_norm=gnorm, tokens=tokens,
-                        answer_tokens=n_answer, tokens_per_s=tokens / dt, peak_mem_gib=_peak_memory(device),
+                        answer_tokens=n_answer, tokens_per_s=tokens / dt, peak_mem_gib=peak_memory(device),
                         elapsed_s=time.time() - t_start)
             bar.update(1)
             bar.set_postfix(loss=f"{bits:.3f}b", tok_s=f"{tokens / dt:,.0f}", lr=f"{lr:.2e}")
@@ -595,7 +296,7 @@ def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, 
     except Diverged as e:
         metrics.log(kind="stopped", step=step + 1, reason=str(e))
         plot_losses(metrics.records, run / "loss.png", cfg.method)
-        raise Diverged(f"step {step + 1}: {e}. Training stopped; the last good adapter (step {_saved_step(run)}) "
+        raise Diverged(f"step {step + 1}: {e}. Training stopped; the last good adapter (step {saved_step(run)}) "
                        f"is kept in {run / 'adapter'}. Try a lower --lr (now {cfg.lr}).") from None
     finally:
         bar.close()
@@ -603,260 +304,7 @@ def training_loop(model, forward, opt, sched, plan: DataPlan, cfg: TrainConfig, 
         save_checkpoint(run, model, opt, sched, start)
 
 
-def _saved_step(run: Path) -> int:
-    return load_state(run)["step"] if (run / STATE_FILE).exists() else 0
-
-
-def _peak_memory(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _mean_throughput(recs: list[dict]) -> float:
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in recs)
-    return sum(r["tokens"] for r in recs) / seconds if seconds else float("nan")
-
-
-def _summary_line(s: dict) -> str:
-    before = s["before"] or dict(test_bpt=float("nan"), accuracy=float("nan"))
-    return (f"{s['method']}: test {before['test_bpt']:.4f} -> {s['after']['test_bpt']:.4f} bits/token, "
-            f"accuracy {before['accuracy']:.1%} -> {s['after']['accuracy']:.1%} "
-            f"({s['trainable_params']:,} trainable params, {s['wall_seconds']:.0f}s)")
-
-
-def _write_json(path: Path, obj) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-
-
-def say(progress: bool, text: str) -> None:
-    if progress:
-        print(text, flush=True)
-
-
-def _progress_bar(progress: bool, total: int, start: int):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
-
-
-def loss_plot_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """What loss.png draws, as (step, value) pairs: train bits/token per step, test bits/token at each
-    evaluation (the base model's at step 0), the final test point, and the learning rate per step."""
-    kinds = lambda *k: [r for r in records if r["kind"] in k]
-    return dict(train=[(r["step"], r["loss_bpt"]) for r in kinds("train")],
-                test=[(r["step"], r["test_bpt"]) for r in kinds("baseline", "eval")],
-                final=[(r["step"], r["test_bpt"]) for r in kinds("final")],
-                lr=[(r["step"], r["lr"]) for r in kinds("train")])
-
-
-def plot_losses(records: list[dict], path: Path, title: str) -> None:
-    """Train bits/token per step (and its running mean), test bits/token at each evaluation and after
-    training (the final evaluation), and the learning rate on a second axis."""
-    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend (and its plots) alone
-    series = loss_plot_series(records)
-    fig = Figure(figsize=(7.5, 4.2))
-    ax = fig.subplots()
-    if series["train"]:
-        steps, bits = zip(*series["train"])
-        ax.plot(steps, bits, color="tab:blue", alpha=0.3, lw=0.8)
-        k = max(1, len(bits) // 25)
-        smooth = [sum(bits[max(0, i - k + 1):i + 1]) / len(bits[max(0, i - k + 1):i + 1]) for i in range(len(bits))]
-        ax.plot(steps, smooth, color="tab:blue", label=f"train (running mean of {k} steps)" if k > 1 else "train")
-    if series["test"]:
-        ax.plot(*zip(*series["test"]), "o-", color="tab:orange", label="test")
-    if series["final"]:
-        ax.plot(*zip(*series["final"]), "*", color="tab:red", ms=12, label="test, final evaluation")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("cross-entropy (bits per answer token)")
-    ax.set_title(f"{title}: train and test loss, learning rate")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if series["lr"]:
-        lr_ax = ax.twinx()
-        lr_ax.plot(*zip(*series["lr"]), color="gray", ls=":", lw=1.2, label="learning rate (right axis)")
-        lr_ax.set_ylabel("learning rate")
-        lr_ax.set_ylim(bottom=0)
-        h2, l2 = lr_ax.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=110)
-
-
 # ----------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m minipeft.finetune", description=__doc__.split("\n")[0],
-                                epilog=f"methods: {', '.join(METHODS)}. See a method's fields, types and defaults "
-                                       "with --list-methods, or --method NAME --set help.")
-    p.add_argument("--checkpoint", help="HF or Meta checkpoint folder (tokenizer inside); default: the toy base")
-    p.add_argument("--preset", help="a LlamaConfig preset with random weights and the byte-level tokenizer")
-    p.add_argument("--data", help="folder with train.jsonl and test.jsonl (or the --task's files); default: the "
-                                  "task's synthetic toy analogue")
-    p.add_argument("--task", choices=tuple(TASKS), default=d.task,
-                   help=f"what to train and evaluate on (default {d.task}; minipeft/tasks.py)")
-    p.add_argument("--train-split", default=d.train_split,
-                   help="the split to train on: train (default; MMLU's auxiliary_train/), or mmlu dev/val, "
-                        "arc_challenge dev")
-    p.add_argument("--method", default=d.method, metavar="NAME",
-                   help=f"the PEFT method, one of: {', '.join(METHODS)} (default {d.method})")
-    p.add_argument("--set", dest="method_args", action="append", default=[], metavar="NAME=VALUE",
-                   help="a field of the method's config (repeatable), e.g. --set r=16 --set targets=q_proj,v_proj; "
-                        "--set help lists the method's fields (default: the method's defaults)")
-    p.add_argument("--list-methods", action="store_true", help="list every method with its fields and exit")
-    p.add_argument("--out", help="run folder (default runs/toy/METHOD, or runs/CHECKPOINT_NAME/METHOD; other tasks: runs/.../TASK/METHOD)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved config and state")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the run folder --out if it holds a run, and start over (default: refuse)")
-    for name, kind, help_ in [
-            ("epochs", int, "passes over the training set"), ("max-steps", int, "> 0: this many optimiser steps"),
-            ("lr", float, "peak learning rate"), ("weight-decay", float, "AdamW weight decay"),
-            ("warmup", float, "warmup fraction of the steps"), ("min-lr-ratio", float, "final lr / peak lr"),
-            ("batch-size", int, "examples per micro-batch"), ("grad-accum", int, "micro-batches per step"),
-            ("max-len", int, "tokens per example / packed row"), ("clip", float, "gradient norm clip (0: off)"),
-            ("seed", int, "random seed"), ("eval-every", int, "steps between test evaluations (0: per epoch)"),
-            ("save-every", int, "steps between saves (0: with evaluations)"),
-            ("limit", int, "first N train and test examples"), ("eval-limit", int, "first N test examples"),
-            ("max-new-tokens", int, "generation budget"), ("eval-batch-size", int, "evaluation batch size")]:
-        field_name = name.replace("-", "_")
-        toy = f"; toy default {TOY_TRAINING[field_name]}" if field_name in TOY_TRAINING else ""
-        default = "the method's recipe in minipeft/recipes.py" if field_name == "lr" else getattr(d, field_name)
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default {default}{toy})")
-    p.add_argument("--format", choices=("plain", "chat"), default=d.format, help="prompt format (default plain)")
-    p.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the base model evaluation")
-    p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
-    p.add_argument("--quantize", choices=("nf4", "int8"), help="quantise the frozen base (QLoRA: nf4)")
-    p.add_argument("--attention", choices=("dense", "strided", "fixed"), default=d.attention,
-                   help="sparse attention pattern (Child et al. 2019; default dense)")
-    p.add_argument("--sparse-block", type=int, default=d.sparse_block,
-                   help=f"l, the pattern's block (default {d.sparse_block})")
-    p.add_argument("--sparse-summary", type=int, default=d.sparse_summary,
-                   help=f"c, summary tokens per block of 'fixed' (default {d.sparse_summary})")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of the command line; without --checkpoint/--preset (the toy default) options
-    not given take TOY_TRAINING's values, sized for the toy base on a CPU."""
-    defaults = asdict(TrainConfig())
-    if not args.checkpoint and not args.preset:
-        defaults.update(TOY_TRAINING)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    values = {k: defaults[k] if v is None else v for k, v in values.items()}
-    values["method_args"] = parse_method_args(args.method, args.method_args)
-    values.update(_recipe_values(args, values))
-    return TrainConfig(**values)
-
-
-def describe_method(name: str) -> str:
-    """'lora (LoRAConfig): r: int = 8, alpha: float = 16.0, ...' for --list-methods and --set help."""
-    _, config_cls = method_module(name)
-    hints = typing.get_type_hints(config_cls)
-    fields = ", ".join(f"{f.name}: {_type_name(hints[f.name])} = {f.default if f.default is not dataclasses.MISSING else '?'}"
-                       for f in dataclasses.fields(config_cls))
-    return f"{name} ({config_cls.__name__}): {fields}"
-
-
-def prepare_run_folder(run: Path, overwrite: bool) -> None:
-    """A new run starts in a new or empty folder: running the same command twice must not wipe a
-    finished run's metrics, and a forgotten --resume must not mix two runs' records. --overwrite
-    deletes the folder whole, but only a folder that holds a run (never an arbitrary --out)."""
-    if not run.exists() or (run.is_dir() and not any(run.iterdir())):
-        return
-    is_run = run.is_dir() and any((run / n).exists() for n in ("config.json", "metrics.jsonl", STATE_FILE, "adapter"))
-    if not overwrite:
-        raise ValueError(f"{run} already exists and is not empty: continue it with --resume {run}, start over "
-                         "with --overwrite, or choose another --out")
-    if not is_run:
-        raise ValueError(f"{run} holds no run (no config.json, metrics.jsonl or {STATE_FILE}); --overwrite deletes "
-                         "only run folders: choose another --out")
-    shutil.rmtree(run)
-
-
-def resume_config(run: Path, device: str) -> TrainConfig:
-    """The TrainConfig saved in RUN/config.json, every field checked, with --out = RUN."""
-    path = run / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (is {run} a run folder?)")
-    try:
-        saved = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
-    train_cfg = saved.get("train") if isinstance(saved, dict) else None
-    if not isinstance(train_cfg, dict):
-        raise ValueError(f"{path}: no 'train' section (an object with the run's settings)")
-    hints, known = typing.get_type_hints(TrainConfig), {f.name for f in dataclasses.fields(TrainConfig)}
-    for key, value in train_cfg.items():
-        if key not in known:
-            raise ValueError(f"{path}: train.{key} is not a setting of this minipeft version")
-        if not value_has_type(value, hints[key]):
-            raise ValueError(f"{path}: train.{key} must be {_type_name(hints[key])}, got {value!r}")
-    cfg = TrainConfig(**dict(train_cfg, out=str(run), device=device))
-    _, args = checked_hyper(dict(cfg.method_args, method=cfg.method), f"{path} train.method_args")
-    return dataclasses.replace(cfg, method_args=args)
-
-
-# ----------------------------------------------------------------------------- recipes and run folders
-
-def _task_of(args: argparse.Namespace) -> str:
-    """The recipes.py task: "toy" without --checkpoint/--preset, else Llama-3.2-1B on GSM8K."""
-    return "toy" if not args.checkpoint and not args.preset else "llama-3.2-1b"
-
-
-def _recipe_values(args: argparse.Namespace, values: dict) -> dict:
-    """lr (unless --lr), method_args (under --set), out (unless --out) and the record of the recipe."""
-    task, r = _task_of(args), recipe(args.method, _task_of(args))
-    lr = r.lr if args.lr is None else args.lr
-    base = "toy" if task == "toy" else Path(args.checkpoint or args.preset).expanduser().name
-    out = args.out or str(Path("runs") / base / ("" if args.task == "gsm8k" else args.task) / args.method)
-    line = describe(args.method, task, lr, from_recipe=args.lr is None)
-    return dict(lr=lr, method_args={**r.method_args, **values["method_args"]}, out=out,
-                recipe=dict(method=args.method, task=task, lr=r.lr, method_args=r.method_args,
-                            lr_from="recipe" if args.lr is None else "--lr", line=line))
-
-
-class _NotGiven(list):
-    """The namespace's starting value for every setting: argparse keeps a value already there instead of
-    its default (and copies it before an append), so a setting still holding this object was not given."""
-
-
-def given_settings(argv: Sequence[str]) -> dict:
-    """{dest: value} of the flags the command line names, without argparse's defaults."""
-    p = build_parser()
-    unset = {dest: _NotGiven() for dest in vars(p.parse_args([]))}
-    parsed = vars(p.parse_args(argv, namespace=argparse.Namespace(**unset)))
-    return {k: v for k, v in parsed.items() if v is not unset[k]}
-
-
-def check_resume_flags(given: dict, cfg: TrainConfig, run: Path) -> None:
-    """--resume RUN takes every setting from RUN/config.json; a flag may come with it (`make finetune`
-    always passes --method) only with the value saved there. Refuses the first that differs."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for dest, value in given.items():
-        if dest in ("resume", "device", "quiet"):
-            continue
-        shown = f"--{dest.replace('_', '-')} {value}"
-        if dest == "method_args":
-            shown, value = " ".join(f"--set {v}" for v in value), parse_method_args(cfg.method, value)
-            same, saved = all(cfg.method_args.get(k) == v for k, v in value.items()), cfg.method_args
-        elif dest in ("out", "checkpoint", "data"):
-            saved = getattr(cfg, dest)
-            same = saved is not None and Path(value).expanduser().resolve() == Path(saved).expanduser().resolve()
-        elif dest in fields:
-            saved, same = getattr(cfg, dest), value == getattr(cfg, dest)
-            shown = "--no-baseline" if dest == "baseline" else shown
-        else:  # --overwrite, --list-methods
-            raise ValueError(f"--resume {run} continues the run saved there; --{dest.replace('_', '-')} cannot "
-                             "come with it")
-        if not same:
-            raise ValueError(f"--resume {run}: {shown} differs from the run's {dest} = {saved!r} in "
-                             f"{run / 'config.json'}; a resumed run keeps its settings: drop {shown.split()[0]}, "
-                             "or start over with --overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -886,19 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        step = _saved_step_or_none(run)
-        print(f"\ninterrupted. " + (f"The last save is step {step}; continue with: make resume RUN={run} "
+        step = saved_step_or_none(run)
+        print("\ninterrupted. " + (f"The last save is step {step}; continue with: make resume RUN={run} "
                                      f"(or .venv/bin/python -m minipeft.finetune --resume {run})" if step else
                                      "No save point was reached; start over with --overwrite."), file=sys.stderr)
         return 130
     return 0
-
-
-def _saved_step_or_none(run: Path | None) -> int | None:
-    try:
-        return _saved_step(run) if run is not None else None
-    except (ValueError, OSError):
-        return None
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_generation(args: argparse.Namespace, prompts: list[str]) -> list[str]:
     from .adapters import load_adapter
-    from .evaluate import adapter_dir, load_base, pick_device, run_settings
+    from .base import load_base, pick_device
+    from .runs import adapter_dir, run_settings
 
     run = run_settings(args.adapter)  # a finetune run: reuse its base
     source = adapter_dir(args.adapter) if args.adapter else None  # before the base loads: a wrong folder fails fast

@@ -14,8 +14,8 @@ lm-eval asks three kinds of request (lm_eval/api/model.py, class LM):
   decoding would produce it. The pair is tokenised as lm-eval's Hugging Face model does (trailing
   spaces of the context move to the continuation; the whole is encoded, then split at the context's
   length). One forward per batch; requests that differ only in their last token share a row, and the
-  positions that predict the continuation are answer positions, as in minipeft.evaluate.continuation_logprobs.
-* loglikelihood_rolling (text,): minipeft.evaluate.sliding_window_nll over BOS + text; windows of
+  positions that predict the continuation are answer positions, as in minipeft.scoring.continuation_logprobs.
+* loglikelihood_rolling (text,): minipeft.scoring.sliding_window_nll over BOS + text; windows of
   max_length tokens, each token scored once (stride max_length - 1 unless `stride=` says otherwise).
 * generate_until (context, gen_kwargs): batched KV-cached Llama.generate, stopped at the tokenizer's stop
   ids (EOS, <|eom_id|>, <|eot_id|>), decoded, and cut before the first `until` string. The context is
@@ -38,9 +38,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .adapters import load_adapter
+from .base import autocast, pick_device
 from .data import cut_at_stop
-from .evaluate import autocast, pick_device, run_settings, sliding_window_nll
 from .llama import Llama
+from .runs import run_settings
+from .scoring import sliding_window_nll
 from .tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

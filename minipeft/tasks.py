@@ -25,7 +25,7 @@ One `Task` per name in `TASKS`; adding a task is a row there and touches no meth
   word with its leading space; the LLaMA-Adapter and Alpaca code append the response with nothing
   between). Split 13,011 train / 2,000 validation by a seeded shuffle, as the LLaMA-Adapter report
   sizes it. Scored by bits/token and perplexity of the responses.
-* text: any plain-text file, scored by sliding-window perplexity (minipeft.evaluate.sliding_window_nll).
+* text: any plain-text file, scored by sliding-window perplexity (minipeft.scoring.sliding_window_nll).
 
 Each task has a toy analogue that runs on the shipped toy base (minipeft.toy) with no download:
 multiple choice questions written in the MMLU and ARC layouts, an instruction set in the dolly layout,
@@ -44,15 +44,14 @@ import io
 import json
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .data import (IGNORE, NAMES, OBJECTS, Example, _fact, encode_example, load_split, synthetic_arithmetic_text,
-                   write_jsonl)
+from .data import (IGNORE, NAMES, OBJECTS, Example, _fact, cache_dir, encode_example, load_split, publish,
+                   story_text, synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl)
 from .safetensors_io import atomic_write
-from .tokenizer import read_utf8
-from .toy import _publish, cache_dir, story_text, toy_task
+from .tokenizer import Tokenizer, read_utf8
 
 LETTERS = "ABCDE"
 
@@ -421,6 +420,27 @@ def synthetic_instructions(n: int, seed: int = 0, split: str = "train") -> list[
     return out
 
 
+@dataclass
+class ToyTask:
+    n_train: int = 2000       # synthetic GSM8K-format problems
+    n_test: int = 200
+    seed: int = 0
+
+
+def toy_task(task: ToyTask = ToyTask(), root: Path | None = None) -> Path:
+    """A folder with train.jsonl / test.jsonl of synthetic GSM8K-format problems (written once)."""
+    final = (root or cache_dir()) / f"toy-gsm8k-{task.n_train}-{task.n_test}-{task.seed}"
+    if (final / "done.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        write_jsonl(synthetic_gsm8k(task.n_train, task.seed, "train"), tmp / "train.jsonl")
+        write_jsonl(synthetic_gsm8k(task.n_test, task.seed, "test"), tmp / "test.jsonl")
+        (tmp / "done.json").write_text(json.dumps(asdict(task)))
+
+    return publish(build, final)
+
+
 @dataclass(frozen=True)
 class ToySizes:
     n_train: int = 1000     # training instructions / text lines
@@ -469,7 +489,7 @@ def toy_folder(task: str, sizes: ToySizes = ToySizes(), root: Path | None = None
                                                        n_test=sizes.n_test,
                                                        n_dev=sizes.n_dev, seed=sizes.seed)))
 
-    return _publish(build, final)
+    return publish(build, final)
 
 # ----------------------------------------------------------------------------- the table
 
@@ -515,3 +535,46 @@ def check_train_split(task: str, split: str) -> None:
     splits = get_task(task).train_splits
     if split not in splits:
         raise ValueError(f"--train-split {split!r}: --task {task} trains on one of {', '.join(splits)}")
+
+
+# ----------------------------------------------------------------------------- loading a task
+
+def load_task(data: str | None = None, limit: int = 0, task: str = "gsm8k",
+              train_split: str = "train") -> tuple[list[dict], list[dict], str]:
+    """(train, test, description) of `task` (minipeft/tasks.py): the files in `data`, or the task's
+    synthetic toy analogue; the first `limit` examples of each split when limit > 0. `train_split`
+    picks another training split where the task has one (MMLU's dev or val, ARC's dev)."""
+    if limit < 0:
+        raise ValueError(f"--limit {limit}: must be >= 0 (0: all)")
+    check_train_split(task, train_split)
+    test, data = load_test_set(data, task, limit)
+    train = load_examples(data, train_split, task)
+    return (train[:limit] if limit else train), test, data
+
+
+def load_test_set(data: str | None, task: str = "gsm8k", limit: int = 0) -> tuple[list[dict], str]:
+    """(test examples, description) of `task`: what an evaluation reads (never the training split);
+    the first `limit` when limit > 0."""
+    get_task(task)  # an unknown name fails here, naming the tasks
+    data = data or str(toy_folder(task))
+    test = load_examples(data, "test", task)
+    return (test[:limit] if limit else test), data
+
+
+def load_examples(data: str, split: str, task: str = "gsm8k") -> list[dict]:
+    """One split of `task` in `data`, with a non-UTF-8 byte named by file and line, and an empty split refused."""
+    try:
+        examples = get_task(task).load(Path(data).expanduser(), split)
+    except UnicodeDecodeError:  # the GSM8K reader decodes strictly; the other tasks' readers use read_utf8
+        read_utf8(Path(data).expanduser() / f"{split}.jsonl")  # raises, naming the file, line and column
+        raise
+    if not examples:
+        where = Path(data).expanduser() / f"{split}.jsonl" if task == "gsm8k" else f"{data} ({task} {split} split)"
+        raise ValueError(f"{where}: no examples (the file is empty or blank)")
+    return examples
+
+
+def encode_all(tok: Tokenizer, examples: Sequence[dict], fmt: str, max_len: int, task: str = "gsm8k") -> list[Example]:
+    """Every (input_ids, targets) row of the examples, the loss on the answer only (task.encode)."""
+    encode = get_task(task).encode
+    return [row for ex in examples for row in encode(tok, ex, fmt, max_len)]

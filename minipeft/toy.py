@@ -44,27 +44,26 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .data import NAMES, OBJECTS, _calc, _fact, synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl
+from .base import SHIPPED, WEIGHTS, toy_base
+from .data import (NAMES, OBJECTS, _calc, _fact, answers_match, cache_dir, extract_gold, extract_prediction,
+                   load_split, story_text, synthetic_arithmetic_text, synthetic_gsm8k)
 from .llama import Llama, LlamaConfig
-from .safetensors_io import current_umask
+from .scoring import evaluate, predict
+from .tasks import toy_task
 from .tokenizer import Tokenizer
 
 # The toy base: width 128 keeps fine-tuning under 3 minutes on 2 CPU cores; 6 layers, not 4, for
 # the two-step problems.
 TOY_BASE = dict(vocab_size=512, dim=128, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=384,
                 max_seq_len=1024, rope_theta=10000.0, rope_scaling=None, tie_embeddings=True)
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "toy_base"  # the base every machine loads
-INFO_FILE, WEIGHTS = "toy_base.json", "model.safetensors"
+INFO_FILE = "toy_base.json"
 
 
 @dataclass
@@ -86,42 +85,9 @@ TINY_RECIPE = PretrainRecipe(n_lines=400, n_copy=100, n_stories=100, n_qa=200, s
                              steps=3, warmup=1)  # seconds: for tests of the build path
 
 
-@dataclass
-class ToyTask:
-    n_train: int = 2000       # synthetic GSM8K-format problems
-    n_test: int = 200
-    seed: int = 0
-
-
 # What `python -m minipeft.finetune` uses without --checkpoint, for options not given (TrainConfig's
 # own defaults are for Llama 3.2 1B on GSM8K). The learning rate comes from minipeft/recipes.py.
 TOY_TRAINING = dict(epochs=3, batch_size=16, max_len=256, max_new_tokens=160, eval_every=50)
-
-
-def cache_dir() -> Path:
-    """$MINIPEFT_CACHE, else data/cache/ of this checkout, else ~/.cache/minipeft (for the task files)."""
-    if os.environ.get("MINIPEFT_CACHE"):
-        return Path(os.environ["MINIPEFT_CACHE"])
-    root = Path(__file__).resolve().parents[1]
-    if (root / "pyproject.toml").exists() and (root / "data").is_dir():
-        return root / "data" / "cache"
-    return Path.home() / ".cache" / "minipeft"
-
-
-def _publish(build, final: Path) -> Path:
-    """Run build(tmp_dir), then rename tmp_dir to `final` (atomic; a concurrent winner is kept)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; an ordinary mkdir would not
-    try:
-        build(tmp)
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "done.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -135,16 +101,6 @@ def copy_text(n: int, seed: int = 0) -> str:
     for _ in range(n):
         pairs = ", ".join(f"{name} {r.randint(0, 99)}" for name in r.sample(NAMES, r.randint(3, 6)))
         lines.append(f"{pairs}; {pairs}")
-    return "\n".join(lines) + "\n"
-
-
-def story_text(n: int, seed: int = 0) -> str:
-    """`n` training-split word problems told as plain prose, the question then its worked reasoning on
-    one line: no "Question:"/"Answer:" prompt, no "#### N" line, never a test question."""
-    lines = []
-    for ex in synthetic_gsm8k(n, seed + 1, "train"):
-        reasoning = ex["answer"].rsplit("\n####", 1)[0].replace("\n", " ")
-        lines.append(f"{ex['question']} {reasoning}")
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +261,6 @@ def arithmetic_probe(model: Llama, tok: Tokenizer, n: int = 200, seed: int = 123
 def prose_probe(model: Llama, tok: Tokenizer, n: int = 100) -> float:
     """Fraction of test problems told as prose (question, then a space) whose greedy continuation's
     last number is the answer: what the base can do before it knows the task's format."""
-    from .data import answers_match, extract_gold, extract_prediction
     test = synthetic_gsm8k(n, seed=0, split="test")
     newline = tok.encode("\n")[0]
     outs = model.generate([tok.encode(f"{ex['question']} ", bos=True) for ex in test],
@@ -317,8 +272,6 @@ def prose_probe(model: Llama, tok: Tokenizer, n: int = 100) -> float:
 @torch.no_grad()
 def qa_probe(model: Llama, tok: Tokenizer, n: int = 100) -> float:
     """Fraction of fresh Q&A-family questions (not the task) answered right in the task's layout."""
-    from .data import answers_match, extract_gold
-    from .evaluate import predict
     docs = [d.split("\nAnswer: ", 1) for d in qa_text(n, seed=2000)]
     records = predict(model, tok, [dict(question=q.removeprefix("Question: "), answer=a) for q, a in docs],
                       max_new_tokens=80)
@@ -329,7 +282,6 @@ def qa_probe(model: Llama, tok: Tokenizer, n: int = 100) -> float:
 def task_probe(model: Llama, tok: Tokenizer) -> dict:
     """Accuracy and bits/token on the toy task's 200 test problems in the fine-tuning format: the
     `before` of `python -m minipeft.finetune`."""
-    from .evaluate import evaluate, load_split
     r = evaluate(model, tok, load_split(toy_task(), "test"), max_len=256, max_new_tokens=160)
     return dict(accuracy=r["accuracy"], test_bpt=round(r["test_bpt"], 4))
 
@@ -346,15 +298,6 @@ def probes(model: Llama, tok: Tokenizer, full: bool = True) -> dict:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def toy_base(progress: bool = True) -> Path:
-    """The folder of the shipped toy base (HF layout + byte-level tokenizer.model); no training."""
-    if not (SHIPPED / WEIGHTS).exists():
-        raise FileNotFoundError(f"{SHIPPED / WEIGHTS} is missing: the toy base ships with the checkout "
-                                "(git checkout data/toy_base), or rebuild it with "
-                                f"`python -m minipeft.toy --rebuild --out {SHIPPED}` (~40 min on 2 cores)")
-    return SHIPPED
 
 
 def build_base(recipe: PretrainRecipe, out: Path, progress: bool = True, full_probes: bool = True) -> Llama:
@@ -418,22 +361,6 @@ def main(argv: list[str] | None = None) -> None:
     new, old = _flat(info["probes"]), _flat(shipped["probes"])
     for k in old:
         print(f"{k:<40} {old[k]:>10.4g} {new.get(k, float('nan')):>10.4g}")
-
-
-# ----------------------------------------------------------------------------- the task
-
-def toy_task(task: ToyTask = ToyTask(), root: Path | None = None) -> Path:
-    """A folder with train.jsonl / test.jsonl of synthetic GSM8K-format problems (written once)."""
-    final = (root or cache_dir()) / f"toy-gsm8k-{task.n_train}-{task.n_test}-{task.seed}"
-    if (final / "done.json").exists():
-        return final
-
-    def build(tmp: Path) -> None:
-        write_jsonl(synthetic_gsm8k(task.n_train, task.seed, "train"), tmp / "train.jsonl")
-        write_jsonl(synthetic_gsm8k(task.n_test, task.seed, "test"), tmp / "test.jsonl")
-        (tmp / "done.json").write_text(json.dumps(asdict(task)))
-
-    return _publish(build, final)
 
 
 if __name__ == "__main__":

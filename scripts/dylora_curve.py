@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 
 from minipeft.adapters import load_adapter
-from minipeft.evaluate import evaluate, load_base, load_test_set
-from minipeft.finetune import TrainConfig, train
+from minipeft.base import load_base
+from minipeft.finetune import train
+from minipeft.runs import TrainConfig
+from minipeft.scoring import evaluate
+from minipeft.tasks import load_test_set
 from minipeft.methods import dylora
 from minipeft.recipes import recipe
 from minipeft.safetensors_io import atomic_write

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from minipeft import compare as cmp
+from minipeft import plots
 from minipeft.data import synthetic_gsm8k, write_jsonl
 from minipeft.llama import Llama, LlamaConfig
 from minipeft.tokenizer import Tokenizer
@@ -82,7 +83,7 @@ def test_every_plotted_entry_has_its_own_marker_and_colour():
     """On the committed full compare (30 entries): each entry appears once, with a (marker, colour) pair of
     its own, in its family's panel and legend; co-located points are drawn side by side."""
     saved = json.loads((RESULTS / "compare.json").read_text())
-    fig = cmp.vs_params_figure(saved["rows"], "test_bpt", "bits", 1, "title", logy=True)
+    fig = plots.vs_params_figure(saved["rows"], "test_bpt", "bits", 1, "title", logy=True)
     seen = {}
     for ax in fig.axes:
         if not ax.get_visible():
@@ -91,17 +92,17 @@ def test_every_plotted_entry_has_its_own_marker_and_colour():
         for c in ax.containers:
             line = c.lines[0]
             seen[c.get_label()] = (line.get_marker(), line.get_markeredgecolor())
-            assert c.get_label() in legend and cmp.plot_family(c.get_label()) == ax.get_title()
+            assert c.get_label() in legend and plots.plot_family(c.get_label()) == ax.get_title()
     entries = [r["method"] for r in saved["rows"][1:]]
     assert sorted(seen) == sorted(entries) and len(set(seen.values())) == len(entries) == 30
     assert fig.get_suptitle() == "title" and "trainable parameters" in fig.get_supxlabel()
-    assert cmp.dodge([(100, 0.05), (104, 0.0501), (1000, 0.05)], span=1.0, logy=False) == [-4.0, 4.0, 0.0]
+    assert plots.dodge([(100, 0.05), (104, 0.0501), (1000, 0.05)], span=1.0, logy=False) == [-4.0, 4.0, 0.0]
 
 
 def test_one_seed_plot_has_no_error_bars(one_seed):
     out, _ = one_seed
     saved = json.loads((out / "compare.json").read_text())
-    fig = cmp.vs_params_figure(saved["rows"], "accuracy", "accuracy", 100, "one seed")
+    fig = plots.vs_params_figure(saved["rows"], "accuracy", "accuracy", 100, "one seed")
     assert [c.has_yerr for ax in fig.axes for c in ax.containers] == [False, False]
 
 

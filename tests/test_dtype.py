@@ -6,7 +6,7 @@ import torch
 
 from minipeft import Tokenizer, apply_method, param_groups
 from minipeft.data import encode_example
-from minipeft.evaluate import bits_per_token
+from minipeft.scoring import bits_per_token
 from minipeft.llama import IGNORE_INDEX, RMSNorm
 from minipeft.methods import METHODS
 from helpers import tiny

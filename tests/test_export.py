@@ -182,9 +182,9 @@ def test_merge_and_unload_holds_one_pre_merge_copy_at_a_time():
 
 
 def test_export_cli_toy_base(tmp_path, monkeypatch):
-    import minipeft.toy
+    import minipeft.export
     base = tiny_checkpoint(tmp_path / "toy")
-    monkeypatch.setattr(minipeft.toy, "toy_base", lambda: base)  # the real one pretrains for minutes
+    monkeypatch.setattr(minipeft.export, "toy_base", lambda: base)  # the real one pretrains for minutes
     save_adapter(perturbed("ia3", dict()), tmp_path / "adapter")
     assert export_main(["--toy", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer.model").exists() and Llama.from_pretrained(tmp_path / "out")

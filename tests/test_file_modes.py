@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from minipeft.safetensors_io import atomic_write
-from minipeft.toy import _publish
+from minipeft.data import publish as _publish
 
 
 @pytest.fixture

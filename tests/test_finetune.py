@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from minipeft import finetune
+from minipeft import finetune, plots, runs
 from minipeft.adapters import adapter_state, apply_method, load_adapter
 from minipeft.data import (IGNORE, collate, encode_completion, encode_example, pack, synthetic_gsm8k,
                            write_jsonl)
-from minipeft.evaluate import bits_per_token, cut_after_answer
+from minipeft.scoring import bits_per_token, cut_after_answer
 from minipeft.evaluate import main as evaluate_main
-from minipeft.finetune import DataPlan, TrainConfig, parse_method_args, train_step, warmup_cosine
+from minipeft.finetune import DataPlan, train_step, warmup_cosine
+from minipeft.runs import TrainConfig, parse_method_args
 from minipeft.llama import Llama, LlamaConfig
 from minipeft.safetensors_io import load_file
 from minipeft.tokenizer import Tokenizer
@@ -179,7 +180,7 @@ def test_cli_run_writes_every_artifact(run, checkpoint, data):
     assert len(preds) == 6 and set(preds[0]) == {"question", "gold", "generated", "prediction", "correct"}
     assert summary["after"]["accuracy"] == sum(p["correct"] for p in preds) / 6
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    series = finetune.loss_plot_series(recs)  # what loss.png draws: the final test point and the rate
+    series = plots.loss_plot_series(recs)  # what loss.png draws: the final test point and the rate
     assert series["final"] == [(12, summary["after"]["test_bpt"])] and series["test"][0] == (0, recs[0]["test_bpt"])
     assert [s for s, _ in series["lr"]] == list(range(1, 13)) and series["lr"][1][1] > series["lr"][-1][1] > 0
     assert (run / "train_state.pt").exists() and (run / "predictions_base.jsonl").exists()
@@ -273,7 +274,7 @@ def test_a_crash_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch):
     model = apply_method(Llama(LlamaConfig.from_name("tiny")), "lora", r=4)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    finetune.save_checkpoint(tmp_path, model, opt, sched, step=1)
+    runs.save_checkpoint(tmp_path, model, opt, sched, step=1)
     saved = {k: v.clone() for k, v in adapter_state(model).items()}
     with torch.no_grad():
         for p in adapter_state(model).values():
@@ -284,7 +285,7 @@ def test_a_crash_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="disk full"):
-        finetune.save_checkpoint(tmp_path, model, opt, sched, step=2)
+        runs.save_checkpoint(tmp_path, model, opt, sched, step=2)
     monkeypatch.undo()
     assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
     reloaded = load_file(tmp_path / "adapter" / "adapter.safetensors")

@@ -68,11 +68,11 @@ def test_generate_cli_with_checkpoint_and_adapter(tmp_path, capsys):
 
 
 def test_generate_cli_defaults_to_the_toy_base(tmp_path, monkeypatch, capsys):
-    import minipeft.toy
+    import minipeft.base
     base = tmp_path / "toy"
     tiny().save_pretrained(base)
     TOK.save(base / "tokenizer.model")
-    monkeypatch.setattr(minipeft.toy, "toy_base", lambda progress=True: base)  # the real one pretrains
+    monkeypatch.setattr(minipeft.base, "toy_base", lambda progress=True: base)  # not the shipped toy base
     assert generate_main(["--device", "cpu", "--max-new-tokens", "2", "2 + 2 ="]) == 0
     assert capsys.readouterr().out == generate_text(tiny(), TOK, ["2 + 2 ="], max_new_tokens=2)[0] + "\n"
 

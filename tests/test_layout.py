@@ -80,3 +80,66 @@ def test_every_config_that_selects_modules_calls_the_field_targets():
 def test_hugging_face_field_names_get_a_pointer_to_ours(method, field, ours):
     with pytest.raises(TypeError, match=f"'{field}' is Hugging Face PEFT's name, minipeft's is '{ours}'"):
         apply_method(tiny(), method, **{field: ("q_proj",)})
+
+
+# The package's layers, bottom up: a module may import modules of its own layer or below, never above,
+# and no import (at the top or inside a function) closes a circle. The job files (finetune, evaluate,
+# compare, ...) load their model through base.py and their data through tasks.py, never through each other.
+LAYERS = [
+    ("the files", {"safetensors_io", "tokenizer", "loss", "sparse_attention"}),
+    ("the model", {"masks", "llama", "quant"}),
+    ("PEFT", {"peft", "methods", "hf_peft", "adapters"}),
+    ("data, tasks and the base model", {"data", "tasks", "base", "recipes"}),
+    ("scoring", {"scoring"}),
+    ("the toy base, run folders and plots", {"toy", "runs", "plots"}),
+    ("training", {"finetune"}),
+    ("the job's command lines and the labs", {"evaluate", "compare", "generate", "export", "grade", "lab",
+                                              "lm_eval_model"}),
+]
+
+
+def module_graph() -> dict[str, set[str]]:
+    """{module: the minipeft modules it imports}, dotted names relative to the package; a package's
+    modules (methods.lora, lab.lab02) are counted as the package (methods, lab)."""
+    files = {p: ".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py")}
+    files = {p: name.removesuffix(".__init__") for p, name in files.items() if name != "__init__"}
+    top = lambda name: name.split(".")[0]
+    graph = {}
+    for path, name in files.items():
+        found = set()
+        for dotted in imported_modules(path):
+            parts = dotted.split(".")[1:]  # without "minipeft"
+            if parts:
+                found.add(top(".".join(parts)))
+        graph.setdefault(top(name), set()).update(found - {top(name)})
+    return graph
+
+
+def test_no_import_circle_in_the_package():
+    graph, state, path = module_graph(), {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_imports_go_down_the_layers():
+    level = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
+    graph = module_graph()
+    assert set(graph) <= set(level), f"modules missing from LAYERS: {sorted(set(graph) - set(level))}"
+    for module, imports in graph.items():
+        for other in imports:
+            assert level[other] <= level[module], (
+                f"minipeft/{module} ({LAYERS[level[module]][0]}) imports minipeft/{other}, a higher layer "
+                f"({LAYERS[level[other]][0]})")

@@ -6,7 +6,7 @@ Skipped where lm_eval is not installed (the project's .venv; CI). Run in a venv 
 lm-eval's own task files are used through `include:` (the installed lm_eval/tasks/... YAMLs: the same
 templates, filters, metric and stop strings), with `dataset_path: json` over small local files instead
 of the Hugging Face hub. On a tiny seeded model with a random LoRA adapter, loaded from disk:
-* MMLU (2-shot): lm-eval's per-choice log-likelihoods and accuracy = minipeft.evaluate.evaluate_choices';
+* MMLU (2-shot): lm-eval's per-choice log-likelihoods and accuracy = minipeft.scoring.evaluate_choices';
 * gsm8k (5-shot) and gsm8k_cot_llama (8-shot, chat, multi-turn): lm-eval's prompts = minipeft.data's
   gsm8k_prompt / gsm8k_messages (with lm-eval's seeded shot sampling), its generations = Llama.generate's
   cut at the stop strings, its strict/flexible scores = gsm8k_scores on those generations;
@@ -39,7 +39,7 @@ from minipeft.adapters import apply_method, load_adapter, save_adapter  # noqa: 
 from minipeft.data import (EXACT_MATCH_IGNORE, FLEXIBLE, GSM8K_UNTIL, STRICT, cut_at_stop,  # noqa: E402
                            encode_gsm8k_prompt, gsm8k_fewshot, gsm8k_messages, gsm8k_prompt, gsm8k_scores,
                            lm_eval_exact_match, lm_eval_regex, synthetic_gsm8k)
-from minipeft.evaluate import continuation_logprobs, evaluate_choices  # noqa: E402
+from minipeft.scoring import continuation_logprobs, evaluate_choices  # noqa: E402
 from minipeft.llama import Llama  # noqa: E402
 from minipeft.lm_eval_model import MinipeftLM  # noqa: E402
 from minipeft.tasks import mc_prompt, synthetic_mc  # noqa: E402

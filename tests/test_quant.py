@@ -150,7 +150,7 @@ def test_backward_keeps_the_quantised_state_not_the_dense_weight():
 
 
 def test_finetune_takes_a_quantize_flag():
-    from minipeft.finetune import build_parser, config_from_args
+    from minipeft.runs import build_parser, config_from_args
     cfg = config_from_args(build_parser().parse_args(["--preset", "tiny", "--quantize", "nf4"]))
     assert cfg.quantize == "nf4"
     assert config_from_args(build_parser().parse_args(["--preset", "tiny"])).quantize is None

@@ -161,7 +161,7 @@ def check_python(words: list[str], made: set[str], monkeypatch) -> None:
         args = parse_with_its_parser(script, argv, monkeypatch)
     check_paths(argv)
     if words[:2] == ["-m", "minipeft.finetune"] and getattr(args, "method", None):
-        from minipeft.finetune import config_from_args
+        from minipeft.runs import config_from_args
         if args.resume:
             assert looks_like_a_run(args.resume, made), f"--resume {args.resume}: not a run folder finetune makes"
         elif args.method_args != ["help"]:

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from helpers import tiny
-from minipeft import finetune, hf_peft
+from minipeft import finetune, hf_peft, runs
 from minipeft.adapters import apply_method, load_adapter, save_adapter, sha256_file
 from minipeft.data import synthetic_gsm8k, write_jsonl
-from minipeft.evaluate import load_base, load_task
+from minipeft.base import load_base
+from minipeft.tasks import load_task
 from minipeft.evaluate import main as evaluate_main
 from minipeft.llama import Llama, save_meta
 from minipeft.peft import adapter_modules
@@ -415,7 +416,7 @@ def test_a_full_disk_leaves_no_temp_files(tmp_path, monkeypatch):
             return getattr(self.f, name)
     monkeypatch.setattr("minipeft.safetensors_io.os.fdopen", FullDisk)
     with pytest.raises(OSError, match="No space left"):
-        finetune.save_checkpoint(tmp_path, model, opt, sched, step=1)
+        runs.save_checkpoint(tmp_path, model, opt, sched, step=1)
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -470,7 +471,7 @@ def test_help_lists_methods_and_defaults(capsys):
 
 
 def test_no_answer_token_is_undefined_not_zero_and_such_examples_are_skipped():
-    from minipeft.evaluate import bits_per_token
+    from minipeft.scoring import bits_per_token
     assert math.isnan(bits_per_token(tiny(), [([1, 2, 3], [-100, -100, -100])]))
     kept, skipped = finetune.with_answer_tokens([([1, 2], [-100, -100]), ([1, 2], [-100, 5])], max_len=2)
     assert kept == [([1, 2], [-100, 5])] and skipped == 1

@@ -222,7 +222,7 @@ def test_flex_block_mask_forward_equals_the_gather_kernel():
 
 
 def test_finetune_flag_sets_the_pattern():
-    from minipeft.finetune import build_parser, check_config, config_from_args
+    from minipeft.runs import build_parser, check_config, config_from_args
     cfg = config_from_args(build_parser().parse_args(["--attention", "fixed", "--sparse-block", "32",
                                                       "--sparse-summary", "4"]))
     assert (cfg.attention, cfg.sparse_block, cfg.sparse_summary) == ("fixed", 32, 4)

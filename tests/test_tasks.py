@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import minipeft.evaluate as ev
+import minipeft.evaluate as evaluate_cli
+import minipeft.scoring as ev
 from minipeft.data import IGNORE
-from minipeft.evaluate import (bits_per_token, continuation_logprobs, encode_all, evaluate_choices, load_task,
-                               load_test_set, sliding_window_nll)
+from minipeft.scoring import bits_per_token, continuation_logprobs, evaluate_choices, sliding_window_nll
+from minipeft.tasks import encode_all, load_task, load_test_set
 from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, DOLLY_VALID, MC_SUBJECTS, SUBJECT_CATEGORY, TOY_SUBJECTS,
                             dolly_prompt, dolly_split, encode_dolly, encode_mc, load_arc, load_arc_jsonl, load_dolly,
                             load_dolly_jsonl, load_mmlu, load_mmlu_csv, load_text, mc_prompt, subject_category,
@@ -383,7 +384,7 @@ def test_finetune_task_mmlu_on_the_toy_analogue(tmp_path, monkeypatch):
 
 
 def test_task_flag_reaches_the_config_and_its_own_run_folder():
-    from minipeft.finetune import build_parser, check_config, config_from_args
+    from minipeft.runs import build_parser, check_config, config_from_args
     cfg = config_from_args(build_parser().parse_args(["--task", "arc_challenge", "--method", "ia3pp", "--set", "use_l_o=false"]))
     assert (cfg.task, cfg.out, cfg.method_args) == ("arc_challenge", "runs/toy/arc_challenge/ia3pp", {"use_l_o": False})
     assert config_from_args(build_parser().parse_args([])).out == "runs/toy/lora"  # GSM8K keeps its folders
@@ -396,7 +397,8 @@ def test_task_flag_reaches_the_config_and_its_own_run_folder():
 @pytest.mark.parametrize("task", ["arc_challenge", "dolly", "text"])
 def test_finetune_other_tasks_on_their_toy_analogues(tmp_path, monkeypatch, task):
     from minipeft.evaluate import main as evaluate_main
-    from minipeft.finetune import TrainConfig, train
+    from minipeft.finetune import train
+    from minipeft.runs import TrainConfig
     monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path / "cache"))
     s = train(TrainConfig(task=task, max_steps=3, limit=24, eval_limit=8, batch_size=4, max_len=256,
                           out=str(tmp_path / "run"), baseline=False), progress=False)
@@ -530,10 +532,10 @@ def test_readme_gpu_commands_run_on_a_checkpoint_and_the_official_layouts(hf_che
     capsys.readouterr()
     for args in (["--adapter", str(runs / "mmlu" / "ia3pp"), "--shots", "5"],
                  ["--checkpoint", str(hf_checkpoint), "--data", str(mmlu), "--shots", "5"]):
-        assert ev.main(["--task", "mmlu", *args, "--limit", "12", "--quiet"]) == 0
+        assert evaluate_cli.main(["--task", "mmlu", *args, "--limit", "12", "--quiet"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["n"] == 12 and result["categories"].keys() == {"STEM", "other"}, result  # astronomy, anatomy
-    assert ev.main(["--task", "dolly", "--checkpoint", str(hf_checkpoint), "--data", str(dolly), "--limit", "4",
+    assert evaluate_cli.main(["--task", "dolly", "--checkpoint", str(hf_checkpoint), "--data", str(dolly), "--limit", "4",
                     "--quiet"]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["perplexity"])
     for fmt in ("plain", "chat"):

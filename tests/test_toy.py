@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from minipeft import finetune, toy
+from minipeft import base, finetune, toy
 from minipeft.adapters import METHODS, adapter_state, apply_method
 from minipeft.data import PLAIN_PROMPT, encode_completion, encode_prompt, synthetic_gsm8k, write_jsonl
-from minipeft.finetune import TrainConfig, build_parser, config_from_args
+from minipeft.runs import TrainConfig, build_parser, config_from_args
 from minipeft.llama import Llama, LlamaConfig
 from minipeft.recipes import RECIPES, TASKS, recipe
 from minipeft.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ def test_shipped_base_is_the_documented_architecture():
 
 
 def test_missing_base_names_the_file_and_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "SHIPPED", tmp_path / "toy_base")
+    monkeypatch.setattr(base, "SHIPPED", tmp_path / "toy_base")
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing.*--rebuild"):
         toy.toy_base()
 

@@ -42,13 +42,13 @@ PREDICTION_CASES = [
 @functools.lru_cache(maxsize=1)
 def toy_tokenizer() -> Tokenizer:
     """The shipped toy base's tokenizer (byte level: ids 0-255 are bytes, 256-511 Llama 3's specials)."""
-    from ..toy import toy_base
+    from ..base import toy_base
     return Tokenizer.from_file(toy_base(progress=False))
 
 
 @functools.lru_cache(maxsize=1)
 def _train_problems(n: int = 40) -> tuple[dict, ...]:
-    from ..evaluate import load_task
+    from ..tasks import load_task
     return tuple(load_task()[0][:n])
 
 
@@ -235,7 +235,7 @@ def _toy_counts() -> tuple[int, int, dict]:
     from ..adapters import apply_method
     from ..llama import Llama, LlamaConfig
     from ..peft import count_parameters
-    from ..toy import toy_base
+    from ..base import toy_base
     cfg = LlamaConfig.from_hf(json.loads((toy_base(progress=False) / "config.json").read_text()))
     counts = []
     for method in ("lora", "ia3"):

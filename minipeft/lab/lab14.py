@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..base import load_base
 from ..data import IGNORE
-from ..evaluate import continuation_logprobs, evaluate_choices, load_base, sliding_window_nll
+from ..scoring import continuation_logprobs, evaluate_choices, sliding_window_nll
 from ..tasks import (arc_text_prompt, dolly_prompt, encode_answer, encode_pair, load_arc_jsonl, load_mmlu,
                      mc_prompt, subject_category)
 from . import expect

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minipeft.tasks as T  # noqa: E402
-from minipeft.finetune import TrainConfig, train  # noqa: E402
+from minipeft.finetune import train  # noqa: E402
+from minipeft.runs import TrainConfig  # noqa: E402
 
 pointer = sys.argv[1] == "--pointer"
 args = sys.argv[2:] if pointer else sys.argv[1:]
