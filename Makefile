@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # `--no-deps` there because the local folder holds only torch; the next pip call resolves the rest.
 TORCH  ?= torch>=2.5
 
-.PHONY: install test test-slow notebooks data finetune resume compare evaluate bench gpu-check clean
+.PHONY: install test test-slow notebooks grade data finetune resume compare evaluate bench gpu-check clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,8 @@ install:
 	  || $(PY) -m pip install -q --no-index --no-deps "$(TORCH)" 2>/dev/null \
 	  || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"   # also fills in torch's own dependencies
-	$(PY) -m ipykernel install --user --name minipeft --display-name "minipeft" >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name minipeft --display-name "minipeft" \
+	  --env OMP_WAIT_POLICY PASSIVE >/dev/null   # in .venv: this checkout's kernel, whatever other clones install
 
 test:
 	$(PY) -m pytest -q
@@ -61,6 +62,12 @@ compare:
 
 notebooks:  # every lab and every solution notebook (make test runs the labs; the solutions are marked slow)
 	$(PY) -m pytest -q -m "" tests/test_notebooks.py
+
+# a student's copy of a lab, run top to bottom and graded check by check: make grade NB=path/to/NN_name.ipynb
+NB ?=
+grade:
+	$(if $(NB),,$(error give the notebook: make grade NB=notebooks/02_lora_learning_rate_of_B.ipynb))
+	$(PY) -m minipeft.grade $(NB)
 
 # optional: needs `$(PY) -m pip install -e ".[bench]"` (transformers + peft); never part of `make test`
 bench:

@@ -4,11 +4,21 @@
     model = Llama.from_pretrained("~/models/Llama-3.2-1B")
     apply_method(model, "lora", r=16, targets="all-linear")   # or lora.apply(model, LoRAConfig(...))
 
-The package, by layer: llama.py, tokenizer.py, safetensors_io.py (the model and its files); peft.py
-(the one injection mechanism); methods/ (one module per method, and the table of them); adapters.py,
-hf_peft.py (saving and loading adapters; the Hugging Face PEFT format); data.py, finetune.py,
-evaluate.py, compare.py, toy.py (the job); lab.py (the notebooks' helpers).
+The package, by layer (docs/layout.md; tests/test_layout.py keeps imports going down): the model and its
+files (llama.py, masks.py, loss.py, tokenizer.py, safetensors_io.py, quant.py); the one injection mechanism
+(peft.py), the methods (methods/) and their files (adapters.py, hf_peft.py); data and tasks (data.py,
+tasks.py, base.py, recipes.py); scoring.py; the job (runs.py, finetune.py, evaluate.py, compare.py, toy.py,
+export.py, generate.py); the labs' checks and grader (lab/, grade.py).
 """
+
+import os
+
+# OpenMP threads that wait for work sleep instead of spinning. On a CPU shared with other jobs (a course's lab
+# server, CI) a spinning thread holds a core that a descheduled peer needs, and every small op then waits a
+# whole time slice: two threads made the toy job 4-10x slower than one (bench/bench_threads.py; the figures
+# and the choice in docs/performance.md, "Threads on a shared CPU"). Read when torch loads OpenMP, so it
+# must be set before torch is imported; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .adapters import METHODS, apply_method, load_adapter, save_adapter
 from .llama import Llama, LlamaConfig
