@@ -1,15 +1,9 @@
 """Lab 05's checks catch a student's typical mistakes, each with a hint (planted in the solution's cells)."""
 import pytest
 
-from lab_cells import assert_caught, namespace, run_checks
+from lab_cells import assert_caught
 
 LAB = "05_prefix_prompt_adapter"
-
-
-def test_solution_passes_and_stubs_are_not_built():
-    assert {it.status for it in run_checks(LAB, namespace(LAB)).values()} == {"passed"}
-    shipped = run_checks(LAB, namespace(LAB, solution=False))
-    assert {it.status for label, it in shipped.items()} == {"not built", "not done"}
 
 
 PREFIX_KEYS = "keys = torch.cat([k_p.expand(B, -1, -1, -1), k], 2)"

@@ -1,18 +1,12 @@
 """Lab 07's checks catch a student's typical mistakes, each with a hint (planted in the solution's cells)."""
 import pytest
 
-from lab_cells import assert_caught, namespace, run_checks
+from lab_cells import assert_caught
 
 LAB = "07_finetune_gsm8k_format"
 MASK = "targets = [IGNORE] * (len(prompt) - 1) + completion\n    return input_ids, targets"
 TAIL = 'tail = answer.rsplit("####", 1)[1].strip()'
 CHAT_END = 'completion = tok.encode(example["answer"].strip()) + [tok.eot_id]'
-
-
-def test_solution_passes_and_stubs_are_not_built():
-    assert {it.status for it in run_checks(LAB, namespace(LAB)).values()} == {"passed"}
-    shipped = run_checks(LAB, namespace(LAB, solution=False))
-    assert {it.status for label, it in shipped.items()} == {"not built", "not done"}
 
 
 @pytest.mark.parametrize("plant, hint", [

@@ -1,15 +1,9 @@
 """Lab 13's checks catch a student's typical mistakes, each with a hint (planted in the solution's cells)."""
 import pytest
 
-from lab_cells import assert_caught, namespace, run_checks
+from lab_cells import assert_caught
 
 LAB = "13_sparse_masks_diff_pruning"
-
-
-def test_solution_passes_and_stubs_are_not_built():
-    assert {it.status for it in run_checks(LAB, namespace(LAB)).values()} == {"passed"}
-    shipped = run_checks(LAB, namespace(LAB, solution=False))
-    assert {it.status for label, it in shipped.items()} == {"not built", "not done"}
 
 
 STRETCH = "return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)     # stretch, THEN clip"

@@ -1,7 +1,7 @@
 """Lab 14's checks catch a student's typical mistakes, each with a hint (planted in the solution's cells)."""
 import pytest
 
-from lab_cells import assert_caught, namespace, run_checks
+from lab_cells import assert_caught
 
 LAB = "14_tasks_multiple_choice_perplexity"
 LETTER_SUM = "scores.append(sum(logp[len(ctx) - 1 + j, c].item() for j, c in enumerate(cont)))"
@@ -17,12 +17,6 @@ BY_SUBJECT = '''    by_subject: dict[str, list[bool]] = {}
     for subject, v in by_subject.items():
         means.setdefault(subject_category(subject), []).append(sum(v) / len(v))
     per_category = {cat: sum(v) / len(v) for cat, v in sorted(means.items())}'''
-
-
-def test_solution_passes_and_stubs_are_not_built():
-    assert {it.status for it in run_checks(LAB, namespace(LAB)).values()} == {"passed"}
-    shipped = run_checks(LAB, namespace(LAB, solution=False))
-    assert {it.status for label, it in shipped.items()} == {"not built", "not done"}
 
 
 @pytest.mark.parametrize("plant, hint", [

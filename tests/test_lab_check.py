@@ -1,17 +1,20 @@
-"""minipeft.lab's "build, then check" helpers (used by notebooks 02-06): a correct hand-written method passes,
-and a wrong forward, a wrong gradient or a missing trainable tensor each fail.
+"""minipeft.lab's "build, then check" helpers: a correct hand-written method passes, and a wrong forward, a
+wrong gradient or a missing trainable tensor each fail; and every lab's checks pass on its solution and say
+"not built" / "not done" on its stubs.
 
-    python -m pytest tests/test_lab_check.py
+    .venv/bin/python -m pytest tests/test_lab_check.py
 """
 from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+from lab_cells import namespace, run_checks
 from minipeft import peft
 from minipeft.adapters import apply_method
 from minipeft.lab import check_build, make_base
@@ -76,3 +79,16 @@ def test_unknown_parameter_name_fails(setup):
     theirs = apply_method(copy.deepcopy(base), "lora", r=8, alpha=16)
     with pytest.raises(AssertionError, match="has no counterpart in minipeft's model"):
         check_build(hand_model(base), theirs, idx, {"A": "lora_A"})  # B not renamed
+
+
+LABS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_every_check_passes_on_the_solution_and_says_not_built_on_the_stubs(lab):
+    """In-process (tests/lab_cells.py): the solution's student cells pass every check of the lab; the shipped
+    stubs make every build check say "not built" and every exercise check "not done". The labs'
+    tests/test_lab_NN.py then plant typical mistakes in the solution's cells."""
+    assert {it.status for it in run_checks(lab, namespace(lab)).values()} == {"passed"}
+    shipped = run_checks(lab, namespace(lab, solution=False))
+    assert {it.status for it in shipped.values()} == {"not built", "not done"}

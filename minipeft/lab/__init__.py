@@ -62,7 +62,8 @@ def check(label: str, test: Callable[..., str | None], *args) -> bool:
     try:
         if any(arg is None for arg in args):
             raise NotImplementedError
-        detail = test(*args)
+        with torch.random.fork_rng(devices=[]):  # the cells after a check draw the same numbers, built or not
+            detail = test(*args)
     except NotImplementedError as e:
         if e.args:  # raised with a message: not the stub, but code (the student's or minipeft's) refusing
             hint = f"your code raised NotImplementedError: {e}"
@@ -78,6 +79,31 @@ def check(label: str, test: Callable[..., str | None], *args) -> bool:
         return True
     print(f"{label}: wrong. Hint: {hint}")
     return False
+
+
+def call_with_hint(fn: Callable, *args, hint: str):
+    """fn(*args); a RuntimeError (a shape mismatch, mostly) becomes Wrong(hint) with the error's text. The
+    stub's bare NotImplementedError (a RuntimeError subclass) passes through."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except RuntimeError as e:
+        raise Wrong(f"{hint} (your code raised RuntimeError: {str(e).splitlines()[0]})") from None
+
+
+def close(a, b: torch.Tensor, atol: float = 1e-4) -> bool:
+    """`a` is a tensor of b's shape, equal to `atol` relative to the larger of 1 and b's largest entry."""
+    return (isinstance(a, torch.Tensor) and a.shape == b.shape
+            and (a - b).abs().max().item() <= atol * max(1.0, b.abs().max().item()))
+
+
+def name_the_mistake(mine: torch.Tensor, variants: dict[str, torch.Tensor], fallback: str) -> None:
+    """Raise Wrong with the hint of the first typical mistake whose result `mine` reproduces, else `fallback`."""
+    for hint, wrong in variants.items():
+        if close(mine, wrong):
+            raise Wrong(hint)
+    raise Wrong(fallback)
 
 
 def make_base(seed: int = 0, config: LlamaConfig | None = None) -> Llama:

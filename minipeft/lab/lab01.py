@@ -18,20 +18,9 @@ import torch.nn.functional as F
 
 from ..llama import (IGNORE_INDEX, Llama, LlamaConfig, MLP, RMSNorm, apply_rope, half_to_interleaved,
                      rope_frequencies)
-from . import Wrong, assert_same_outputs_and_grads, expect, make_base
+from . import Wrong, assert_same_outputs_and_grads, call_with_hint, expect, make_base
 
 LLAMA3_SCALING = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-
-
-def _call(fn, *args, hint: str):
-    """fn(*args); a RuntimeError (a shape mismatch, mostly) becomes Wrong(hint) with the error's text. The
-    stub's bare NotImplementedError (a RuntimeError subclass) passes through."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except RuntimeError as e:
-        raise Wrong(f"{hint} (your code raised RuntimeError: {str(e).splitlines()[0]})") from None
 
 
 def _tensor(out, shape: tuple, what: str, nan_hint: str = "") -> torch.Tensor:
@@ -70,7 +59,7 @@ def check_rmsnorm(my_rmsnorm) -> str:
     with torch.no_grad():
         norm.weight.copy_(weight)
     mean_hint = "RMSNorm divides by the root of the mean of the SQUARES, not of x itself"
-    out = _tensor(_call(my_rmsnorm, x, weight, eps, hint="the mean must keep its last dimension to divide x "
+    out = _tensor(call_with_hint(my_rmsnorm, x, weight, eps, hint="the mean must keep its last dimension to divide x "
                                                           "(keepdim=True)"), x.shape, "my_rmsnorm",
                   nan_hint=f"the square root of a negative mean? {mean_hint}")
     ms = x.pow(2).mean(-1, keepdim=True)
@@ -92,7 +81,7 @@ def check_rmsnorm(my_rmsnorm) -> str:
     for scale, eps_ in ((1e-3, 1e-5), (1e-2, 1e-2)):
         xs = x * scale
         ms = xs.pow(2).mean(-1, keepdim=True)
-        small = _tensor(_call(my_rmsnorm, xs, weight, eps_, hint="failed on a small input"), xs.shape, "my_rmsnorm")
+        small = _tensor(call_with_hint(my_rmsnorm, xs, weight, eps_, hint="failed on a small input"), xs.shape, "my_rmsnorm")
         _diagnose(small, xs / torch.sqrt(ms + eps_) * weight, {
             "eps is missing: for a small input (rms 1e-3) the result must be x / sqrt(mean(x^2) + eps), which keeps "
             "a zero vector finite": xs / torch.sqrt(ms) * weight,
@@ -138,7 +127,7 @@ def check_apply_rope(my_apply_rope) -> str:
     x = torch.randn(B, T, H, d, generator=g)
     positions = torch.tensor([0, 1, 2, 5, 11, 40, 100])   # not 0..T-1: the check passes its own positions
     inv_freq = rope_frequencies(LlamaConfig.from_name("tiny"))
-    out = _tensor(_call(my_apply_rope, x, positions, inv_freq,
+    out = _tensor(call_with_hint(my_apply_rope, x, positions, inv_freq,
                         hint="x is (B, T, H, d), positions (T,), inv_freq (d/2,): the angles are (T, d/2) and "
                              "must broadcast over the batch and the heads"), x.shape, "my_apply_rope")
     want = _rope_half(x, positions, inv_freq)
@@ -216,7 +205,7 @@ def check_attention(my_attention) -> str:
     g = torch.Generator().manual_seed(0)
     for B, H, Hkv, T, d in ((2, 4, 2, 6, 8), (1, 8, 2, 5, 16), (2, 2, 2, 4, 8)):
         q, k, v = (torch.randn(B, h, T, d, generator=g) for h in (H, Hkv, Hkv))
-        out = _call(my_attention, q, k, v,
+        out = call_with_hint(my_attention, q, k, v,
                     hint=f"with H = {H} query heads and Hkv = {Hkv} kv heads q k^T does not line up: each kv head "
                          f"serves g = H / Hkv = {H // Hkv} query heads, so repeat the kv heads first")
         expect(isinstance(out, torch.Tensor), f"return a tensor, got {type(out).__name__}")
@@ -264,7 +253,7 @@ def check_swiglu(my_swiglu) -> str:
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.weight.shape[1]))
     wg, wu, wd = (lin.weight.detach() for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     x = torch.randn(3, 5, cfg.dim, generator=g)
-    out = _tensor(_call(my_swiglu, x, wg, wu, wd, hint="the weights are in nn.Linear's (out, in) layout: "
+    out = _tensor(call_with_hint(my_swiglu, x, wg, wu, wd, hint="the weights are in nn.Linear's (out, in) layout: "
                                                         "w_gate and w_up are (h, d), w_down (d, h), so x @ W.T"),
                   x.shape, "my_swiglu")
     lin = lambda w, t: t @ w.T

@@ -22,20 +22,9 @@ from ..adapters import apply_method
 from ..llama import Llama, LlamaConfig
 from ..methods.ia3 import IA3Linear
 from ..methods.ia3pp import QKSkipNorm
-from . import Wrong, assert_same_outputs_and_grads, check_build, expect, make_base
+from . import Wrong, assert_same_outputs_and_grads, call_with_hint, check_build, expect, make_base
 
 RENAME = {"l": "ia3_l", "alpha_q": "q_scale", "alpha_k": "k_scale"}   # the student's names -> minipeft's
-
-
-def _call(fn, *args, hint: str):
-    """fn(*args); a RuntimeError (a shape mismatch, mostly) becomes Wrong(hint); the stub's bare
-    NotImplementedError (a RuntimeError subclass) passes through."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except RuntimeError as e:
-        raise Wrong(f"{hint} (your code raised RuntimeError: {str(e).splitlines()[0]})") from None
 
 
 def _param(module: nn.Module, name: str, shape: tuple, what: str) -> nn.Parameter:
@@ -75,11 +64,11 @@ def check_my_ia3(MyIA3) -> str:
                                         f"{size} numbers (in_features = {n_in}, out_features = {n_out})")
         _init_hint(l, "l", 1.0, "a vector of ones multiplies nothing away, so the layer starts as the base layer "
                                 "(zeros would switch it off, a random vector would change the model)")
-        out = _call(layer, x, hint=f"with feedforward={feedforward} the vector multiplies the {side}")
+        out = call_with_hint(layer, x, hint=f"with feedforward={feedforward} the vector multiplies the {side}")
         expect(torch.equal(out, layer.base(x)), "with l = 1 the layer must return base(x) exactly")
         with torch.no_grad():
             l.copy_(torch.rand(size) + 0.5)
-        out = _call(layer, x, hint=f"with feedforward={feedforward} the vector multiplies the {side}")
+        out = call_with_hint(layer, x, hint=f"with feedforward={feedforward} the vector multiplies the {side}")
         want = layer.base(x * l) if feedforward else layer.base(x) * l
         expect(torch.allclose(out, want, atol=1e-6),
                f"with feedforward={feedforward} the output must be " +
@@ -116,7 +105,7 @@ def check_skip_norm(MySkipNorm) -> str:
         _init_hint(alpha, name, 0.0, "the skip q + 0 * q / rms(q) = q then leaves the model exactly as it was "
                                      "(with alpha = 1 it would change at init)")
     q, k = torch.randn(2, 5, 4, hd, generator=g), torch.randn(2, 5, 2, hd, generator=g)   # 4 query, 2 kv heads
-    out = _call(norm, q, k, hint="q is (B, T, n_heads, hd) and k (B, T, n_kv_heads, hd): fewer kv heads than "
+    out = call_with_hint(norm, q, k, hint="q is (B, T, n_heads, hd) and k (B, T, n_kv_heads, hd): fewer kv heads than "
                                  "query heads")
     expect(isinstance(out, tuple) and len(out) == 2, "forward(q, k) returns the pair (q, k)")
     expect(out[0].abs().max() > 0, "at init (alpha = 0) your q comes back all zeros: the skip is missing, "
@@ -127,7 +116,7 @@ def check_skip_norm(MySkipNorm) -> str:
         for alpha in alphas:
             alpha.copy_(torch.randn(hd, generator=g))
     aq, ak = (a.detach().clone() for a in alphas)
-    q_out, k_out = _call(norm, q, k, hint="failed with non-zero alphas")
+    q_out, k_out = call_with_hint(norm, q, k, hint="failed with non-zero alphas")
     for name, got, x, a, other in (("q", q_out, q, aq, ak), ("k", k_out, k, ak, aq)):
         want = _skip(x, a, eps)
         if torch.allclose(got, want, atol=1e-4):   # eps is checked on small inputs below
@@ -143,7 +132,7 @@ def check_skip_norm(MySkipNorm) -> str:
         raise Wrong(f"{name} is not {name} + alpha * {name} / sqrt(mean({name}^2) + eps) (per head, over head_dim)")
     # eps where it belongs: small inputs, where it matters
     small_q, small_k = q * 1e-3, k * 1e-3
-    got = _call(norm, small_q, small_k, hint="failed on small inputs")[0]
+    got = call_with_hint(norm, small_q, small_k, hint="failed on small inputs")[0]
     expect(not torch.allclose(got, _skip(small_q, aq, 0.0), atol=1e-5),
            "eps is missing: rms(q) = sqrt(mean(q^2) + eps), which keeps a zero head finite")
     expect(not torch.allclose(got, _skip(small_q, aq, eps, eps_inside=False), atol=1e-5),
@@ -276,8 +265,8 @@ def exercise_4(merge_ia3) -> str:
     g = torch.Generator().manual_seed(0)
     W, x = torch.randn(6, 4, generator=g), torch.randn(3, 4, generator=g)
     l_in, l_out = torch.rand(4, generator=g) + 0.5, torch.rand(6, generator=g) + 0.5
-    merged_in = _call(merge_ia3, W, l_in, True, hint="feedforward: l has in_features (4) numbers, W is (6, 4)")
-    merged_out = _call(merge_ia3, W, l_out, False, hint="an output vector has out_features (6) numbers, W is (6, 4)")
+    merged_in = call_with_hint(merge_ia3, W, l_in, True, hint="feedforward: l has in_features (4) numbers, W is (6, 4)")
+    merged_out = call_with_hint(merge_ia3, W, l_out, False, hint="an output vector has out_features (6) numbers, W is (6, 4)")
     for merged in (merged_in, merged_out):
         expect(isinstance(merged, torch.Tensor) and tuple(merged.shape) == (6, 4),
                "return the merged weight, shaped like W (out, in) = (6, 4)")

@@ -24,21 +24,10 @@ from ..adapters import apply_method
 from ..llama import Llama, LlamaConfig
 from ..methods.dora import DoRAConfig, DoRALinear
 from ..methods.simple_dora import SimpleDoRAConfig, SimpleDoRALinear
-from . import Wrong, check_build, expect, make_base
+from . import Wrong, call_with_hint, check_build, expect, make_base
 
 N_IN, N_OUT, R, ALPHA = 32, 12, 4, 8.0
 RENAME = {"A": "lora_A", "B": "lora_B", "m": "magnitude", "w": "magnitude"}
-
-
-def _call(fn, *args, hint: str):
-    """fn(*args); a RuntimeError (a shape mismatch, mostly) becomes Wrong(hint); the stub's bare
-    NotImplementedError (a RuntimeError subclass) passes through."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except RuntimeError as e:
-        raise Wrong(f"{hint} (your code raised RuntimeError: {str(e).splitlines()[0]})") from None
 
 
 def _param(module: nn.Module, name: str, shape: tuple, what: str) -> nn.Parameter:
@@ -106,14 +95,14 @@ def check_my_dora(MyDoRA) -> str:
     A, B, m = _lora_factors(layer, "m")
     g = torch.Generator().manual_seed(0)
     x, G = torch.randn(5, N_IN, generator=g), torch.randn(5, N_OUT, generator=g)
-    out = _call(layer, x, hint="x is (batch, in); V = W0 + s B A is (out, in) and its row norms (out,)")
+    out = call_with_hint(layer, x, hint="x is (batch, in); V = W0 + s B A is (out, in) and its row norms (out,)")
     expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (5, N_OUT), f"the output should be (5, {N_OUT})")
     expect(torch.allclose(out, layer.base(x), atol=1e-5), "at init (B = 0, m = ||W0||) the layer must return "
                                                           "base(x)")
     _set_trained(A, B, m)
     W0 = layer.base.weight.detach()
     a, b, mm = (t.detach().clone() for t in (A, B, m))
-    out = _call(layer, x, hint="failed with a non-zero B")
+    out = call_with_hint(layer, x, hint="failed with a non-zero B")
     want = _dora_reference(W0, a, b, mm, x)
     if not torch.allclose(out, want, atol=1e-5):
         for hint, version in (
@@ -176,14 +165,14 @@ def check_my_simple_dora(MySimpleDoRA) -> str:
                       "in a buffer, register_buffer, or a plain tensor)" if extra else "")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, N_IN, generator=g)
-    out = _call(layer, x, hint="x is (batch, in); W's row norms are (out,)")
+    out = call_with_hint(layer, x, hint="x is (batch, in); W's row norms are (out,)")
     expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (5, N_OUT), f"the output should be (5, {N_OUT})")
     expect(torch.allclose(out, layer.base(x), atol=1e-5), "at init (B = 0, w = ||W||) the layer must return base(x)")
     _set_trained(A, B, w)
     W = layer.base.weight.detach()
     a, b, ww = (t.detach().clone() for t in (A, B, w))
     s, norms = ALPHA / R, W.norm(dim=1)
-    out = _call(layer, x, hint="failed with a non-zero B")
+    out = call_with_hint(layer, x, hint="failed with a non-zero B")
     unit_x, branch = F.linear(x, W) / norms, s * (x @ a.T) @ b.T
     want = ww * (unit_x + branch)
     if not torch.allclose(out, want, atol=1e-5):
@@ -232,7 +221,7 @@ def exercise_2(dora_merged_weight) -> str:
         layer.magnitude.mul_(1.2)
         W0, A, B, m = (t.detach().clone() for t in (layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude))
         layer.merge()
-    got = _call(dora_merged_weight, W0, A, B, m, layer.config.scaling,
+    got = call_with_hint(dora_merged_weight, W0, A, B, m, layer.config.scaling,
                 hint="W0 (6, 12), A (2, 12), B (6, 2), m (6,): V = W0 + s B A is (6, 12), its row norms (6,)")
     expect(isinstance(got, torch.Tensor) and tuple(got.shape) == (6, 12), "return the merged weight, (out, in) = "
                                                                           "(6, 12)")
@@ -247,7 +236,7 @@ def exercise_3(exact_grad_V) -> str:
     V, g, m = torch.randn(5, 7, generator=gen), torch.randn(5, 7, generator=gen), torch.rand(5, generator=gen) + 0.5
     V_ref = V.clone().requires_grad_(True)
     (g * (m[:, None] * V_ref / V_ref.norm(dim=1, keepdim=True))).sum().backward()
-    got = _call(exact_grad_V, g, V, m, hint="g and V are (out, in) = (5, 7), m (5,)")
+    got = call_with_hint(exact_grad_V, g, V, m, hint="g and V are (out, in) = (5, 7), m (5,)")
     expect(isinstance(got, torch.Tensor) and tuple(got.shape) == (5, 7), "return dL/dV, shaped like V (5, 7)")
     detached = m[:, None] / V.norm(dim=1, keepdim=True) * g
     expect(not torch.allclose(got, detached, atol=1e-5),
@@ -266,7 +255,7 @@ def exercise_4(simple_dora_row_norms) -> str:
         layer.lora_B.normal_(0, 0.3)
         W, A, B, w = (t.detach().clone() for t in (layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude))
         layer.merge()
-    got = _call(simple_dora_row_norms, W, A, B, w, layer.config.scaling,
+    got = call_with_hint(simple_dora_row_norms, W, A, B, w, layer.config.scaling,
                 hint="W (6, 12), A (2, 12), B (6, 2), w (6,): one norm per output row")
     expect(isinstance(got, torch.Tensor) and tuple(got.shape) == (6,), "return one norm per row, shape (6,)")
     expect(not torch.allclose(got, w, atol=1e-5), "that is w itself: true at init only; once B != 0 the update "

@@ -10,7 +10,6 @@ a gate without tanh, ...) and name the one it matches.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
@@ -22,39 +21,15 @@ from ..adapters import apply_method
 from ..llama import Llama, LlamaConfig, RMSNorm, apply_rope
 from ..methods.llama_adapter import AdaptionPrompt, BiasScaleLinear
 from ..methods.prefix_tuning import PrefixMLP
-from . import Wrong, assert_same_outputs_and_grads, check_build, expect, make_base
+from . import assert_same_outputs_and_grads, check_build, close, expect, make_base, name_the_mistake
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _own_rng(test):
-    """Run a check with the global random state saved and restored, so that the notebook's cells after it
-    draw the same numbers whether the build passed, failed or is still a stub."""
-    @functools.wraps(test)
-    def wrapper(*args):
-        with torch.random.fork_rng(devices=[]):
-            return test(*args)
-    return wrapper
 
 
 def _first(t: torch.Tensor) -> str:
     """A tensor's first entries, rounded, for a hint."""
     values = [round(v, 4) for v in t.detach().flatten()[:3].tolist()]
     return f"{values}" + ("..." if t.numel() > 3 else "")
-
-
-def _close(a, b, atol: float = 1e-4) -> bool:
-    """Same shape and equal to `atol` relative to the larger of 1 and b's largest entry."""
-    return (isinstance(a, torch.Tensor) and a.shape == b.shape
-            and (a - b).abs().max().item() <= atol * max(1.0, b.abs().max().item()))
-
-
-def _name_the_mistake(mine: torch.Tensor, variants: dict[str, torch.Tensor], fallback: str) -> None:
-    """Raise Wrong with the hint of the first typical mistake whose result `mine` reproduces, else `fallback`."""
-    for hint, wrong in variants.items():
-        if _close(mine, wrong):
-            raise Wrong(hint)
-    raise Wrong(fallback)
 
 
 def _idx(model: Llama, T: int = 10, seed: int = 0) -> torch.Tensor:
@@ -91,7 +66,6 @@ def _prefix_attention(attn, x, cos, sin, k_p, v_p, prefix_rope=None, rope=True, 
     return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
-@_own_rng
 def check_prefix_attention(my_prefix_attention) -> str:
     """my_prefix_attention(attn, x, cos, sin, k_p, v_p) against a prefix-tuned layer's own forward."""
     P, T = 6, 10
@@ -109,7 +83,7 @@ def check_prefix_attention(my_prefix_attention) -> str:
     expect(isinstance(out, torch.Tensor) and out.shape == want.shape,
            f"return the layer's output (B, T, dim) = {tuple(want.shape)}, after o_proj; got "
            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    if not _close(out, want, 1e-5):
+    if not close(out, want, 1e-5):
         with torch.no_grad():
             one, zero = torch.ones_like(cos), torch.zeros_like(sin)            # RoPE at position 0: no rotation
             pos_free = my_prefix_attention(attn, x, one, zero, key[None].clone(), value[None].clone())
@@ -135,11 +109,11 @@ def check_prefix_attention(my_prefix_attention) -> str:
             with_positions_off = attn(x, one, zero)[0]
         fallback = ("the outputs differ: projections split into heads, RoPE on q and k, [K_p; K], the mask, "
                     "softmax, o_proj")
-        if _close(pos_free, with_positions_off, 1e-5):
+        if close(pos_free, with_positions_off, 1e-5):
             fallback = ("the outputs agree when RoPE is the identity (every position 0) but not at positions 0..T-1: "
                         "something is rotated that should not be (the prefix keys, the values) or not rotated that "
                         "should be (q and k)")
-        _name_the_mistake(out, variants, fallback)
+        name_the_mistake(out, variants, fallback)
     worst = assert_same_outputs_and_grads(
         lambda: my_prefix_attention(attn, my_x, cos, sin, my_key[None], my_value[None]),
         lambda: attn(their_x, cos, sin)[0],
@@ -162,7 +136,6 @@ def _prompted(model: Llama, prompt, idx, prompt_first=True, keep=None, norm=True
     return model.lm_head(model.norm(x) if norm else x)
 
 
-@_own_rng
 def check_prompt_tuning(my_prompt_tuning) -> str:
     """my_prompt_tuning(model, prompt, idx) against apply_method(..., "prompt_tuning")."""
     k = 5
@@ -181,7 +154,7 @@ def check_prompt_tuning(my_prompt_tuning) -> str:
            f"return logits for the T tokens only, (B, T, vocab) = {tuple(want.shape)}; got "
            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__} (the k prompt positions "
            "predict nothing)")
-    if not _close(out, want, 1e-4):
+    if not close(out, want, 1e-4):
         with torch.no_grad():
             p = soft.detach()
             variants = {
@@ -191,7 +164,7 @@ def check_prompt_tuning(my_prompt_tuning) -> str:
                     _prompted(frozen, p, idx, keep=lambda x: x[:, :idx.shape[1]]),
                 "the final RMSNorm (model.norm) is missing before lm_head": _prompted(frozen, p, idx, norm=False),
             }
-        _name_the_mistake(out, variants, "the logits differ: run every layer on [prompt; tokens] with RoPE for "
+        name_the_mistake(out, variants, "the logits differ: run every layer on [prompt; tokens] with RoPE for "
                                          "positions -k..T-1, then model.norm and lm_head on the tokens' positions")
     my_soft = soft.detach().clone().requires_grad_(True)
     expect(my_prompt_tuning(frozen, my_soft, idx).requires_grad,
@@ -220,7 +193,6 @@ def _mlp_kv(mlp: PrefixMLP, layer: int, inner=lambda h: torch.tanh(h), outer=lam
     return torch.stack((v, k) if swap else (k, v))
 
 
-@_own_rng
 def check_prefix_mlp(my_prefix_mlp) -> str:
     """my_prefix_mlp(prefix_input, hidden, out, layer, n_kv, head_dim) against PrefixMLP.layer_kv."""
     cfg = LlamaConfig.from_name("tiny")
@@ -236,7 +208,7 @@ def check_prefix_mlp(my_prefix_mlp) -> str:
         expect(isinstance(got, (tuple, list)) and len(got) == 2, "return two tensors: (keys, values)")
         got = torch.stack(tuple(got)) if all(t.shape == want[0].shape for t in got) else None
         expect(got is not None, f"keys and values are each (n_kv, P, hd) = {tuple(want[0].shape)}")
-        if not _close(got, want, 1e-5):
+        if not close(got, want, 1e-5):
             with torch.no_grad():
                 m = theirs
                 variants = {
@@ -257,7 +229,7 @@ def check_prefix_mlp(my_prefix_mlp) -> str:
                 for other in range(cfg.n_layers):
                     if other != layer:
                         variants[f"layer {layer} got layer {other}'s slice of the row"] = _mlp_kv(m, other)
-            _name_the_mistake(got, variants, "the values differ: P' -> hidden -> tanh -> out, once, for all layers; "
+            name_the_mistake(got, variants, "the values differ: P' -> hidden -> tanh -> out, once, for all layers; "
                                              "layer l reads its slice, laid out [layer][key/value][kv head][hd]")
     pairs = list(zip(mine.parameters(), theirs.parameters()))
     names = ["P'", "hidden.weight", "hidden.bias", "out.weight", "out.bias"]
@@ -289,7 +261,6 @@ def _adapted(model: Llama, make) -> Llama:
     return model
 
 
-@_own_rng
 def check_adaption_prompt(MyAdaptionPrompt) -> str:
     """MyAdaptionPrompt(K, dim, n_heads): the extra_branch slot of LLaMA-Adapter v1."""
     base = make_base(0)
@@ -335,7 +306,7 @@ def check_adaption_prompt(MyAdaptionPrompt) -> str:
         got, want = module(q, attn), theirs(q, attn)
         expect(isinstance(got, torch.Tensor) and got.shape == want.shape,
                f"return the gated branch (B, n_heads, T, hd) = {tuple(want.shape)}")
-        if not _close(got, want, 1e-5):
+        if not close(got, want, 1e-5):
             p = prompt.detach()
             variants = {
                 "the gate multiplies the branch through tanh: tanh(gate_h), as in the paper's code":
@@ -346,7 +317,7 @@ def check_adaption_prompt(MyAdaptionPrompt) -> str:
                 "the kv heads are tiled (repeat) instead of grouped: query head h reads kv head "
                 "h // (n_heads // n_kv_heads) (repeat_interleave)": _branch(p, gate, q, attn, tile_kv=True),
             }
-            _name_the_mistake(got, variants, "the branch differs: tanh(gate_h) * softmax(q K_p^T / sqrt(hd)) V_p, "
+            name_the_mistake(got, variants, "the branch differs: tanh(gate_h) * softmax(q K_p^T / sqrt(hd)) V_p, "
                                              "with K_p, V_p = k_proj(prompt), v_proj(prompt) split into kv heads, "
                                              "and the softmax over the K prompt positions only")
     summary = check_build(mine, apply_method(copy.deepcopy(base), "llama_adapter", prompt_len=K), idx)
@@ -357,7 +328,6 @@ def check_adaption_prompt(MyAdaptionPrompt) -> str:
 # Build 5: BitFit
 
 
-@_own_rng
 def check_bitfit(MyBitFit) -> str:
     """MyBitFit(base): y = W x + b around a frozen Linear, b = 0 at init."""
     n, m = 48, 24
@@ -378,7 +348,7 @@ def check_bitfit(MyBitFit) -> str:
         b = torch.linspace(-1, 1, m)
         bias.copy_(b)
         out = layer(x)
-        expect(_close(out, linear(x) + b, 1e-6), "with a non-zero bias the layer should return W x + b: the bias "
+        expect(close(out, linear(x) + b, 1e-6), "with a non-zero bias the layer should return W x + b: the bias "
                                                  "is added once, to the output, unscaled")
     base = make_base(0)
     mine = copy.deepcopy(base)
@@ -393,7 +363,6 @@ def check_bitfit(MyBitFit) -> str:
 # Build 6: LLaMA-Adapter v2
 
 
-@_own_rng
 def check_llama_adapter_v2(MyBiasScale, my_llama_adapter_v2) -> str:
     """MyBiasScale(base): y = scale * (W x + bias); my_llama_adapter_v2(model, K): v1 + that on every Linear
     + trainable norms, against apply_method(..., "llama_adapter", version=2)."""
@@ -414,8 +383,8 @@ def check_llama_adapter_v2(MyBiasScale, my_llama_adapter_v2) -> str:
         layer.scale.copy_(s)
         layer.bias.copy_(b)
         out, Wx = layer(x), linear(x)
-        if not _close(out, s * (Wx + b), 1e-6):
-            _name_the_mistake(out, {"the bias sits inside the scale: y = scale * (W x + bias), so it is scaled too":
+        if not close(out, s * (Wx + b), 1e-6):
+            name_the_mistake(out, {"the bias sits inside the scale: y = scale * (W x + bias), so it is scaled too":
                                     s * Wx + b}, "with scale s and bias b the layer should return s * (W x + b)")
     base = make_base(0)
     before = {n_: p.clone() for n_, p in base.state_dict().items()}
@@ -442,7 +411,6 @@ def check_llama_adapter_v2(MyBiasScale, my_llama_adapter_v2) -> str:
 # Exercises
 
 
-@_own_rng
 def exercise_1(gate_one_effects) -> str:
     """(changes_the_model_at_init, prompt_gets_a_gradient_at_init) with every gate at 1."""
     expect(isinstance(gate_one_effects, (tuple, list)) and len(gate_one_effects) == 2
@@ -470,7 +438,6 @@ def _count_1b(method: str, **hyper) -> int:
         return peft.count_parameters(apply_method(Llama(LlamaConfig.from_name("llama-3.2-1b")), method, **hyper))[0]
 
 
-@_own_rng
 def exercise_2(virtual_token_counts) -> str:
     """(prompt tuning with 20 soft tokens, prefix tuning with P = 10) trainable numbers on Llama-3.2-1B."""
     expect(isinstance(virtual_token_counts, (tuple, list)) and len(virtual_token_counts) == 2,
@@ -484,7 +451,6 @@ def exercise_2(virtual_token_counts) -> str:
     return f"prompt tuning (20) {prompt:,}, prefix tuning (10) {prefix:,} trainable numbers"
 
 
-@_own_rng
 def exercise_3(bitfit_qgu_params_1b) -> str:
     """BitFit on q_proj, gate_proj, up_proj of Llama-3.2-1B: the number of trainable values."""
     counted = _count_1b("bitfit", targets=("q_proj", "gate_proj", "up_proj"))
@@ -493,7 +459,6 @@ def exercise_3(bitfit_qgu_params_1b) -> str:
     return f"{counted:,} trainable numbers ({counted / _count_1b('bitfit'):.0%} of the default BitFit's)"
 
 
-@_own_rng
 def exercise_4(merge_scale_bias) -> str:
     """merge_scale_bias(W, scale, bias) -> (W_merged, b_merged) with F.linear(x, W_m, b_m) = scale * (W x + bias)."""
     gen = torch.Generator().manual_seed(0)

@@ -13,7 +13,6 @@ gradients) and its parameter count.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from dataclasses import replace
 
@@ -36,16 +35,6 @@ ROLES = {
     "tied_lora_extra": (("A", "B"), ("core",)),
     "tensor_embedding": (("A", "B", "L"), ("embedding",)),
 }
-
-
-def _own_rng(test):
-    """Run a check with the global random state saved and restored, so that the notebook's cells after it
-    draw the same numbers whether the build passed, failed or is still a stub."""
-    @functools.wraps(test)
-    def wrapper(*args):
-        with torch.random.fork_rng(devices=[]):
-            return test(*args)
-    return wrapper
 
 
 def _four_layers() -> Llama:
@@ -107,7 +96,6 @@ class _ReferenceTiedLoRA(nn.Module):
         return self.base(x) + 2.0 * F.linear(h, self.v[:, None] * self.shared["B"])   # alpha / r = 16 / 8
 
 
-@_own_rng
 def check_tied_model(my_tied_model) -> str:
     """my_tied_model(base, Wrapper, targets): a copy of base, every target wrapped, one shared set per kind."""
     base = _four_layers()
@@ -259,7 +247,6 @@ def _check_factors(wrapper: nn.Module, A_want, M_want, B_want) -> None:
         expect(torch.allclose(B, B_want, atol=1e-6), "B_i is not the layer's B (is v scaling B's rows, the outputs?)")
 
 
-@_own_rng
 def check_tied_lora(MyTiedLoRA) -> str:
     shared, wrapper = _check_roles(MyTiedLoRA, "tied_lora")
     expect(tuple(shared["A"].shape) == (R, 64) and tuple(shared["B"].shape) == (32, R),
@@ -277,7 +264,6 @@ def check_tied_lora(MyTiedLoRA) -> str:
     return _check_in_model(MyTiedLoRA, "tied_lora")
 
 
-@_own_rng
 def check_partially_tied_lora(MyPartiallyTiedLoRA) -> str:
     shared, wrapper = _check_roles(MyPartiallyTiedLoRA, "partially_tied_lora")
     expect(tuple(shared["L_A"].shape) == (SLICES, R, 64) and tuple(shared["L_B"].shape) == (SLICES, 32, R),
@@ -303,7 +289,6 @@ def check_partially_tied_lora(MyPartiallyTiedLoRA) -> str:
     return _check_in_model(MyPartiallyTiedLoRA, "partially_tied_lora")
 
 
-@_own_rng
 def check_tied_lora_extra(MyTiedLoRAExtra) -> str:
     shared, wrapper = _check_roles(MyTiedLoRAExtra, "tied_lora_extra")
     _check_uniform(shared["A"].detach(), "A", 64)
@@ -321,7 +306,6 @@ def check_tied_lora_extra(MyTiedLoRAExtra) -> str:
     return _check_in_model(MyTiedLoRAExtra, "tied_lora_extra")
 
 
-@_own_rng
 def check_tensor_embedding(MyTensorEmbedding) -> str:
     shared, wrapper = _check_roles(MyTensorEmbedding, "tensor_embedding")
     _check_uniform(shared["A"].detach(), "A", 64)
@@ -351,7 +335,6 @@ def _count_1b(method: str, **hyper) -> int:
         return peft.count_parameters(apply_method(Llama(LlamaConfig.from_name("llama-3.2-1b")), method, **hyper))[0]
 
 
-@_own_rng
 def exercise_1(vera_params_1b) -> str:
     """Tied-LoRA with trainable="vu" on q_proj, v_proj of Llama-3.2-1B: the number of trainable values."""
     counted = _count_1b("tied_lora", trainable="vu")
@@ -360,7 +343,6 @@ def exercise_1(vera_params_1b) -> str:
     return f"{counted:,} trainable numbers, {851_968 / counted:.0f}x fewer than LoRA r=8"
 
 
-@_own_rng
 def exercise_2(tied_delta_weight) -> str:
     """tied_delta_weight(A, B, v, u, s) = TiedLoRALinear.delta_weight() on a trained-looking layer."""
     torch.manual_seed(0)
@@ -382,7 +364,6 @@ def exercise_2(tied_delta_weight) -> str:
     return "tied_delta_weight = TiedLoRALinear.delta_weight"
 
 
-@_own_rng
 def exercise_3(smallest_l_over_lora) -> str:
     """The smallest l with which partially tied LoRA (q_proj, v_proj, r = 8) trains more than LoRA r = 8."""
     expect(isinstance(smallest_l_over_lora, int) and 1 <= smallest_l_over_lora <= 16,

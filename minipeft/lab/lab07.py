@@ -252,7 +252,7 @@ def exercise_3(trainable_counts) -> str:
            "give two integers: (lora_count, ia3_count)")
     got_lora, got_ia3 = (int(v) for v in trainable_counts)
     expect((got_lora, got_ia3) != (ia3, lora), "the two counts are swapped: (LoRA's, (IA)3's)")
-    L, d, q, kv, ffn, r = c["L"], c["d"], c["q"], c["kv"], c["ffn"], 8
+    L, d, q, kv, r = c["L"], c["d"], c["q"], c["kv"], 8
     if got_lora != lora:
         expect(got_lora * L != lora, f"LoRA: {got_lora:,} is one layer's count; the toy base has {L} layers")
         expect(got_lora != L * 2 * r * (d + q), "LoRA: v_proj is narrower than q_proj (grouped-query attention: "

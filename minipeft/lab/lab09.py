@@ -10,11 +10,9 @@ the prompt's queries, or rotated by RoPE) and name the one it matches.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import peft
 from ..adapters import apply_method
@@ -22,29 +20,7 @@ from ..data import encode_example
 from ..llama import Llama, LlamaConfig, apply_rope
 from ..methods.pasta import llama3_special_ids
 from ..tokenizer import Tokenizer
-from . import Wrong, assert_same_outputs_and_grads, expect, make_base
-
-
-def _own_rng(test):
-    """Run a check with the global random state saved and restored, so that the notebook's cells after it
-    draw the same numbers whether the build passed, failed or is still a stub."""
-    @functools.wraps(test)
-    def wrapper(*args):
-        with torch.random.fork_rng(devices=[]):
-            return test(*args)
-    return wrapper
-
-
-def _close(a, b, atol: float = 1e-4) -> bool:
-    return (isinstance(a, torch.Tensor) and a.shape == b.shape
-            and (a - b).abs().max().item() <= atol * max(1.0, b.abs().max().item()))
-
-
-def _name_the_mistake(mine: torch.Tensor, variants: dict[str, torch.Tensor], fallback: str) -> None:
-    for hint, wrong in variants.items():
-        if _close(mine, wrong):
-            raise Wrong(hint)
-    raise Wrong(fallback)
+from . import assert_same_outputs_and_grads, close, expect, make_base, name_the_mistake
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +57,6 @@ def _pasta_inputs():
     return torch.tensor([row + tok.encode("x" * (T - len(row))) for row in (row0, row1)])
 
 
-@_own_rng
 def check_pasta_forward(my_pasta_forward) -> str:
     """my_pasta_forward(model, E, ids, idx) against apply_method(..., "pasta") holding the same vectors."""
     base = make_base(0)
@@ -99,7 +74,7 @@ def check_pasta_forward(my_pasta_forward) -> str:
     expect(isinstance(out, torch.Tensor) and out.shape == want.shape,
            f"return the logits (B, T, vocab) = {tuple(want.shape)}; got "
            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    if not _close(out, want, 1e-5):
+    if not close(out, want, 1e-5):
         with torch.no_grad():
             args = (base, E, ids, idx)
             variants = {
@@ -115,7 +90,7 @@ def check_pasta_forward(my_pasta_forward) -> str:
                     *args, layer_of=lambda l, L: L - 1 - l),
                 "every layer got layer 0's vectors: E[l] goes with layer l": _pasta(*args, layer_of=lambda l, L: 0),
             }
-        _name_the_mistake(out, variants, "the logits differ: before each layer l, add E[l, j] at the positions "
+        name_the_mistake(out, variants, "the logits differ: before each layer l, add E[l, j] at the positions "
                                          "whose token is ids[j]; then the layer; then model.norm and lm_head")
     my_E = E.clone().requires_grad_(True)
     expect(my_pasta_forward(base, my_E, ids, idx).requires_grad,
@@ -152,7 +127,6 @@ def _infix_attention(attn, x, cos, sin, K_i, V_i, reads, seen_by="reads", rope_i
     return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
-@_own_rng
 def check_infix_attention(my_infix_attention) -> str:
     """my_infix_attention(attn, x, cos, sin, K_i, V_i, reads) against an infix-tuned layer's own forward."""
     P, T = 3, 12
@@ -169,12 +143,12 @@ def check_infix_attention(my_infix_attention) -> str:
     expect(isinstance(out, torch.Tensor) and out.shape == want.shape,
            f"return the layer's output (B, T, dim) = {tuple(want.shape)}, after o_proj; got "
            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    if not _close(out, want, 1e-5):
+    if not close(out, want, 1e-5):
         with torch.no_grad():
             a = dict(attn=attn, x=x, cos=cos, sin=sin, K_i=key, V_i=value, reads=reads)
             base_out = model.layers[0].self_attn(x, cos, sin)[0]           # no answer mask: no query sees it
             prompt_rows = ~reads
-            prompt_ok = _close(out[prompt_rows], want[prompt_rows], 1e-5)
+            prompt_ok = close(out[prompt_rows], want[prompt_rows], 1e-5)
             variants = {
                 "the prompt positions see the infix: only the queries marked in `reads` (the prompt's last token "
                 "and the answer) may attend to it; it comes after the rest of the prompt":
@@ -191,9 +165,9 @@ def check_infix_attention(my_infix_attention) -> str:
             }
         fallback = ("the outputs differ: projections split into heads, RoPE on q and k, [K_i; K], the mask "
                     "(infix columns for the `reads` queries, causal over the tokens), softmax, o_proj")
-        if not prompt_ok and _close(out[reads], want[reads], 1e-5):
+        if not prompt_ok and close(out[reads], want[reads], 1e-5):
             fallback = "the answer positions are right but the prompt positions are not: they must not see the infix"
-        _name_the_mistake(out, variants, fallback)
+        name_the_mistake(out, variants, fallback)
     my_key, my_value, my_x = (t.detach().clone().requires_grad_(True) for t in (key, value, x))
     their_x = x.clone().requires_grad_(True)
     worst = assert_same_outputs_and_grads(
@@ -208,7 +182,6 @@ def check_infix_attention(my_infix_attention) -> str:
 # Exercises
 
 
-@_own_rng
 def exercise_1(pasta_params_3b) -> str:
     """PaSTA's trainable numbers on the llama-3.2-3b preset with the four default ids."""
     with torch.device("meta"):
@@ -218,7 +191,6 @@ def exercise_1(pasta_params_3b) -> str:
     return f"{counted:,} trainable numbers"
 
 
-@_own_rng
 def exercise_2(generation_answer_mask) -> str:
     """generation_answer_mask(prompt_len, n_fed) -> (1, prompt_len + n_fed) bool: the answer_mask under which a full
     forward over the prompt and n_fed generated tokens predicts what cached generation does."""

@@ -9,7 +9,6 @@ many entries as the weight: that is how a dense ΔW (or a dense G^T X) is caught
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
@@ -23,15 +22,6 @@ from ..llama import Llama, LlamaConfig
 from ..methods import spiel
 from ..methods.sparse_ft import SparseFTConfig, SparseLinear
 from . import Wrong, check_build, expect, make_base
-
-
-def _isolated(fn):
-    """Run a check without touching the notebook's global random state."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.random.fork_rng():
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 class _BigTensors(TorchDispatchMode):
@@ -97,7 +87,6 @@ def _where_hint(probe: torch.Tensor, indices: torch.Tensor, what: str) -> str:
     return f"{what} is on the right entries but has the wrong values: entry i adds phi_i * x[c_i] to output r_i"
 
 
-@_isolated
 def check_my_sparse_linear(MySparseLinear) -> str:
     """MySparseLinear(base, indices): base(x) + scatter(eta, phi) x, phi trainable from 0, never a dense ΔW."""
     base, indices = _setup()
@@ -155,7 +144,6 @@ def check_my_sparse_linear(MySparseLinear) -> str:
     return check_build(mine, theirs, idx)
 
 
-@_isolated
 def check_phi_grad(my_phi_grad) -> str:
     """my_phi_grad(G, X, indices, in_features) -> dL/dphi (k,), = sparse_ft's, without the dense G^T X."""
     base, indices = _setup(1)
@@ -187,7 +175,6 @@ def check_phi_grad(my_phi_grad) -> str:
     return f"dL/dphi = sparse_ft's backward on {K} entries, no tensor of the weight's size formed"
 
 
-@_isolated
 def check_swap(my_swap) -> str:
     """my_swap(indices, values, grow, n) -> (new eta sorted, new phi): as spiel.swap under SpIEL-MA."""
     torch.manual_seed(0)
@@ -236,7 +223,6 @@ def check_swap(my_swap) -> str:
     return f"the same eta and phi as spiel.swap ({n} of {k} entries swapped)"
 
 
-@_isolated
 def exercise_1(sm3_bytes) -> str:
     """SM3's accumulators (fp32) for SpIEL-MA on q_proj and v_proj of Llama-3.2-1B, in bytes."""
     with torch.device("meta"):
@@ -251,7 +237,6 @@ def exercise_1(sm3_bytes) -> str:
     return f"SM3 accumulators: {want:,} bytes"
 
 
-@_isolated
 def exercise_2(grow_by_momentum) -> str:
     """grow_by_momentum(row_acc, col_acc, indices, n): the n positions outside eta with the largest row_i col_j."""
     model = apply_method(make_base(0), "spiel", density=0.05, targets=("up_proj",), growth="momentum", chunk=256)

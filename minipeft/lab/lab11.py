@@ -8,7 +8,6 @@ own inputs and leave the notebook's random state as they found it.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
@@ -23,15 +22,6 @@ from ..methods.bottleneck_adapter import Bottleneck
 from . import Wrong, assert_same_outputs_and_grads, check_build, expect, make_base
 
 D, K = 64, 8
-
-
-def _isolated(fn):
-    """Run a check without touching the notebook's global random state."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.random.fork_rng():
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 def _noise(module: nn.Module, seed: int, size: float = 0.3) -> nn.Module:
@@ -55,7 +45,6 @@ def _branch(h, down, up, f=F.gelu, scaling=1.0):
     return scaling * F.linear(f(F.linear(h, down.weight, down.bias)), up.weight, up.bias)
 
 
-@_isolated
 def check_my_bottleneck(MyBottleneck) -> str:
     """MyBottleneck(d, k, scaling=1.0): s (f(h W_down + b_down) W_up + b_up), identity-making zeros at init."""
     torch.manual_seed(0)
@@ -115,7 +104,6 @@ def _frozen_linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=False).requires_grad_(False)
 
 
-@_isolated
 def check_my_adapter_linear(MyAdapterLinear) -> str:
     """MyAdapterLinear(base, k): y + adapter(y), y = base(x); = bottleneck_adapter houlsby and pfeiffer."""
     base = _frozen_linear(48, 32, seed=0)
@@ -153,7 +141,6 @@ def check_my_adapter_linear(MyAdapterLinear) -> str:
     return "; ".join(summaries)
 
 
-@_isolated
 def check_my_parallel(MyParallel) -> str:
     """MyParallel(mlp, d, k, scaling): mlp(x) + adapter(x); = bottleneck_adapter parallel, s = 4."""
     tiny = make_base(0)
@@ -193,7 +180,6 @@ def _with(mix: MixtureBottleneck, h, wd, bd, wu, bu):
     return F.linear(F.gelu(F.linear(h, wd, bd)), wu, bu) * mix.scaling
 
 
-@_isolated
 def check_mixture_forward(my_mixture_forward) -> str:
     """my_mixture_forward(mix, h): copies (i, j) drawn i then j in training, the copies' average in eval."""
     mix = _mixture()
@@ -264,7 +250,6 @@ def check_mixture_forward(my_mixture_forward) -> str:
     return f"6 routings and the averaged forward = MixtureBottleneck's, outputs and gradients ({worst:.1e})"
 
 
-@_isolated
 def check_symmetric_kl(my_symmetric_kl) -> str:
     """my_symmetric_kl(a, b): 1/2 (KL(p_a || p_b) + KL(p_b || p_a)), rows averaged, each target detached."""
     g = torch.Generator().manual_seed(6)
@@ -298,7 +283,6 @@ def check_symmetric_kl(my_symmetric_kl) -> str:
     return f"value {want:.5f} and gradients = symmetric_kl's"
 
 
-@_isolated
 def exercise_1(houlsby_params_1b) -> str:
     """Houlsby, k = 64, on Llama-3.2-1B: the trainable count."""
     with torch.device("meta"):
@@ -313,7 +297,6 @@ def exercise_1(houlsby_params_1b) -> str:
     return f"{counted:,} numbers, {counted / (total - counted):.3%} of the base"
 
 
-@_isolated
 def exercise_2(consistency_term) -> str:
     """The symmetric KL of p_A = (0.5, 0.3, 0.2), p_B = (0.2, 0.2, 0.6), natural log."""
     p_a, p_b = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])
@@ -328,7 +311,6 @@ def exercise_2(consistency_term) -> str:
     return f"{want:.4f} nats (minipeft's symmetric_kl on the log-probabilities)"
 
 
-@_isolated
 def exercise_3(expected_delta) -> str:
     """expected_delta(experts_A, experts_B, scale): the mean of s B_j A_i over the M^2 pairs = what merge adds."""
     model = apply_method(make_base(0), "adamix_lora", r=4, n_experts=4, targets=("v_proj",))

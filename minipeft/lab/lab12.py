@@ -10,7 +10,6 @@ random state as they found it.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
@@ -19,19 +18,10 @@ import torch.nn as nn
 from .. import peft
 from ..adapters import apply_method
 from ..llama import Llama, LlamaConfig
-from ..methods import adalora, dylora
+from ..methods import adalora
 from . import Wrong, check_build, expect, make_base
 
 TARGETS = ("q_proj", "v_proj")
-
-
-def _isolated(fn):
-    """Run a check without touching the notebook's global random state."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.random.fork_rng():
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 def _parameter(layer: nn.Module, name: str, shape: tuple, what: str) -> nn.Parameter:
@@ -59,7 +49,6 @@ def _measured_factor(delta: torch.Tensor, plain: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------- AdaLoRA
 
-@_isolated
 def check_my_adalora(MyAdaLoRALinear) -> str:
     """MyAdaLoRALinear(base, r, alpha): W x + (alpha / r) P diag(lam) Q x; P, Q ~ N(0, 0.02^2), lam = 0."""
     n, m, r, alpha = 256, 128, 8, 16.0
@@ -101,7 +90,6 @@ def check_my_adalora(MyAdaLoRALinear) -> str:
     return check_build(mine, theirs, idx, rename=to_theirs)
 
 
-@_isolated
 def check_orthogonality(my_orthogonality) -> str:
     """my_orthogonality(P, Q) = ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (eq. 4), value and gradients."""
     g = torch.Generator().manual_seed(1)
@@ -153,7 +141,6 @@ def check_orthogonality(my_orthogonality) -> str:
     return f"value {want.item():.4f} and gradients = AdaLoRALinear.orthogonality; 0 for orthonormal P and Q"
 
 
-@_isolated
 def check_importance(my_importance_update, my_triplet_scores) -> str:
     """The smoothed sensitivity and uncertainty (eqs. 9-10) and a triplet's score (eq. 11), = minipeft's."""
     tiny, idx = _tiny_and_idx()
@@ -250,7 +237,6 @@ def _schedule(b0, bT, T, t_init, t_final, power=3, rounding=int, denominator=Non
     return b
 
 
-@_isolated
 def check_budget(my_budget) -> str:
     """my_budget(t, b0, bT, T, t_init, t_final) = adalora.budget at every step of two schedules."""
     for r, final_r, T, t_init, t_final, n_mod in ((12, 4, 100, 10, 20, 10), (8, 3, 57, 5, 11, 7)):
@@ -287,7 +273,6 @@ def check_budget(my_budget) -> str:
     return "= adalora.budget at every step of two schedules"
 
 
-@_isolated
 def check_masks(my_masks) -> str:
     """my_masks(scores, keep): the `keep` highest scores over all modules together, as mask_to_budget."""
     g = torch.Generator().manual_seed(3)
@@ -333,7 +318,6 @@ def check_masks(my_masks) -> str:
 
 # ---------------------------------------------------------------------------------------------- DyLoRA
 
-@_isolated
 def check_my_dylora(MyDyLoRALinear) -> str:
     """MyDyLoRALinear(base, r, alpha, b, frozen=False): W x + (alpha / b) B[:, :b] A[:b] x, LoRA's init."""
     n, m, r, alpha, b = 256, 48, 6, 12.0, 3
@@ -409,7 +393,6 @@ def check_my_dylora(MyDyLoRALinear) -> str:
 
 # ---------------------------------------------------------------------------------------------- exercises
 
-@_isolated
 def exercise_1(adalora_params_1b) -> str:
     """AdaLoRA, init_r = 12 on q_proj and v_proj of Llama-3.2-1B: the trainable count."""
     with torch.device("meta"):
@@ -425,7 +408,6 @@ def exercise_1(adalora_params_1b) -> str:
     return f"{counted:,} numbers (LoRA r=12: {lora:,})"
 
 
-@_isolated
 def exercise_2(budget_at_400) -> str:
     """The budget after step 400 of r=12 -> 8 on 32 modules, T = 1000, t_i = 100, t_f = 200."""
     config = adalora.AdaLoRAConfig(r=12, final_r=8, total_step=1000, tinit=100, tfinal=200)
@@ -437,7 +419,6 @@ def exercise_2(budget_at_400) -> str:
     return f"{want} of {12 * 32} triplets"
 
 
-@_isolated
 def exercise_3(dylora_lora_alpha) -> str:
     """The alpha of a plain LoRA (r = 2) that gives DyLoRA's (r = 8, alpha = 16) logits at b = 2."""
     expect(isinstance(dylora_lora_alpha, (int, float)), f"give a number, got {type(dylora_lora_alpha).__name__}")
@@ -461,7 +442,6 @@ def exercise_3(dylora_lora_alpha) -> str:
     return f"LoRA r=2, alpha={dylora_lora_alpha}: DyLoRA's logits at b = 2 (diff {gap:.1e})"
 
 
-@_isolated
 def exercise_4(masks_by_hand) -> str:
     """The masks mask_to_budget sets for scores [0.9, 0.2, 0.4] and [0.5, 0.1, 0.05] at a budget of 3."""
     scores = [torch.tensor([0.9, 0.2, 0.4]), torch.tensor([0.5, 0.1, 0.05])]

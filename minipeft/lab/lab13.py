@@ -9,7 +9,6 @@ found it.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
@@ -23,15 +22,6 @@ from . import TOY_TARGETS, Wrong, assert_same_outputs_and_grads, expect, make_ba
 
 DENSITY, LR = 0.05, 0.5
 BETA, GAMMA, ZETA = diff_pruning.BETA, diff_pruning.GAMMA, diff_pruning.ZETA
-
-
-def _isolated(fn):
-    """Run a check without touching the notebook's global random state."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.random.fork_rng():
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 def _top_k(score: torch.Tensor, density: float = DENSITY) -> torch.Tensor:
@@ -76,7 +66,6 @@ def _score_tensor(score, name: str, shape) -> torch.Tensor:
     return score.detach()
 
 
-@_isolated
 def check_scores(magnitude_score, movement_score, fisher_score, lt_sft_score) -> str:
     """The four scores, each of whose top-k must be sparse_ft.select's eta on the lab's warm-up."""
     base, names, batches = _task()
@@ -153,7 +142,6 @@ def _trained_looking(shape=(32, 64), seed: int = 0) -> torch.Tensor:
     return 2.0 * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@_isolated
 def check_hard_concrete(my_hard_concrete) -> str:
     """my_hard_concrete(log_alpha, u) = DiffPruneLinear.mask() in training from the same u: value and gradient."""
     log_alpha = _trained_looking()
@@ -209,7 +197,6 @@ def check_hard_concrete(my_hard_concrete) -> str:
     return f"the sample and d(sample)/d(log alpha) = mask()'s in training (largest difference {worst:.1e})"
 
 
-@_isolated
 def check_expected_l0(my_expected_l0) -> str:
     """my_expected_l0(log_alpha) = DiffPruneLinear.expected_l0(): value and gradient."""
     log_alpha = _trained_looking(seed=2)
@@ -245,7 +232,6 @@ def check_expected_l0(my_expected_l0) -> str:
     return f"E||m||_0 = {want.item():.1f} of {log_alpha.numel():,} = expected_l0(), value and gradient"
 
 
-@_isolated
 def check_test_gate(my_test_gate) -> str:
     """my_test_gate(log_alpha) = DiffPruneLinear.mask() outside training."""
     log_alpha = _trained_looking(seed=3)
@@ -271,7 +257,6 @@ def check_test_gate(my_test_gate) -> str:
     return "= mask() in eval mode; exactly 0 and 1 beyond -log 11 and log 11"
 
 
-@_isolated
 def check_finalize(my_finalize) -> str:
     """my_finalize(module, density) -> (eta, phi): the k largest |m_hat w| with the test-time gate, = finalize."""
     base = make_base(0)
@@ -318,7 +303,6 @@ def check_finalize(my_finalize) -> str:
 
 # ---------------------------------------------------------------------------------------------- exercises
 
-@_isolated
 def exercise_1(expected_l0_v_proj) -> str:
     """E||m||_0 of a tiny v_proj (2,048 entries) at log alpha = -1 everywhere."""
     model = apply_method(make_base(0), "diff_pruning", targets=("layers.0.self_attn.v_proj",), init_log_alpha=-1.0)
@@ -334,7 +318,6 @@ def exercise_1(expected_l0_v_proj) -> str:
     return f"E||m||_0 = {want:.1f} of 2,048 entries (DiffPruneLinear.expected_l0)"
 
 
-@_isolated
 def exercise_2(sparse_vs_lora) -> str:
     """(density, sparse_ft's file bytes, LoRA's) for r = 8 on q_proj and o_proj of Llama-3.2-1B."""
     expect(isinstance(sparse_vs_lora, (tuple, list)) and len(sparse_vs_lora) == 3,
@@ -374,7 +357,6 @@ class _ConstantGradient(nn.Module):
         return None, (self.layer(torch.eye(self.G.shape[1])) * self.G.T).sum()   # layer(I) = W^T: <W, G>
 
 
-@_isolated
 def exercise_3(kept_positions) -> str:
     """(magnitude's 2 positions, movement's 2) for W_0 = (0.8, -0.5, 0.1, -0.05), G = (0.4, 0.2, -0.3, 0.1)."""
     expect(isinstance(kept_positions, (tuple, list)) and len(kept_positions) == 2,
