@@ -18,6 +18,7 @@ tests and the CPU demo need no download.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import random
@@ -31,9 +32,10 @@ from typing import Sequence
 
 import torch
 
-from .safetensors_io import current_umask
+from .safetensors_io import current_umask, regular
 
 IGNORE = -100                      # the target value cross_entropy skips
+MAX_LINE_BYTES = 1_000_000         # per GSM8K line: far above any real one
 SPLITS = ("train", "test")
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
 Example = tuple[list[int], list[int]]              # (input_ids, targets), same length
@@ -42,15 +44,33 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # idx, targets, segment
 # ----------------------------------------------------------------------------- loading
 
 def load_gsm8k(path: str | Path) -> list[dict]:
-    """Read a GSM8K JSON-lines file. Blank lines at the end are ignored; any other bad line
-    (blank, not JSON, missing or non-string key, answer without `#### <number>`) raises a
-    ValueError naming the file and line. Nothing is skipped silently."""
-    path = Path(path)
-    # split on "\n" only: str.splitlines() would also break at U+2028 inside a JSON string
-    lines = path.read_text(encoding="utf-8").split("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return [_parse_line(line, f"{path}:{n}") for n, line in enumerate(lines, start=1)]
+    """Read a GSM8K JSON-lines file, a line at a time. Blank lines at the end are ignored; any other
+    bad line (blank, not JSON, missing or non-string key, answer without `#### <number>`, not UTF-8,
+    longer than MAX_LINE_BYTES) raises a ValueError naming the file and line. Nothing is skipped
+    silently. A FIFO or device is refused before it is opened (reading it would hang)."""
+    path = regular(Path(path))
+    examples, blank = [], None  # blank: the first blank line since the last example (an error if one follows)
+    # bytes, split at b"\n" only (str.splitlines() would also break at U+2028 inside a JSON string; no
+    # UTF-8 sequence holds the byte 0x0a), each line decoded alone, so a bad byte is named on its line
+    with open(path, "rb") as f:
+        for n in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)  # bounded: a 2 GB line is never read whole
+            if not raw:
+                return examples
+            if len(raw.rstrip(b"\n")) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{n}: longer than {MAX_LINE_BYTES:,} bytes (MAX_LINE_BYTES in "
+                                 "minipeft/data.py); not a GSM8K line")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1})") from None
+            if not line.strip():
+                blank = blank or n
+                continue
+            if blank:
+                _parse_line("", f"{path}:{blank}")  # raises: a blank line before the end
+            examples.append(_parse_line(line, f"{path}:{n}"))
 
 
 def _parse_line(line: str, where: str) -> dict:
@@ -79,7 +99,7 @@ def load_split(data_dir: str | Path = "data/gsm8k", split: str = "train") -> lis
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device is refused by load_gsm8k, by name
         raise FileNotFoundError(f"{path} not found; download GSM8K with `make data` "
                                 "(python scripts/download_gsm8k.py)")
     return load_gsm8k(path)

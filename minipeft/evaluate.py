@@ -32,7 +32,7 @@ import json
 import sys
 
 from .adapters import load_adapter
-from .base import load_base, pick_device
+from .base import load_run_base, pick_device
 from .runs import adapter_dir, run_settings
 from .scoring import evaluate
 from .tasks import TASKS, get_task, load_examples, load_test_set
@@ -84,8 +84,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     run = run_settings(args.adapter)  # a finetune run: reuse its settings
     source = adapter_dir(args.adapter) if args.adapter else None  # before the base loads: a wrong folder fails fast
     device = pick_device(args.device)
-    checkpoint = args.checkpoint or run.get("checkpoint")
-    model, tok, base = load_base(checkpoint, None if args.checkpoint else run.get("preset"), device)
+    # the run's base as it trained on it: its preset's seeded weights, attention pattern, quantisation
+    model, tok, base = load_run_base(run, device, args.checkpoint)
     if source:
         load_adapter(model, source)
     task = args.task or run.get("task", "gsm8k")

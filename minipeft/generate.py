@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="HF or Meta checkpoint folder (default: the run's base, else the toy base)")
     p.add_argument("--adapter", default=None, help="a finetune run folder (runs/toy/lora), or an adapter folder")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the Llama 3 chat format (default: off)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the Llama 3 chat format (default: on "
+                                                        "for a run trained with --format chat, else off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="(default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -110,19 +111,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_generation(args: argparse.Namespace, prompts: list[str]) -> list[str]:
     from .adapters import load_adapter
-    from .base import load_base, pick_device
+    from .base import load_run_base, pick_device
     from .runs import adapter_dir, run_settings
 
     run = run_settings(args.adapter)  # a finetune run: reuse its base
     source = adapter_dir(args.adapter) if args.adapter else None  # before the base loads: a wrong folder fails fast
     device = pick_device(args.device)
-    model, tok, _ = load_base(args.checkpoint or run.get("checkpoint"),
-                              None if args.checkpoint else run.get("preset"), device, progress=True)
+    # the run's base as it trained on it: its preset's seeded weights, attention pattern, quantisation
+    model, tok, _ = load_run_base(run, device, args.checkpoint)
     if source:
         load_adapter(model, source)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     return generate_text(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                         chat=args.chat, generator=generator)
+                         chat=args.chat or run.get("format") == "chat", generator=generator)
 
 
 if __name__ == "__main__":
