@@ -56,12 +56,12 @@ from .adapters import METHODS, apply_method
 from .data import encode_example, pack, synthetic_gsm8k
 from .base import load_base, pick_device
 from .finetune import Diverged, train, train_step
-from .runs import TrainConfig, parse_method_args, run_evidence, start_run
+from .runs import TrainConfig, parse_method_args
 from .scoring import evaluate
 from .peft import count_parameters, param_groups
 from .plots import write_plots
 from .recipes import describe, recipe
-from .safetensors_io import atomic_write, read_json as read_object
+from .safetensors_io import atomic_write
 from .tasks import TASKS, load_test_set
 from .toy import TOY_TRAINING
 
@@ -127,46 +127,26 @@ def plan_runs(entries: list[str], seeds: list[int], out: Path, steps: int, check
 
 
 def finished_summary(cfg: TrainConfig, overwrite: bool) -> dict | None:
-    """The summary of a finished run with these settings in cfg.out (reused, also after --out was moved),
-    else None, the folder cleared for a new run. Only a minipeft run (runs.run_evidence) is ever cleared:
-    anything else, and a run whose config.json cannot be read, is refused, naming what is there; a run
-    with other settings is refused, naming them, unless `overwrite`."""
+    """The summary of a finished run with exactly these settings (reused), else None after clearing
+    the folder; a folder holding a run with other settings is refused unless `overwrite`."""
     run = Path(cfg.out)
-    if not (run.exists() or run.is_symlink()) or (run.is_dir() and not any(run.iterdir())):
+    if not run.exists():
         return None
-    why = "a symbolic link" if run.is_symlink() else run_evidence(run) if run.is_dir() else "a file"
-    if why:
-        raise FileExistsError(f"{run}: not a minipeft run folder ({why}); nothing was deleted: move it away, or "
-                              "use another --out")
-    if (run / "config.json").exists():  # else killed before its settings were written: nothing to keep
-        try:
-            recorded = read_object(run / "config.json").get("train")
-            if not isinstance(recorded, dict):
-                raise ValueError(f"{run / 'config.json'}: no 'train' section (an object with the run's settings)")
-        except (OSError, ValueError) as e:
-            if not overwrite:
-                raise FileExistsError(f"{run}: cannot tell which run it holds ({e}); nothing was deleted: repair or "
-                                      "move it, or train it again with --overwrite") from None
-        else:
-            differ = other_settings(recorded, cfg)
-            if not differ and (run / "summary.json").exists():
-                return read_json(run / "summary.json")
-            if differ and not overwrite:
-                raise FileExistsError(f"{run}: holds a run with other settings ({differ}); use another --out "
-                                      "or --overwrite")
-    shutil.rmtree(run)  # a run of ours: unfinished, or replaced with --overwrite
+    try:
+        recorded = json.loads((run / "config.json").read_text())["train"]
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    wanted = json.loads(json.dumps(asdict(cfg), default=str))
+    if recorded is not None:  # a setting added after the run was made: the run had its default
+        recorded = {**json.loads(json.dumps(asdict(TrainConfig()), default=str)), **recorded}
+    if recorded is not None and {**recorded, "recipe": None} == {**wanted, "recipe": None}:  # same run, any label
+        if (run / "summary.json").exists():
+            return read_json(run / "summary.json")
+    elif recorded is not None and not overwrite:
+        raise FileExistsError(f"{run}: holds a run with other settings (steps, data, ...); use another --out "
+                              "or --overwrite")
+    shutil.rmtree(run)  # unfinished (or overwritten): start it again
     return None
-
-
-def other_settings(recorded: dict, cfg: TrainConfig) -> str:
-    """"max_steps 3 there, 4 here": the recorded run's settings that differ from cfg's. Not compared:
-    out (a moved or differently spelt --out holds the same runs) and recipe (the entry's label and record);
-    a setting added after the run was made had its default."""
-    plain = lambda c: json.loads(json.dumps(asdict(c), default=str))
-    recorded, wanted = {**plain(TrainConfig()), **recorded}, plain(cfg)
-    keys = [k for k in {**recorded, **wanted} if k not in ("out", "recipe") and recorded.get(k) != wanted.get(k)]
-    shown = "; ".join(f"{k} {recorded.get(k)!r} there, {wanted.get(k)!r} here" for k in keys[:3])
-    return shown + (f"; {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def run_one(cfg: TrainConfig, threads: int = 0) -> dict:
@@ -174,7 +154,6 @@ def run_one(cfg: TrainConfig, threads: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    start_run(Path(cfg.out), cfg)  # the marker first: an interrupted run is still known as a run of ours
     try:
         s = train(cfg, progress=False)
     except Diverged as e:
@@ -190,6 +169,8 @@ def summary_row(cfg: TrainConfig, s: dict) -> dict:
     return dict(trainable_params=s["trainable_params"], trainable_pct=s["trainable_pct"],
                 test_bpt=s["after"]["test_bpt"], accuracy=s["after"]["accuracy"], seconds=s["wall_seconds"],
                 acc_norm=final.get("acc_norm"),  # ARC's choice-text score; None for the other tasks
+                # lm-eval's two GSM8K figures (scoring.evaluate); None for the other tasks and older runs
+                strict_match=final.get("strict_match"), flexible_extract=final.get("flexible_extract"),
                 early_step=evals[0]["step"] if evals else None, early_test_bpt=evals[0]["test_bpt"] if evals else None,
                 best_epoch_test_bpt=min((r["test_bpt"] for r in epochs), default=None),
                 last_epoch_train_bpt=epochs[-1]["train_bpt"] if epochs else None)
@@ -296,8 +277,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
                    trainable_params=ok[0]["trainable_params"] if ok else None,
                    trainable_pct=ok[0]["trainable_pct"] if ok else None,
                    early_step=ok[0]["early_step"] if ok else None)
-        for key in ("test_bpt", "accuracy", "acc_norm", "seconds", "early_test_bpt", "best_epoch_test_bpt",
-                    "last_epoch_train_bpt"):
+        for key in ("test_bpt", "accuracy", "acc_norm", "strict_match", "flexible_extract", "seconds",
+                    "early_test_bpt", "best_epoch_test_bpt", "last_epoch_train_bpt"):
             row[key], row[key + "_std"] = mean_std([r.get(key) for r in ok])
         out.append(row)
     return out
@@ -350,7 +331,8 @@ def evaluate_base(checkpoint, data, limit, eval_limit, max_new_tokens, progress,
     say(progress, f"base model: {base['test_bpt']:.4f} bits/token, accuracy {base['accuracy']:.1%}")
     row = dict(method="base model", lr=None, seeds=[], failed=0, errors=[], trainable_params=0, trainable_pct=0.0,
                early_step=None, test_bpt=base["test_bpt"], accuracy=base["accuracy"], seconds=base["seconds"],
-               acc_norm=base.get("acc_norm"))
+               acc_norm=base.get("acc_norm"), strict_match=base.get("strict_match"),
+               flexible_extract=base.get("flexible_extract"))
     return total, row
 
 
@@ -476,12 +458,20 @@ def spread(mean: float, std: float | None, n: int) -> str:
     return pm(mean, std) + (f" ({n} seed)" if n == 1 else "")
 
 
+# the optional columns: (key, heading), shown when some row has a figure: ARC's choice-text score, and
+# lm-eval's two GSM8K figures (docs/lm-eval.md), the ones published GSM8K scores are
+OPTIONAL_COLUMNS = (("acc_norm", "acc_norm (%)"), ("strict_match", "strict-match (%)"),
+                    ("flexible_extract", "flexible-extract (%)"))
+
+
 def table_lines(rows: list[dict]) -> list[str]:
-    """The compare table; an acc_norm column (ARC's choice-text score) when some row has one."""
-    norm = any(r.get("acc_norm") is not None and r["acc_norm"] == r["acc_norm"] for r in rows)
+    """The compare table; the OPTIONAL_COLUMNS some row has a figure for (acc_norm: ARC; strict-match and
+    flexible-extract: GSM8K), after accuracy."""
+    extra = [(key, head) for key, head in OPTIONAL_COLUMNS
+             if any(r.get(key) is not None and r[key] == r[key] for r in rows)]
     lines = ["| method | trainable params | % of total | test bits/token | accuracy (%) | "
-             + ("acc_norm (%) | " if norm else "") + "seconds per run | lr | seeds |",
-             "|---|---:|---:|---:|---:|" + ("---:|" if norm else "") + "---:|---:|---:|"]
+             + "".join(f"{head} | " for _, head in extra) + "seconds per run | lr | seeds |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(extra) + "---:|---:|---:|"]
     for r in rows:
         params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         pct = "-" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3f}"
@@ -489,7 +479,7 @@ def table_lines(rows: list[dict]) -> list[str]:
         std = lambda key: r.get(key + "_std") if finished(r) > 1 else None  # one run: no spread to show
         lines.append(f"| {r['method']} | {params} | {pct} | {pm(r['test_bpt'], std('test_bpt'))} | "
                      f"{pm(r['accuracy'], std('accuracy'), 100, 1)} | "
-                     + (f"{pm(_or_nan(r.get('acc_norm')), std('acc_norm'), 100, 1)} | " if norm else "")
+                     + "".join(f"{pm(_or_nan(r.get(key)), std(key), 100, 1)} | " for key, _ in extra)
                      + f"{r['seconds']:.0f} | "
                      f"{'-' if r['lr'] is None else format(r['lr'], '.3g')} | {seeds} |")
     return lines

@@ -2,9 +2,13 @@
 `minipeft.evaluate` prints.
 
 * GSM8K (and its toy analogue): cross-entropy on the answer tokens in bits per token (nats / ln 2), the
-  prompt masked exactly as in training (data.encode_example), and accuracy of batched greedy decoding
-  with the KV cache (Llama.generate), stopped at EOS/<|eot_id|>, cut after the `#### N` line, graded by
-  data.extract_prediction / answers_match. Every prediction is written down.
+  prompt masked exactly as in training (data.encode_example), and batched greedy decoding with the KV
+  cache (Llama.generate), stopped at EOS/<|eot_id|> and cut at the style's stop strings (lm-eval's
+  `until`), scored three ways: minipeft's accuracy (data.extract_prediction / answers_match on the text up
+  to the `#### N` line) and lm-evaluation-harness's strict_match and flexible_extract (data.gsm8k_scores),
+  the two figures published GSM8K numbers are. Zero-shot in the fine-tuning format by default; lm-eval's
+  k-shot and chain-of-thought prompts with `style` / `shots` (tasks.gsm8k_prompts). Every prediction is
+  written down.
 * mmlu, arc_challenge: the log-likelihood of each answer letter after the prompt (`continuation_logprobs`);
   the highest is the prediction (accuracy, overall and per MMLU category); bits/token of the gold letter;
   for ARC also acc_norm (choice texts, log-likelihood / characters) and acc_text; k-shot prompts.
@@ -23,15 +27,17 @@ from typing import Sequence
 import torch
 
 from .base import autocast
-from .data import (Example, answers_match, attention_segments, collate, encode_prompt, extract_gold,
-                   extract_prediction)
+from .data import (GSM8K_UNTIL, Example, answers_match, attention_segments, collate, cut_at_stop, extract_gold,
+                   extract_prediction, gsm8k_scores)
 from .llama import IGNORE_INDEX, Llama
 from .safetensors_io import atomic_write
-from .tasks import (arc_text_prompt, encode_all, encode_answer, encode_text_prompt, get_task, mc_prompt,
-                    subject_category)
+from .tasks import (arc_text_prompt, encode_all, encode_answer, encode_text_prompt, get_task, gsm8k_prompts,
+                    gsm8k_shots, mc_prompt, subject_category)
 from .tokenizer import Tokenizer
 
 LN2 = math.log(2)
+# what finetune's summary.json before/after, its summary line and compare's table report of an evaluation
+SUMMARY_KEYS = ("test_bpt", "accuracy", "strict_match", "flexible_extract")
 
 
 @torch.no_grad()
@@ -65,32 +71,49 @@ def cut_after_answer(text: str) -> str:
 
 @torch.no_grad()
 def predict(model: Llama, tok: Tokenizer, examples: Sequence[dict], fmt: str = "plain",
-            batch_size: int = 32, max_new_tokens: int = 256, progress: bool = False) -> list[dict]:
-    """Greedy answers for `examples`, one record each: question, gold, generated, prediction, correct."""
+            batch_size: int = 32, max_new_tokens: int = 256, progress: bool = False, style: str | None = None,
+            shots: int = 0, shot_pool: Sequence[dict] = ()) -> list[dict]:
+    """Greedy answers for `examples`, one record each: question, gold, generated (the text cut at the stop
+    strings of `style`, "gsm8k" when None: what lm-eval scores), prediction and correct (minipeft's grading),
+    strict_match / flexible_extract and what each filter extracted (data.gsm8k_scores), prompt_tokens.
+    The prompts are tasks.gsm8k_prompts(fmt, style, shots, shot_pool), left-truncated to the model's
+    max_seq_len - max_new_tokens tokens as lm-eval's Hugging Face model truncates them."""
     was_training, device = model.training, model.embed_tokens.weight.device
     model.eval()
-    prompts = [encode_prompt(tok, ex["question"], fmt) for ex in examples]
+    style_scored, room = style or "gsm8k", model.config.max_seq_len - max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"max_seq_len {model.config.max_seq_len}")
+    prompts = gsm8k_prompts(tok, examples, fmt, style, shots, shot_pool)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less left padding
     texts: dict[int, str] = {}
     bar = Progress(len(prompts), "generate", progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         with autocast(device):
-            outs = model.generate([prompts[i] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids)
-        texts.update((i, cut_after_answer(tok.decode(o))) for i, o in zip(chunk, outs))
+            outs = model.generate([prompts[i][-room:] for i in chunk], max_new_tokens=max_new_tokens,
+                                  stop_ids=tok.stop_ids)
+        # lm-eval's HF model stops a batch at the stop strings; cutting afterwards gives the same text
+        texts.update((i, cut_at_stop(tok.decode(o), GSM8K_UNTIL[style_scored])) for i, o in zip(chunk, outs))
         bar.update(len(chunk), sum(map(len, outs)))
     bar.close()
     model.train(was_training)
     records = []
     for i, ex in enumerate(examples):
-        gold, pred = extract_gold(ex["answer"]), extract_prediction(texts[i])
+        gold, pred = extract_gold(ex["answer"]), extract_prediction(cut_after_answer(texts[i]))
         records.append(dict(question=ex["question"], gold=gold, generated=texts[i], prediction=pred,
-                            correct=answers_match(pred, gold)))
+                            correct=answers_match(pred, gold), **gsm8k_scores(texts[i], ex["answer"], style_scored),
+                            prompt_tokens=len(prompts[i])))
     return records
 
 
-def accuracy(records: Sequence[dict]) -> float:
-    return sum(r["correct"] for r in records) / max(len(records), 1)
+def accuracy(records: Sequence[dict], key: str = "correct") -> float:
+    return sum(r[key] for r in records) / max(len(records), 1)
+
+
+def summary_figures(result: dict) -> dict:
+    """The SUMMARY_KEYS an evaluation has: what finetune's summary.json keeps as `before` and `after`."""
+    return {key: result[key] for key in SUMMARY_KEYS if key in result}
 
 
 def write_predictions(records: Sequence[dict], path: str | Path) -> None:
@@ -100,17 +123,24 @@ def write_predictions(records: Sequence[dict], path: str | Path) -> None:
 
 def evaluate(model: Llama, tok: Tokenizer, test: Sequence[dict], fmt: str = "plain", max_len: int = 512,
              batch_size: int = 32, max_new_tokens: int = 256, predictions: str | Path | None = None,
-             task: str = "gsm8k", shots: int = 0, shot_pool: Sequence[dict] = (), stride: int = 0,
-             progress: bool = False) -> dict:
+             task: str = "gsm8k", shots: int | None = None, shot_pool: Sequence[dict] = (), stride: int = 0,
+             progress: bool = False, gsm8k_style: str | None = None) -> dict:
     """{"test_bpt", "accuracy", "n", "seconds", ...} of `task` on `test`; the per-example records go to
-    `predictions` if given. accuracy is NaN for the tasks without one (dolly, text)."""
+    `predictions` if given. accuracy is NaN for the tasks without one (dolly, text). GSM8K also gives
+    lm-eval's "strict_match" and "flexible_extract" (means over the questions), the `gsm8k_style` that
+    scored them ("gsm8k" unless given), the shots (None: the style's own number, tasks.gsm8k_shots) and
+    how many prompts were left-truncated; its bits/token is always the fine-tuning format's, zero-shot."""
     t0, kind = time.time(), get_task(task).kind
     if kind == "generate":
         bpt = bits_per_token(model, encode_all(tok, test, fmt, max_len, task), batch_size, tok.pad_id)
-        records = predict(model, tok, test, fmt, batch_size, max_new_tokens, progress)
-        result = dict(test_bpt=bpt, accuracy=accuracy(records))
+        shots = gsm8k_shots(gsm8k_style, shots)
+        records = predict(model, tok, test, fmt, batch_size, max_new_tokens, progress, gsm8k_style, shots, shot_pool)
+        room = model.config.max_seq_len - max_new_tokens
+        result = dict(test_bpt=bpt, accuracy=accuracy(records), strict_match=accuracy(records, "strict_match"),
+                      flexible_extract=accuracy(records, "flexible_extract"), gsm8k_style=gsm8k_style or "gsm8k",
+                      shots=shots, prompts_truncated=sum(r["prompt_tokens"] > room for r in records))
     elif kind == "choice":
-        result, records = evaluate_choices(model, tok, test, fmt, max_len, batch_size, shots, shot_pool,
+        result, records = evaluate_choices(model, tok, test, fmt, max_len, batch_size, shots or 0, shot_pool,
                                            get_task(task).choice_text, progress)
     elif kind == "response":
         bpt, records = bits_per_token(model, encode_all(tok, test, fmt, max_len, task), batch_size, tok.pad_id), []

@@ -2,7 +2,9 @@
 
 One `Task` per name in `TASKS`; adding a task is a row there and touches no method.
 
-* gsm8k: grade-school maths (minipeft.data), greedy generation scored by the number after `####`.
+* gsm8k: grade-school maths (minipeft.data), greedy generation scored by the number after `####` (minipeft's
+  accuracy) and by lm-evaluation-harness's strict-match and flexible-extract; lm-eval's k-shot and
+  chain-of-thought prompts with `gsm8k_prompts` (docs/lm-eval.md).
 * mmlu: Hendrycks et al., "Measuring Massive Multitask Language Understanding", arXiv:2009.03300.
   CSV files without a header (question, A, B, C, D, answer letter), `<subject>_{dev,val,test}.csv`
   in dev/ val/ test/, and auxiliary_train/*.csv (the training pool). The prompt is the paper's (with lm-eval-harness's
@@ -48,8 +50,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .data import (IGNORE, NAMES, OBJECTS, Example, _fact, cache_dir, encode_example, load_split, publish,
-                   story_text, synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl)
+from .data import (GSM8K_NUM_FEWSHOT, IGNORE, NAMES, OBJECTS, Example, _fact, cache_dir, encode_example,
+                   encode_gsm8k_prompt, encode_prompt, gsm8k_fewshot, load_split, publish, story_text,
+                   synthetic_arithmetic_text, synthetic_gsm8k, write_jsonl)
 from .safetensors_io import atomic_write
 from .tokenizer import Tokenizer, read_utf8
 
@@ -500,7 +503,7 @@ class Task:
     load: Callable[[Path, str], list[dict]]                 # (data folder, split) -> examples
     encode: Callable[..., list[Example]]                    # (tok, example, fmt, max_len) -> (input, targets) rows
     default_data: str                                       # where `make data TASK=...` puts it
-    shots_split: str | None = None  # where k-shot examples come from (choice tasks)
+    shots_split: str | None = None  # where k-shot examples come from (choice tasks; gsm8k's lm-eval style)
     train_splits: tuple[str, ...] = ("train",)  # what --train-split may name (never the test split)
     choice_text: bool = False       # also score the choice texts (acc_norm), as lm-eval-harness's ARC
 
@@ -513,8 +516,41 @@ def _load_gsm8k(data: Path, split: str) -> list[dict]:
     return load_split(data, split)
 
 
+def gsm8k_shots(style: str | None, shots: int | None) -> int:
+    """How many solved examples a GSM8K prompt holds: `shots`, or when not given the style's own number
+    (lm-eval's num_fewshot: gsm8k 5, the CoT styles their 8 exemplars), 0 without a style (minipeft's
+    fine-tuning prompt). A count the style cannot give is a one-line ValueError naming the flag."""
+    if shots is None:
+        return GSM8K_NUM_FEWSHOT[style] if style else 0
+    if style in ("gsm8k_cot", "gsm8k_cot_llama") and not 0 <= shots <= GSM8K_NUM_FEWSHOT[style]:
+        raise ValueError(f"--shots {shots}: --gsm8k-style {style} has {GSM8K_NUM_FEWSHOT[style]} fixed exemplars "
+                         f"(0 to {GSM8K_NUM_FEWSHOT[style]})")
+    return shots
+
+
+def gsm8k_prompts(tok, examples: Sequence[dict], fmt: str = "plain", style: str | None = None, shots: int = 0,
+                  pool: Sequence[dict] = ()) -> list[list[int]]:
+    """The token ids to generate from, one list per example. Without a style and shots: minipeft's
+    fine-tuning prompt (data.encode_prompt; in plain format the text of lm-eval's zero-shot gsm8k prompt for
+    every GSM8K question, none of which has surrounding whitespace to strip). Otherwise lm-eval's `style`
+    prompt (data.encode_gsm8k_prompt; chat format: the multi-turn chat of --apply_chat_template
+    --fewshot_as_multiturn): gsm8k's `shots` drawn from `pool` (the training split) as lm-eval draws them,
+    question i the (i+1)-th seeded draw (data.gsm8k_fewshot); the CoT styles' first `shots` exemplars."""
+    if style is None and not shots:
+        return [encode_prompt(tok, ex["question"], fmt) for ex in examples]
+    style = style or "gsm8k"
+    if style == "gsm8k":
+        if shots > len(pool):
+            raise ValueError(f"--shots {shots}: the training split has {len(pool)} examples to draw from")
+        per_question = gsm8k_fewshot(pool, len(examples), shots) if shots else [[] for _ in examples]
+    else:
+        per_question = [shots] * len(examples)  # an int: the first k fixed exemplars
+    return [encode_gsm8k_prompt(tok, ex["question"], style, s, chat=fmt == "chat")
+            for ex, s in zip(examples, per_question)]
+
+
 TASKS: dict[str, Task] = {
-    "gsm8k": Task("gsm8k", "generate", _load_gsm8k, _encode_gsm8k, "data/gsm8k"),
+    "gsm8k": Task("gsm8k", "generate", _load_gsm8k, _encode_gsm8k, "data/gsm8k", shots_split="train"),
     "mmlu": Task("mmlu", "choice", load_mmlu, encode_mc, "data/mmlu", shots_split="dev",
                  train_splits=("train", "dev", "val")),  # train = auxiliary_train/
     "arc_challenge": Task("arc_challenge", "choice", load_arc, encode_mc, "data/arc_challenge", shots_split="train",
