@@ -56,12 +56,12 @@ from .adapters import METHODS, apply_method
 from .data import encode_example, pack, synthetic_gsm8k
 from .base import load_base, pick_device
 from .finetune import Diverged, train, train_step
-from .runs import TrainConfig, parse_method_args
+from .runs import TrainConfig, parse_method_args, run_evidence, start_run
 from .scoring import evaluate
 from .peft import count_parameters, param_groups
 from .plots import write_plots
 from .recipes import describe, recipe
-from .safetensors_io import atomic_write
+from .safetensors_io import atomic_write, read_json as read_object
 from .tasks import TASKS, load_test_set
 from .toy import TOY_TRAINING
 
@@ -127,26 +127,46 @@ def plan_runs(entries: list[str], seeds: list[int], out: Path, steps: int, check
 
 
 def finished_summary(cfg: TrainConfig, overwrite: bool) -> dict | None:
-    """The summary of a finished run with exactly these settings (reused), else None after clearing
-    the folder; a folder holding a run with other settings is refused unless `overwrite`."""
+    """The summary of a finished run with these settings in cfg.out (reused, also after --out was moved),
+    else None, the folder cleared for a new run. Only a minipeft run (runs.run_evidence) is ever cleared:
+    anything else, and a run whose config.json cannot be read, is refused, naming what is there; a run
+    with other settings is refused, naming them, unless `overwrite`."""
     run = Path(cfg.out)
-    if not run.exists():
+    if not (run.exists() or run.is_symlink()) or (run.is_dir() and not any(run.iterdir())):
         return None
-    try:
-        recorded = json.loads((run / "config.json").read_text())["train"]
-    except (OSError, ValueError, KeyError):
-        recorded = None
-    wanted = json.loads(json.dumps(asdict(cfg), default=str))
-    if recorded is not None:  # a setting added after the run was made: the run had its default
-        recorded = {**json.loads(json.dumps(asdict(TrainConfig()), default=str)), **recorded}
-    if recorded is not None and {**recorded, "recipe": None} == {**wanted, "recipe": None}:  # same run, any label
-        if (run / "summary.json").exists():
-            return read_json(run / "summary.json")
-    elif recorded is not None and not overwrite:
-        raise FileExistsError(f"{run}: holds a run with other settings (steps, data, ...); use another --out "
-                              "or --overwrite")
-    shutil.rmtree(run)  # unfinished (or overwritten): start it again
+    why = "a symbolic link" if run.is_symlink() else run_evidence(run) if run.is_dir() else "a file"
+    if why:
+        raise FileExistsError(f"{run}: not a minipeft run folder ({why}); nothing was deleted: move it away, or "
+                              "use another --out")
+    if (run / "config.json").exists():  # else killed before its settings were written: nothing to keep
+        try:
+            recorded = read_object(run / "config.json").get("train")
+            if not isinstance(recorded, dict):
+                raise ValueError(f"{run / 'config.json'}: no 'train' section (an object with the run's settings)")
+        except (OSError, ValueError) as e:
+            if not overwrite:
+                raise FileExistsError(f"{run}: cannot tell which run it holds ({e}); nothing was deleted: repair or "
+                                      "move it, or train it again with --overwrite") from None
+        else:
+            differ = other_settings(recorded, cfg)
+            if not differ and (run / "summary.json").exists():
+                return read_json(run / "summary.json")
+            if differ and not overwrite:
+                raise FileExistsError(f"{run}: holds a run with other settings ({differ}); use another --out "
+                                      "or --overwrite")
+    shutil.rmtree(run)  # a run of ours: unfinished, or replaced with --overwrite
     return None
+
+
+def other_settings(recorded: dict, cfg: TrainConfig) -> str:
+    """"max_steps 3 there, 4 here": the recorded run's settings that differ from cfg's. Not compared:
+    out (a moved or differently spelt --out holds the same runs) and recipe (the entry's label and record);
+    a setting added after the run was made had its default."""
+    plain = lambda c: json.loads(json.dumps(asdict(c), default=str))
+    recorded, wanted = {**plain(TrainConfig()), **recorded}, plain(cfg)
+    keys = [k for k in {**recorded, **wanted} if k not in ("out", "recipe") and recorded.get(k) != wanted.get(k)]
+    shown = "; ".join(f"{k} {recorded.get(k)!r} there, {wanted.get(k)!r} here" for k in keys[:3])
+    return shown + (f"; {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def run_one(cfg: TrainConfig, threads: int = 0) -> dict:
@@ -154,6 +174,7 @@ def run_one(cfg: TrainConfig, threads: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
+    start_run(Path(cfg.out), cfg)  # the marker first: an interrupted run is still known as a run of ours
     try:
         s = train(cfg, progress=False)
     except Diverged as e:

@@ -40,7 +40,7 @@ import json
 import sys
 
 from .adapters import load_adapter
-from .base import load_base, pick_device
+from .base import load_run_base, pick_device
 from .data import GSM8K_STYLES
 from .runs import adapter_dir, run_settings
 from .scoring import evaluate
@@ -102,8 +102,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         raise ValueError(f"--gsm8k-style {args.gsm8k_style}: only for --task gsm8k (this is --task {task})")
     shots = gsm8k_shots(args.gsm8k_style, args.shots) if task == "gsm8k" else args.shots or 0
     device = pick_device(args.device)
-    checkpoint = args.checkpoint or run.get("checkpoint")
-    model, tok, base = load_base(checkpoint, None if args.checkpoint else run.get("preset"), device)
+    # the run's base as it trained on it: its preset's seeded weights, attention pattern, quantisation
+    model, tok, base = load_run_base(run, device, args.checkpoint)
     if source:
         load_adapter(model, source)
     test, data = load_test_set(args.data or run.get("data"), task, args.limit)

@@ -43,11 +43,11 @@ from typing import Sequence
 import torch
 
 from .adapters import CONFIG_FILE, METHODS, adapter_state, checked_hyper, load_adapter_state, method_module, \
-    save_adapter, value_has_type
-from .base import pick_device
+    save_adapter, sha256_file, value_has_type
+from .base import SHIPPED, pick_device
 from .recipes import describe, recipe
-from .safetensors_io import atomic_write
-from .tasks import TASKS, check_train_split
+from .safetensors_io import INDEX, atomic_write, read_json, regular, write_json
+from .tasks import TASKS, check_train_split, toy_folder
 from .toy import TOY_TRAINING
 
 STATE_FILE = "train_state.pt"
@@ -259,9 +259,11 @@ def load_state(run: Path) -> dict:
     """RUN/train_state.pt, read without unpickling code, checked for its fields and its run."""
     path = run / STATE_FILE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        regular(path)  # a FIFO or a device there would hang torch.load's open(): refused at once, by name
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found (the run never reached a save point)") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or holding objects other than plain data
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: cannot be read as a training state ({first[:300]}); it is corrupt, "
@@ -412,19 +414,105 @@ def describe_method(name: str) -> str:
 
 
 def prepare_run_folder(run: Path, overwrite: bool) -> None:
-    """A new run starts in a new or empty folder: running the same command twice must not wipe a
-    finished run's metrics, and a forgotten --resume must not mix two runs' records. --overwrite
-    deletes the folder whole, but only a folder that holds a run (never an arbitrary --out)."""
-    if not run.exists() or (run.is_dir() and not any(run.iterdir())):
+    """A new run starts in a new or empty folder (one holding only RUN_MARKER, a run that died at its
+    start, counts as empty): running the same command twice must not wipe a finished run's metrics, and
+    a forgotten --resume must not mix two runs' records. --overwrite deletes the folder whole, but only a
+    minipeft run folder (`run_evidence`), never a checkpoint or project folder that holds a config.json."""
+    if not (run.exists() or run.is_symlink()) or (run.is_dir() and all(p.name == RUN_MARKER for p in run.iterdir())):
         return
-    is_run = run.is_dir() and any((run / n).exists() for n in ("config.json", "metrics.jsonl", STATE_FILE, "adapter"))
     if not overwrite:
         raise ValueError(f"{run} already exists and is not empty: continue it with --resume {run}, start over "
                          "with --overwrite, or choose another --out")
-    if not is_run:
-        raise ValueError(f"{run} holds no run (no config.json, metrics.jsonl or {STATE_FILE}); --overwrite deletes "
-                         "only run folders: choose another --out")
+    why = "it is a symbolic link" if run.is_symlink() else run_evidence(run) if run.is_dir() else "it is a file"
+    if why:
+        raise ValueError(f"{run} holds no run ({why}); --overwrite deletes only minipeft run folders: "
+                         "choose another --out")
     shutil.rmtree(run)
+
+
+# ----------------------------------------------------------------------------- what a run is made of
+
+RUN_MARKER = "minipeft_run.json"  # the first file of every run: what --overwrite and compare recognise
+# the files of a base checkpoint that make its model: weights (and their index), config, tokenizer
+BASE_FILES = ("config.json", "params.json", INDEX, "tokenizer.model", "tokenizer.json")
+
+
+def start_run(run: Path, cfg: TrainConfig) -> None:
+    """Write RUN_MARKER into a new run's folder, before anything else: it marks the folder as a minipeft
+    run (--overwrite deletes, compare clears only such folders) and records the size and sha256 of every
+    file the run's base and data come from (`input_files`), which --resume checks (`check_inputs`)."""
+    run.mkdir(parents=True, exist_ok=True)
+    inputs = {kind: dict(folder=str(folder), files={rel: dict(bytes=p.stat().st_size, sha256=sha256_file(p))
+                                                    for rel, p in files.items()})
+              for kind, folder, files in input_files(cfg)}
+    write_json(run / RUN_MARKER, dict(minipeft_run=1, inputs=inputs))
+
+
+def input_files(cfg: TrainConfig) -> list[tuple[str, Path, dict[str, Path]]]:
+    """[("base", folder, {name: file}), ("data", folder, {relative path: file})]: the base checkpoint's
+    BASE_FILES and weight files (the toy base's without --checkpoint; none for a --preset, whose weights
+    come from the seed), and every file of the data folder not hidden (the task's toy analogue without
+    --data; a text file itself). Missing ones are left out: loading them fails later, with its own error."""
+    base = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else SHIPPED
+    weights = {} if cfg.preset or not base.is_dir() else {
+        p.name: p for p in sorted(base.iterdir()) if p.name in BASE_FILES or p.suffix in (".safetensors", ".pth")}
+    data = Path(cfg.data).expanduser() if cfg.data else toy_folder(cfg.task)
+    if data.is_dir():
+        files = {str(p.relative_to(data)): p for p in sorted(data.rglob("*"))
+                 if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(data).parts)}
+    else:
+        files = {data.name: data} if data.exists() or data.is_symlink() else {}
+    return [("base", base, weights), ("data", data if data.is_dir() else data.parent, files)]
+
+
+def check_inputs(run: Path, cfg: TrainConfig) -> None:
+    """--resume: refuse when a file the run's base or data came from (as RUN_MARKER recorded it at the
+    start) is gone, new, or has other bytes now, naming it: the run would go on training on other data
+    or another base than its first steps and its metrics did. A run from before the marker has no record."""
+    marker = run / RUN_MARKER
+    if not (marker.exists() or marker.is_symlink()):
+        return
+    recorded = read_json(marker).get("inputs")
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{marker}: no 'inputs' record (an object); delete {marker} to resume without the check")
+    for kind, folder, files in input_files(cfg):
+        then = recorded.get(kind, {}).get("files", {}) if isinstance(recorded.get(kind), dict) else {}
+        for rel in sorted(set(then) | set(files)):
+            if rel not in files:
+                change = "is gone"
+            elif rel not in then:
+                change = "is new (it was not there when the run started)"
+            elif not isinstance(then[rel], dict) or files[rel].stat().st_size != then[rel].get("bytes"):
+                change = "has another size than when the run started"
+            elif (now := sha256_file(files[rel])) != then[rel].get("sha256"):
+                was = str(then[rel].get("sha256"))[:12]
+                change = f"changed since the run started (sha256 {was}... then, {now[:12]}... now)"
+            else:
+                continue
+            raise ValueError(f"--resume {run}: the {kind} file {folder / rel} {change}; the run would go on with "
+                             f"other {'data' if kind == 'data' else 'base weights'} than it started with. Put the "
+                             f"original back, or start over with --overwrite (to resume anyway, delete {marker})")
+
+
+def run_evidence(run: Path) -> str | None:
+    """None when the folder `run` holds a minipeft run: its RUN_MARKER, or (a run from before the marker)
+    a config.json with the run_id and train settings only finetune writes there. Else what it holds
+    instead, for an error (a damaged config.json named with its fault), so nothing unknown is deleted."""
+    marker, config = run / RUN_MARKER, run / "config.json"
+    try:
+        if marker.exists() or marker.is_symlink():
+            return None if "minipeft_run" in read_json(marker) else f"{marker} has no 'minipeft_run' field"
+        if config.exists() or config.is_symlink():
+            saved = read_json(config)
+            if isinstance(saved.get("run_id"), str) and isinstance(saved.get("train"), dict):
+                return None
+            found = "its config.json is not a minipeft run's (no run_id and train settings)"
+        else:
+            found = f"no {RUN_MARKER} or config.json"
+    except (OSError, ValueError) as e:
+        return str(e)
+    names = sorted(p.name for p in run.iterdir())
+    return f"{found}; it holds {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 def resume_config(run: Path, device: str) -> TrainConfig:
@@ -447,7 +535,9 @@ def resume_config(run: Path, device: str) -> TrainConfig:
             raise ValueError(f"{path}: train.{key} must be {_type_name(hints[key])}, got {value!r}")
     cfg = TrainConfig(**dict(train_cfg, out=str(run), device=device))
     _, args = checked_hyper(dict(cfg.method_args, method=cfg.method), f"{path} train.method_args")
-    return dataclasses.replace(cfg, method_args=args)
+    cfg = dataclasses.replace(cfg, method_args=args)
+    check_inputs(run, cfg)  # the data and base files are still those the run started from
+    return cfg
 
 
 def _task_of(args: argparse.Namespace) -> str:
@@ -525,15 +615,44 @@ def adapter_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: neither a run folder with adapter/{CONFIG_FILE} nor an adapter folder")
 
 
+# What each TrainConfig field is to the model that evaluate, generate and export rebuild from a run:
+# MODEL_FIELDS make the function its adapter was trained in, and base.load_run_base applies every one;
+# every other field is in OTHER_FIELDS with the reason it leaves that function alone. A new field in
+# neither fails tests/test_reliability_jobs.py, so no setting of a run is forgotten by the jobs.
+MODEL_FIELDS = ("checkpoint", "preset", "seed", "attention", "sparse_block", "sparse_summary", "quantize")
+_TRAINING = "how the adapter was trained; its saved tensors are the result"
+OTHER_FIELDS = {
+    "method": "the adapter folder records its method (minipeft_adapter.json)",
+    "method_args": "the adapter folder records the method's settings",
+    "data": "what is evaluated, not the model: evaluate takes the run's unless --data",
+    "task": "what is evaluated: evaluate takes the run's unless --task",
+    "format": "the prompt, not the model: evaluate takes the run's unless --format, generate uses --chat for chat",
+    "max_len": "where evaluate cuts an example: the run's unless --max-len",
+    "train_split": "the training data only", "limit": "which examples (evaluate --limit)",
+    "eval_limit": "which test examples (evaluate --limit)",
+    "max_new_tokens": "the generation budget (--max-new-tokens)",
+    "eval_batch_size": "the batching: the same figures up to float rounding (evaluate --batch-size)",
+    "device": "where the run ran: bf16 autocast on CUDA, fp32 on the CPU (rounding, not another function)",
+    "compile": "torch.compile computes the same function", "grad_checkpoint": "recomputes the same forward",
+    "out": "the run folder itself", "recipe": "a record of where lr and method_args came from",
+    **{name: _TRAINING for name in ("epochs", "max_steps", "lr", "weight_decay", "warmup", "min_lr_ratio",
+                                    "batch_size", "grad_accum", "clip", "eval_every", "save_every", "pack",
+                                    "baseline")},
+}
+
+
 def run_settings(adapter: str | None) -> dict:
-    """The `train` settings of a finetune run folder given as --adapter ({} for an adapter folder or
-    none), so evaluate and generate reuse the run's base, data and format."""
+    """The `train` settings of a finetune run folder given as --adapter (also as RUN/adapter; {} for an
+    adapter folder of its own, or none), so evaluate, generate and export rebuild the run's model
+    (MODEL_FIELDS, base.load_run_base) and evaluate its data in its format."""
     if not adapter:
         return {}
     path = Path(adapter).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{adapter}: --adapter folder does not exist (finetune's runs are in "
                                 "runs/toy/METHOD or runs/CHECKPOINT_NAME/METHOD)")
+    if not (path / "config.json").is_file() and path.name == "adapter" and run_evidence(path.parent) is None:
+        path = path.parent  # RUN/adapter: the run's own settings, not the toy base's defaults
     if not (path / "config.json").is_file():
         return {}
     try:
