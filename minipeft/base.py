@@ -48,13 +48,13 @@ def autocast(device: torch.device):
 
 def load_base(checkpoint: str | None = None, preset: str | None = None,
               device: torch.device = torch.device("cpu"), progress: bool = True,
-              seed: int | None = None) -> tuple[Llama, Tokenizer, str]:
+              seed: int | None = None, dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer, str]:
     """(model, tokenizer, description). A checkpoint folder (HF or Meta layout, tokenizer in the same
     folder), or a preset with random weights and the byte-level tokenizer, or (neither) the toy base.
-    Weights are bf16 on CUDA and fp32 on CPU. `seed`: a preset's weights are drawn after
+    Weights are `dtype`, by default bf16 on CUDA and fp32 on CPU. `seed`: a preset's weights are drawn after
     torch.manual_seed(seed), as finetune draws them (the same seed gives the same weights on the same
     kind of device: CUDA and the CPU draw different numbers); None: from the global generator as it is."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if checkpoint and preset:
         raise ValueError("give --checkpoint or --preset, not both")
     if preset:
@@ -73,7 +73,7 @@ def load_base(checkpoint: str | None = None, preset: str | None = None,
 
 
 def load_run_base(run: dict, device: torch.device = torch.device("cpu"), checkpoint: str | None = None,
-                  progress: bool = True) -> tuple[Llama, Tokenizer, str]:
+                  progress: bool = True, dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer, str]:
     """The base model a finetune run trained on, computing what it computed then, so that the run's
     adapter gives the run's own figures. `run`: the `train` settings of its config.json (runs.run_settings;
     {} for none: the toy base). Its checkpoint, or `checkpoint` instead; or its preset's random weights
@@ -81,7 +81,8 @@ def load_run_base(run: dict, device: torch.device = torch.device("cpu"), checkpo
     base (quantize: QLoRA's NF4, int8). runs.MODEL_FIELDS lists these settings; every other setting of a
     run leaves the function alone (export applies them itself, in the checkpoint's dtype)."""
     preset = None if checkpoint else run.get("preset")
-    model, tok, name = load_base(checkpoint or run.get("checkpoint"), preset, device, progress, seed=run.get("seed", 0))
+    model, tok, name = load_base(checkpoint or run.get("checkpoint"), preset, device, progress, seed=run.get("seed", 0),
+                                 dtype=dtype)
     sparse = {k: run[k] for k in ("attention", "sparse_block", "sparse_summary") if k in run}
     if sparse.get("attention", "dense") != "dense":
         model.config = dataclasses.replace(model.config, **sparse)

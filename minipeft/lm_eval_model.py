@@ -38,7 +38,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .adapters import load_adapter
-from .base import autocast, pick_device
+from .base import autocast, load_run_base, pick_device
 from .data import cut_at_stop
 from .llama import Llama
 from .runs import run_settings
@@ -68,16 +68,15 @@ class MinipeftLM(LM):
             self._device = pick_device("auto")
             logging.getLogger(__name__).warning("%s: using %s", e, self._device)
         if model is None:
-            checkpoint = checkpoint or run_settings(adapter).get("checkpoint")  # a finetune run knows its base
-            if not checkpoint:
+            run = run_settings(adapter)  # a finetune run knows its base, and how it ran it (base.load_run_base)
+            if not (checkpoint or run.get("checkpoint") or run.get("preset")):
                 raise ValueError("MinipeftLM: give checkpoint=FOLDER (--model_args checkpoint=...), "
                                  "or model= and tokenizer=")
             if dtype != "auto" and dtype not in DTYPES:
                 raise ValueError(f"MinipeftLM: dtype={dtype!r}; expected auto or one of {sorted(DTYPES)}")
-            torch_dtype = DTYPES.get(dtype, torch.bfloat16 if self._device.type == "cuda" else torch.float32)
-            path = Path(checkpoint).expanduser()
-            model = Llama.from_pretrained(path, dtype=torch_dtype, device=self._device)
-            tokenizer = tokenizer or Tokenizer.from_file(path)
+            model, loaded_tok, checkpoint = load_run_base(run, self._device, checkpoint, progress=False,
+                                                          dtype=DTYPES.get(dtype))
+            tokenizer = tokenizer or loaded_tok
         if tokenizer is None:
             raise ValueError("MinipeftLM: model= needs its tokenizer= too")
         tokenizer.check_model_vocab(model.config.vocab_size, str(checkpoint or "the model"))
