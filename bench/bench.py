@@ -12,7 +12,8 @@ writer against their reader); LoRA r=16, alpha=32 goes on all seven linear layer
 both, with the SAME A and B (B made non-zero so the branch matters); then RoPE frequencies, logits, loss,
 LoRA gradients and greedy generations (left-padded batch, KV cache) must agree. A mismatch stops the run.
 
-Then, in ONE process, the two implementations take turns (warm-up first, then repetitions; medians):
+Then, in ONE process, the two implementations take turns, the order reversed every other round (warm-up
+first, then repetitions; medians):
   train     one step = forward + cross-entropy + backward + AdamW on the LoRA parameters
   memory    peak memory of the same step, one fresh subprocess per implementation (see `memory_child`)
   generate  tokens/s with the KV cache, greedy, batch 1 and 8, exactly --new-tokens new tokens per row
@@ -216,15 +217,22 @@ def train_step_fn(model, impl: str, idx: torch.Tensor, targets: torch.Tensor):
     return step
 
 
+def turns(items: list, round_: int) -> list:
+    """The order of one round: reversed every other round, so that neither implementation always runs
+    first (after the other's allocations, with the caches as the other left them)."""
+    return items if round_ % 2 == 0 else items[::-1]
+
+
 def alternate(fns: dict, warmup: int, reps: int, device: str) -> dict[str, list[float]]:
-    """Run each fn `warmup` times, then `reps` rounds taking turns. Wall seconds per call by name, and
-    under "<name> cpu" the process CPU seconds (all threads): cpu well below wall means the CPU was busy."""
+    """Run each fn `warmup` times, then `reps` rounds taking turns (the order alternating: `turns`). Wall
+    seconds per call by name, and under "<name> cpu" the process CPU seconds (all threads): cpu well
+    below wall means the CPU was busy."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {key: [] for name in fns for key in (name, f"{name} cpu")}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    for r in range(reps):
+        for name, fn in turns(list(fns.items()), r):
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
@@ -369,7 +377,7 @@ def header(cfg: LlamaConfig, args) -> str:
             f"  LoRA r={LORA['r']} alpha={LORA['alpha']:g} dropout 0 on {', '.join(LORA_TARGETS)}; AdamW lr 1e-4\n"
             f"  minipeft loss: {loss}; transformers: attn_implementation='sdpa', use_cache=False in training\n"
             f"  warm-up {args.warmup}, repetitions {args.reps} (scaling: 1, {args.scale_reps}); medians, "
-            f"the implementations take turns\n"
+            f"the implementations take turns, the order alternating by round\n"
             f"  load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -405,12 +413,13 @@ def report_training(models, cfg, shapes, args, results) -> None:
 
 def report_memory(shapes, args, results) -> None:
     how = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "RSS high-water mark"
-    print(f"peak memory of the training step ({how}; {args.memory_runs} fresh processes each, taking turns; "
+    print(f"peak memory of the training step ({how}; {args.memory_runs} fresh processes each, taking turns, "
+          "the order alternating; "
           "medians; above the built model + LoRA)")
     for batch, seq in shapes:
         runs = {impl: [] for impl in IMPLS}
-        for _ in range(args.memory_runs):
-            for impl in IMPLS:
+        for r in range(args.memory_runs):
+            for impl in turns(list(IMPLS), r):
                 runs[impl].append(measure_memory(impl, batch, seq, args))
         results.setdefault("memory", []).append(dict(batch=batch, seq=seq, **runs))
         step = {impl: [r["step_bytes"] / 2**20 for r in runs[impl]] for impl in IMPLS}

@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                       f"accuracy {metrics.records[-1]['accuracy']:.1%}")
 
     opt, sched = prepare_model(model, cfg, plan.total_steps, device)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model  # one graph for every batch shape
     start = load_checkpoint(run, model, opt, sched) if resume else 0
     trainable, total = count_parameters(model)
     if not resume:

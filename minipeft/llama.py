@@ -26,7 +26,6 @@ segments, Child et al.'s sparse patterns) is built in minipeft/masks.py and mini
 References read for facts: karpathy/nanoGPT model.py, pytorch-labs/gpt-fast model.py, Meta's
 llama-models reference (model.py, args.py), transformers' modeling_llama.py and its llama3 RoPE init.
 """
-
 from __future__ import annotations
 
 import math
@@ -41,10 +40,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import masks
 from .loss import IGNORE_INDEX, linear_cross_entropy
-from .safetensors_io import (INDEX, atomic_write, check_tensor, dtype_name, load_safetensors_checkpoint, nonfinite,
-                             overflow_error, read_json, regular_file, safetensors_checkpoint_files,
-                             save_safetensors_checkpoint, staged_files, write_json)
-
+from .safetensors_io import (INDEX, REQUIRED, check_finite, check_state, check_tensor, checkpoint_files, dtype_name,
+                             json_field, json_kind, load_safetensors_checkpoint, read_json, regular_file,
+                             save_safetensors_checkpoint, staged_files, torch_save, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +62,7 @@ class LlamaConfig:
     rope_theta: float = 500000.0
     # llama3 frequency scaling; None disables it. Keys as in HF's config.json "rope_scaling".
     rope_scaling: dict | None = field(default_factory=lambda: dict(LLAMA3_SCALING_32))
-    max_seq_len: int = 131072    # longest position the RoPE tables are built for (lazily, on demand)
+    max_seq_len: int = 131072    # the longest sequence generate accepts (max_position_embeddings)
     tie_embeddings: bool = True  # lm_head shares embed_tokens' weight (1B and 3B do)
     # Which keys a query sees (minipeft/sparse_attention.py; Child et al. 2019, arXiv:1904.10509):
     # "dense" (all earlier tokens), or the sparse "strided" / "fixed" patterns. Not part of the weights:
@@ -141,10 +139,9 @@ PRESETS: dict[str, dict] = {
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (bf16 loses the small mean square).
-
-    The output has x's dtype whatever the weight's: a trainable fp32 norm weight (LLaMA-Adapter v2's
-    master weights) on a bf16 model must not turn the next bf16 Linear's input into fp32."""
+    """x / sqrt(mean(x^2) + eps) * weight: normalised in fp32 (bf16 loses the small mean square), rounded
+    to x's dtype, then times the weight (HF's rounding order). The output has x's dtype whatever the
+    weight's: a trainable fp32 weight on a bf16 model must not make the next Linear's input fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -152,9 +149,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf.to(x.dtype)).to(x.dtype)  # HF's rounding order, then x's dtype
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm with its backward written out: with xhat = x r, r = 1 / rms(x) and g = dy * weight,
+    dx = r (g - xhat mean(g xhat)). x is kept in its own dtype and xhat recomputed, where autograd would
+    keep the fp32 copies and replay every cast (bench/opstream.py: 84 -> 48 MiB per norm, 1B, 512 tokens)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, r)
+        return (weight * (x * r).to(x.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        xhat, g = x * r, dy * weight  # xhat fp32 (..., dim); g = d loss / d xhat
+        dx = torch.addcmul(g * r, xhat, r * (g * xhat).mean(-1, keepdim=True), value=-1)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy.float() * xhat.to(x.dtype)).sum(tuple(range(x.dim() - 1))).to(weight.dtype)
+        return dx.to(x.dtype), dw, None
 
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -178,11 +195,28 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     return out.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by angle pos * freq_i: HF's "half-split" layout. x: (B, T, H, hd)."""
+class _RoPE(torch.autograd.Function):
+    """Rotate pairs (x_i, x_{i+d/2}) by angle pos * freq_i: HF's "half-split" layout, in fp32 (cos, sin),
+    rounded once to x's dtype. A rotation's gradient is the rotation back, by -angle: backward runs the
+    same three ops with -sin, where autograd would replay every cast and product (bench/opstream.py)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin).to(x.dtype)  # x cos + rot(x) sin
+
+
+apply_rope = _RoPE.apply  # apply_rope(x (B, T, H, hd), cos, sin (B, T, 1, hd) fp32) -> x rotated, x's dtype
 
 
 class KVCache(nn.Module):
@@ -229,21 +263,11 @@ class Attention(nn.Module):
         new_kv = (k, v)
         if self.kv_cache is not None and cache_start is not None:
             k, v = self.kv_cache.update(cache_start, k, v)               # (B, n_kv, S, hd)
-        y = masks.attend(q, k, v, mask, self.prefixes(B, T, prefix_kv, answer_mask, x.device))
+        y = masks.attend(q, k, v, mask, masks.prefixes(B, T, prefix_kv, self.kv_prefix, answer_mask, x.device))
         if self.extra_branch is not None:
             y = y + self.extra_branch(q, self)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
         return self.o_proj(y), new_kv
-
-    def prefixes(self, B: int, T: int, prefix_kv, answer_mask, device) -> list:
-        """[(keys, values, the queries that see them: None = every query)] of the prefix slots."""
-        out = [(*prefix_kv, None)] if prefix_kv is not None else []
-        if self.kv_prefix is not None:
-            seen_by = None  # infix tuning: the answer positions only (none without a mask)
-            if getattr(self.kv_prefix, "answer_only", False):
-                seen_by = torch.zeros(B, T, dtype=torch.bool, device=device) if answer_mask is None else answer_mask
-            out.append((*self.kv_prefix(B), seen_by))
-        return out
 
 
 class MLP(nn.Module):
@@ -293,27 +317,35 @@ class Llama(nn.Module):
         # packed rows' mask: "flex", "dense" or "auto" (flex on CUDA); with a sparse config.attention also
         # "gather", the block-sparse kernel (the default off CUDA). See minipeft/masks.py.
         self.attention_kernel = "auto"
-        self.cache_segments: torch.Tensor | None = None
-        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, computed on first use
+        self.cache_segments: torch.Tensor | None = None  # generation: every cached token's segment id
         self._input_prefix_kvs: list | None = None  # soft-prompt keys/values kept for one generation
+        # fp32 whatever the weights' dtype (see _apply); computed here, not on first use, so that a compiled
+        # forward sees no attribute change; not in the state dict: the config defines them
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.device.type != "meta":
             nn.init.normal_(m.weight, std=0.02)
 
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .bfloat16(), .to_empty() move the RoPE frequencies but never cast them: they are
+        computed again in fp32 where they land (in bf16, llama-3.2-1b's would turn position 5000 up to
+        4.6 radians off)."""
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_frequencies(self.config).to(self.inv_freq.device)
+        return self
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (B, T, 1, head_dim) for integer positions (B, T); negative positions are allowed."""
-        if self._inv_freq is None or self._inv_freq.device != positions.device:
-            self._inv_freq = rope_frequencies(self.config).to(positions.device)
-        angles = positions[..., None].float() * self._inv_freq  # (B, T, hd/2)
+        """cos/sin (B, T, 1, head_dim) fp32 for integer positions (B, T); negative positions are allowed."""
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
         return angles.cos(), angles.sin()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache_start: int | None = None, return_logits: bool = True,
-                answer_mask: torch.Tensor | None = None):
+                answer_mask: torch.Tensor | None = None, last_only: bool = False):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets, (logits, mean cross-entropy).
 
         targets (B, T): the token after each position (no shift inside), IGNORE_INDEX to skip.
@@ -321,7 +353,7 @@ class Llama(nn.Module):
             restart at 0 in each segment unless given. cache_start: where idx begins in the KV cache.
         return_logits=False (with targets): (None, loss), never building the (B, T, vocab) logits.
         answer_mask (B, T) bool: the positions that predict an answer token (infix tuning); default
-            targets != IGNORE_INDEX, else none.
+            targets != IGNORE_INDEX, else none. last_only: the last position's logits only (B, 1, vocab).
         """
         answer_mask = self._answer_mask(idx, targets, answer_mask)
         mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
@@ -335,7 +367,7 @@ class Llama(nn.Module):
                 x, _ = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x, _ = layer(*args)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, vocab)
@@ -416,8 +448,7 @@ class Llama(nn.Module):
     def clear_kv_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-        self.cache_segments = None
-        self._input_prefix_kvs = None
+        self.cache_segments = self._input_prefix_kvs = None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -433,20 +464,17 @@ class Llama(nn.Module):
         """
         self._check_generate_args(prompts, max_new_tokens, temperature, top_p)
         B, T0, dev = len(prompts), max(map(len, prompts)), self.embed_tokens.weight.device
-        idx = torch.zeros(B, T0, dtype=torch.long, device=dev)
-        seg = torch.zeros(B, T0, dtype=torch.long, device=dev)
+        idx, seg = (torch.zeros(B, T0, dtype=torch.long, device=dev) for _ in range(2))
         for b, p in enumerate(prompts):
-            idx[b, T0 - len(p):] = torch.tensor(p, device=dev)
-            seg[b, T0 - len(p):] = 1
+            idx[b, T0 - len(p):], seg[b, T0 - len(p):] = torch.tensor(p, device=dev), 1
         pos = (seg.cumsum(1) - 1).clamp(min=0)
+        answer = torch.zeros(B, T0, dtype=torch.bool, device=dev)
+        answer[:, -1] = True  # the last prompt token predicts the first answer token
+        stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
+        done, new = torch.zeros(B, dtype=torch.bool, device=dev), []
         self.setup_kv_cache(B, T0 + max_new_tokens)
-        try:
-            stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
-            done = torch.zeros(B, dtype=torch.bool, device=dev)
-            new = []
-            answer = torch.zeros(B, T0, dtype=torch.bool, device=dev)
-            answer[:, -1] = True  # the last prompt token predicts the first answer token
-            logits = self(idx, segment_ids=seg, positions=pos, cache_start=0, answer_mask=answer)[:, -1]
+        try:  # prefill: only the last position's logits are needed
+            logits = self(idx, segment_ids=seg, positions=pos, cache_start=0, answer_mask=answer, last_only=True)[:, -1]
             for step in range(max_new_tokens):
                 nxt = sample(logits, temperature, top_p, generator)  # (B,)
                 new.append(nxt)
@@ -458,11 +486,8 @@ class Llama(nn.Module):
                               answer_mask=answer[:, -1:])[:, -1]
         finally:
             self.clear_kv_cache()
-        out = []
-        for row in torch.stack(new, dim=1).tolist():  # cut each row at its first stop token
-            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-            out.append(row[:cut])
-        return out
+        rows = torch.stack(new, dim=1).tolist()  # each cut at its first stop token
+        return [row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
 
     def _check_generate_args(self, prompts, max_new_tokens, temperature, top_p) -> None:
         """Clear errors for what torch would report as a shape or device-side error, or not at all."""
@@ -539,29 +564,6 @@ HF_FIELDS = {"vocab_size": ("vocab_size", int, 32000), "hidden_size": ("dim", in
 # fields with one value minipeft implements: another would change the computed function, never ignored
 HF_FIXED = {"model_type": ("llama", "minipeft implements 'llama'"), "hidden_act": ("silu", "minipeft implements 'silu'"),
             "attention_bias": (False, "Llama 3 has no biases"), "mlp_bias": (False, "Llama 3 has no biases")}
-KINDS = {int: "a positive integer", float: "a positive number", bool: "true or false", str: "a string"}
-_REQUIRED = object()
-
-
-def _json_kind(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
-
-
-def _field(cfg: dict, key: str, kind: type, default=_REQUIRED, source="config.json", nullable=()):
-    """cfg[key], type- and range-checked (ints and floats positive and finite), or `default` if absent;
-    null counts as absent only where transformers' own type allows it (`int | None`). Errors name the
-    file, the field and the value."""
-    if key not in cfg or (cfg[key] is None and key in nullable):
-        if default is _REQUIRED:
-            raise ValueError(f"{source}: field '{key}' is missing")
-        return default
-    value = cfg[key]
-    if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"{source}: field '{key}' must be {KINDS[kind]}, got {value!r} ({_json_kind(value)})")
-    if kind in (int, float) and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{source}: field '{key}' must be {KINDS[kind]}, got {value!r}")
-    return float(value) if kind is float else value
 
 
 def config_from_hf(cls, cfg: dict, source: str | Path = "config.json") -> LlamaConfig:
@@ -574,16 +576,17 @@ def config_from_hf(cls, cfg: dict, source: str | Path = "config.json") -> LlamaC
     take transformers' LlamaConfig defaults (HF_FIELDS; num_key_value_heads = num_attention_heads,
     head_dim = hidden_size // num_attention_heads, rope_theta 10000.0 without scaling). Anything that
     would change the computed function and that minipeft does not implement (HF_FIXED, another rope_type,
-    a partial rotary factor) is an error naming `source` and the field, never silently ignored."""
+    a partial rotary factor) is an error naming `source` and the field, never silently ignored. Fields are
+    read by safetensors_io.json_field: type- and range-checked, errors naming the file, field and value."""
     if not isinstance(cfg, dict):
-        raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(cfg)}")
+        raise ValueError(f"{source}: expected a JSON object, got a JSON {json_kind(cfg)}")
     # transformers types these `int | None` (null = derived); 5.x writers may leave rope_theta null
     nullable = ("num_key_value_heads", "head_dim") + (("rope_theta",) if cfg.get("rope_parameters") else ())
     for key, (only, why) in HF_FIXED.items():
-        value = _field(cfg, key, type(only), only, source, nullable)
+        value = json_field(cfg, key, type(only), only, source, nullable)
         if value != only:
             raise ValueError(f"{source}: {key} {'true' if value is True else repr(value)} is not supported ({why})")
-    out = {name: _field(cfg, key, kind, _REQUIRED if default is None else default, source, nullable)
+    out = {name: json_field(cfg, key, kind, REQUIRED if default is None else default, source, nullable)
            for key, (name, kind, default) in HF_FIELDS.items() if default is not None or key in cfg
            and cfg[key] is not None}
     out.setdefault("n_kv_heads", out["n_heads"])
@@ -595,9 +598,9 @@ def config_from_hf(cls, cfg: dict, source: str | Path = "config.json") -> LlamaC
 def config_from_meta(cls, params: dict, source: str | Path = "params.json") -> LlamaConfig:
     """LlamaConfig from Meta's `params.json`, computing the FFN width as Meta's reference does."""
     if not isinstance(params, dict):
-        raise ValueError(f"{source}: expected a JSON object, got a JSON {_json_kind(params)}")
+        raise ValueError(f"{source}: expected a JSON object, got a JSON {json_kind(params)}")
     nullable = ("n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor")
-    get = lambda key, kind, default=_REQUIRED: _field(params, key, kind, default, source, nullable)  # noqa: E731
+    get = lambda key, kind, default=REQUIRED: json_field(params, key, kind, default, source, nullable)  # noqa: E731
     dim, heads = get("dim", int), get("n_heads", int)
     hidden = int(2 * (4 * dim) / 3)
     if params.get("ffn_dim_multiplier") is not None:  # null: no multiplier, as Meta's reference
@@ -628,10 +631,10 @@ def _read_rope(cfg: dict, source, nullable) -> tuple[float, dict | None]:
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{source}: field '{key}' must be an object or null, got {value!r}")
-    theta = _field(cfg, "rope_theta", float, 10000.0, source, nullable)
+    theta = json_field(cfg, "rope_theta", float, 10000.0, source, nullable)
     if params is None:
         return theta, None if scaling is None else _read_scaling(scaling, f"{source} rope_scaling")
-    p_theta = _field(params, "rope_theta", float, theta, f"{source} rope_parameters")  # transformers 5.x
+    p_theta = json_field(params, "rope_theta", float, theta, f"{source} rope_parameters")  # transformers 5.x
     if cfg.get("rope_theta") is not None and p_theta != theta:
         raise ValueError(f"{source}: rope_theta {theta} contradicts rope_parameters.rope_theta {p_theta}")
     from_params = _read_scaling(params, f"{source} rope_parameters")
@@ -653,8 +656,8 @@ def _read_scaling(spec: dict, where: str) -> dict | None:
     missing = [k for k in LLAMA3_SCALING_KEYS if k not in spec]
     if missing:
         raise ValueError(f"{where}: rope_type 'llama3' needs {list(LLAMA3_SCALING_KEYS)}; missing {missing}")
-    out = {k: _field(spec, k, float, source=where) for k in LLAMA3_SCALING_KEYS[:3]}
-    out["original_max_position_embeddings"] = _field(spec, "original_max_position_embeddings", int, source=where)
+    out = {k: json_field(spec, k, float, source=where) for k in LLAMA3_SCALING_KEYS[:3]}
+    out["original_max_position_embeddings"] = json_field(spec, "original_max_position_embeddings", int, source=where)
     if out["high_freq_factor"] <= out["low_freq_factor"]:
         raise ValueError(f"{where}: high_freq_factor {out['high_freq_factor']} must exceed low_freq_factor "
                          f"{out['low_freq_factor']}")
@@ -671,8 +674,7 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
         raise FileNotFoundError(f"{path}: not a folder (give the checkpoint folder, not a file in it)")
     if (path / "config.json").exists():
         cfg = LlamaConfig.from_hf(read_json(path / "config.json"), path / "config.json")
-        state, origin = load_safetensors_checkpoint(path)
-        state, origin = _strip_prefix(state, origin, path)
+        state, origin = load_safetensors_checkpoint(path, strip="model.")
         _check_tied(cfg, state, origin, path / "config.json")
     elif (path / "params.json").exists():
         cfg = LlamaConfig.from_meta(read_json(path / "params.json"), path / "params.json")
@@ -692,13 +694,16 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                                 "(Hugging Face) or params.json + consolidated.00.pth (Meta)")
     with torch.device("meta"):
         model = cls(cfg)
-    check_state(model, state, origin, path)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:  # some tied checkpoints still carry a copy of the head; it is the same tensor
+        expected.pop("lm_head.weight"), state.pop("lm_head.weight", None)
+    check_state(expected, state, origin, path)
     loaded = {k: v.to(device=device or "cpu", dtype=dtype or v.dtype) for k, v in state.items()}
     check_finite(loaded, origin, state)  # after the cast: a finite 1e5 is inf in float16
-    state = loaded
     if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, assign=True)
+        loaded["lm_head.weight"] = loaded["embed_tokens.weight"]
+    model.load_state_dict(loaded, assign=True)
+    model.inv_freq = rope_frequencies(cfg).to(device or "cpu")  # not in the state: still on the meta device
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if quantize:  # after loading, apart from it: QLoRA's frozen 4-bit base (or int8)
@@ -718,33 +723,16 @@ def save_pretrained(model: Llama, path: str | Path, max_shard_bytes: int | None 
                          f"('{extra[0]}', {len(extra)} tensors): fold them with "
                          "minipeft.merge_and_unload(model) first, or keep them apart with save_adapter")
     path = Path(path).expanduser()
-    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
-    state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in state.items()}
+    state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()
+             if not (model.config.tie_embeddings and k == "lm_head.weight")}
     hf = dict(model.config.to_hf(), torch_dtype=dtype_name(next(iter(state.values())).dtype))
     for k, v in state.items():
         check_tensor(k, v, f"save_pretrained: {path} (nothing written)")
     # config.json last (it makes the set loadable); then the files of an earlier save that the new one
     # does not replace, which would shadow it (config.json over params.json) or go stale (shards)
-    with staged_files(path, last=(INDEX, "config.json"), stale=_weight_files(path)) as tmp:
+    with staged_files(path, last=(INDEX, "config.json"), stale=checkpoint_files(path)) as tmp:
         save_safetensors_checkpoint(state, tmp, max_shard_bytes)
         write_json(tmp / "config.json", hf)
-
-
-def _weight_files(path: Path) -> list[str]:
-    """The weight and config files an earlier save may have left, in the order to delete them: the file
-    that makes a layout loadable before its weights (config.json, the index), so that each step leaves
-    a folder that loads one whole checkpoint or the other."""
-    return ["config.json", *safetensors_checkpoint_files(path), "params.json", "consolidated.00.pth"]
-
-
-def _strip_prefix(state: dict, origin: dict, source: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    out, where = {}, {}
-    for k, v in state.items():
-        name = k.removeprefix("model.")
-        if name in out:
-            raise ValueError(f"{source}: '{k}' and '{name}' name the same tensor")
-        out[name], where[name] = v, origin[k]
-    return out, where
 
 
 def _check_tied(cfg: LlamaConfig, state: dict, origin: dict, config_path: Path) -> None:
@@ -757,46 +745,9 @@ def _check_tied(cfg: LlamaConfig, state: dict, origin: dict, config_path: Path) 
                          "to use that head, or remove it")
 
 
-def check_finite(state: dict[str, torch.Tensor], origin: dict[str, Path],
-                 before: dict[str, torch.Tensor] | None = None) -> None:
-    """NaN or inf in a weight makes every output NaN: refuse it at load, naming the tensor. Runs on the
-    tensors as loaded (cast to the requested dtype); `before`, the tensors as read, tells a value the file
-    holds from one the cast made (a 1e5 weight is inf in float16), and the error says which."""
-    for k, v in state.items():
-        n = nonfinite(v)
-        if n and before is not None and before[k].dtype != v.dtype and not nonfinite(before[k]):
-            raise overflow_error(k, before[k], v.dtype, n, f"{origin[k]} (loaded as {dtype_name(v.dtype)})")
-        if n:
-            raise ValueError(f"{origin[k]}: tensor '{k}' holds {n} NaN or inf value(s)")
-
-
-def check_state(model: Llama, state: dict[str, torch.Tensor], origin: dict[str, Path], path: Path) -> None:
-    """Missing / unexpected keys and shape mismatches, named with the file they came from."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        expected.pop("lm_head.weight")
-        state.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy; it is the same tensor
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        files = sorted({str(origin[k]) for k in unexpected}) or [str(path)]
-        raise KeyError(f"{', '.join(files)}: checkpoint does not match the config: missing keys {missing[:5]}"
-                       f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                       f"{' ...' if len(unexpected) > 5 else ''}")
-    for k, shape in expected.items():
-        if state[k].shape != shape:
-            raise ValueError(f"{origin[k]}: tensor '{k}' has shape {tuple(state[k].shape)}, "
-                             f"the config expects {tuple(shape)}")
-        if not state[k].is_floating_point():  # an int or bool tensor would load silently as its float values
-            raise ValueError(f"{origin[k]}: tensor '{k}' has dtype {dtype_name(state[k].dtype)}; a weight must be "
-                             "floating point (float32, bfloat16, float16 or float64)")
-
-
 # Meta name -> HF name; {i} is the layer index (a small format-string table, as in gpt-fast)
 META_TO_HF = {
-    "tok_embeddings.weight": "embed_tokens.weight",
-    "norm.weight": "norm.weight",
-    "output.weight": "lm_head.weight",
+    "tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight", "output.weight": "lm_head.weight",
     "layers.{i}.attention.wq.weight": "layers.{i}.self_attn.q_proj.weight",
     "layers.{i}.attention.wk.weight": "layers.{i}.self_attn.k_proj.weight",
     "layers.{i}.attention.wv.weight": "layers.{i}.self_attn.v_proj.weight",
@@ -807,38 +758,42 @@ META_TO_HF = {
     "layers.{i}.attention_norm.weight": "layers.{i}.input_layernorm.weight",
     "layers.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
 }
+HF_TO_META = {v: k for k, v in META_TO_HF.items()}
+
+
+def _rename(name: str, table: dict[str, str]) -> str | None:
+    """`name` through META_TO_HF or HF_TO_META, its layer index carried over; None if the table lacks it."""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    pattern = table.get(f"layers.{{i}}.{m.group(2)}" if m else name)
+    return None if pattern is None else pattern.format(i=m.group(1) if m else "")
+
+
+def _rotary_heads(cfg: LlamaConfig, hf_name: str) -> int | None:
+    """The heads whose rows a q/k projection holds (their rotary pairs are laid out differently)."""
+    return {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads}.get(hf_name.split(".")[-2])
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k projection rows from Meta's interleaved rotary pairs (0,1),(2,3).. to HF's
     half-split pairs (i, i + hd/2). Per head: row 2j -> j, row 2j+1 -> hd/2 + j."""
-    out_dim, in_dim = w.shape
-    hd = out_dim // n_heads
-    return w.view(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.view(n_heads, -1, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of interleaved_to_half (used to write Meta-layout checkpoints)."""
-    out_dim, in_dim = w.shape
-    hd = out_dim // n_heads
-    return w.view(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.view(n_heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 def meta_to_hf(raw: dict[str, torch.Tensor], cfg: LlamaConfig, source: Path) -> dict[str, torch.Tensor]:
     state = {}
     for key, t in raw.items():
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
-        pattern = f"layers.{{i}}.{m.group(2)}" if m else key
-        if pattern not in META_TO_HF:
+        name = _rename(key, META_TO_HF)
+        if name is None:
             if key.endswith("rope.freqs"):  # older Meta checkpoints store the frequencies; we compute them
                 continue
             raise KeyError(f"{source}: unexpected key '{key}' in a Meta checkpoint")
-        name = META_TO_HF[pattern].format(i=m.group(1) if m else "")
-        if name.endswith("q_proj.weight"):
-            t = interleaved_to_half(t, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            t = interleaved_to_half(t, cfg.n_kv_heads)
-        state[name] = t
+        heads = _rotary_heads(cfg, name)
+        state[name] = interleaved_to_half(t, heads) if heads else t
     return state
 
 
@@ -846,18 +801,14 @@ def save_meta(model: Llama, path: str | Path) -> None:
     """Write params.json + consolidated.00.pth in Meta's layout (interleaved q/k rows). As save_pretrained:
     finite weights only; new files first, then the swap, then an earlier save's files go (config.json
     would shadow params.json)."""
-    path = Path(path).expanduser()
-    cfg, hf_to_meta = model.config, {v: k for k, v in META_TO_HF.items()}
-    raw = {}
+    path, cfg, raw = Path(path).expanduser(), model.config, {}
     for name, t in model.state_dict().items():
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-        key = hf_to_meta[f"layers.{{i}}.{m.group(2)}" if m else name].format(i=m.group(1) if m else "")
-        if name.endswith("q_proj.weight"):
-            t = half_to_interleaved(t, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            t = half_to_interleaved(t, cfg.n_kv_heads)
+        key, heads = _rename(name, HF_TO_META), _rotary_heads(cfg, name)
+        if key is None:  # a PEFT wrapper's tensor, as save_pretrained refuses it
+            raise KeyError(f"save_meta: '{name}' is no Llama weight: minipeft.merge_and_unload(model) first")
+        t = half_to_interleaved(t, heads) if heads else t
         check_tensor(name, t, f"save_meta: {path} (nothing written)")
         raw[key] = t.clone()
     # choose multiple_of / ffn_dim_multiplier so that from_meta's rounding gives back ffn_dim exactly
@@ -868,12 +819,6 @@ def save_meta(model: Llama, path: str | Path) -> None:
                   ffn_dim_multiplier=cfg.ffn_dim / base if base > cfg.ffn_dim else None)
     if cfg.rope_scaling is not None:
         params["rope_scaling_factor"] = cfg.rope_scaling["factor"]
-    with staged_files(path, last=("params.json",), stale=_weight_files(path)) as tmp:
-        with atomic_write(tmp / "consolidated.00.pth") as f:
-            try:
-                torch.save(raw, f)
-            except RuntimeError as e:  # torch's zip writer hides a full disk behind "unexpected pos"
-                if isinstance(e.__context__, OSError):
-                    raise e.__context__ from None
-                raise
+    with staged_files(path, last=("params.json",), stale=checkpoint_files(path)) as tmp:
+        torch_save(raw, tmp / "consolidated.00.pth")
         write_json(tmp / "params.json", params)

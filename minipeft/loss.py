@@ -62,10 +62,20 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None, None)
 
 
+# fp32 logits per chunk, by device. On a GPU each chunk's matmul reads the whole head weight (525 MB in bf16
+# for Llama 3) and does one FLOP per byte of it per token: an H100 (989 TFLOP/s, 3.35 TB/s) needs ~300
+# tokens a chunk not to wait on memory, so 2**26 (523 tokens of a 128,256-word vocabulary). On a CPU,
+# memory runs short first: 2**23 (65 tokens; 262 of a 32,000-word vocabulary). bench.py's 4 x 256-token step at vocabulary 32,000 fitted one 2**25 chunk
+# (nothing chunked); 2**23 cut its peak from 432 to 352 MiB (one run each, bench.py's memory child).
+CHUNK_ELEMENTS = {"cuda": 2**26, "cpu": 2**23}
+
+
+@torch.compiler.disable  # a Python loop over chunks: traced, its trip count would pin the batch's shape
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_elements: int = 2**25) -> torch.Tensor:
+                         chunk_elements: int | None = None) -> torch.Tensor:
     """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100) without materialising
-    all the logits: chunks of about `chunk_elements` fp32 logits (128 MB by default)."""
+    all the logits: chunks of about `chunk_elements` fp32 logits (default: CHUNK_ELEMENTS by device)."""
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS.get(h.device.type, CHUNK_ELEMENTS["cpu"])
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if not torch.is_grad_enabled():  # evaluation: no gradients to prepare
         h, weight = h.detach(), weight.detach()

@@ -102,9 +102,30 @@ def sparse_mask(config, q_pos: torch.Tensor, segment_ids=None, cached_segments=N
                       k_seg, kernel_for(q_pos.device, kernel))
 
 
+def prefixes(B: int, T: int, prefix_kv, kv_prefix, answer_mask, device) -> list:
+    """The prefixes of one attention: the soft prompt's keys/values (`prefix_kv`, every query sees them)
+    and its kv_prefix slot's, seen by the answer positions only where the slot has `answer_only` (infix
+    tuning; by none without an answer_mask)."""
+    out = [(*prefix_kv, None)] if prefix_kv is not None else []
+    if kv_prefix is not None:
+        seen_by = None
+        if getattr(kv_prefix, "answer_only", False):
+            seen_by = torch.zeros(B, T, dtype=torch.bool, device=device) if answer_mask is None else answer_mask
+        out.append((*kv_prefix(B), seen_by))
+    return out
+
+
+def shares_kv_heads(mask, device: torch.device) -> bool:
+    """Whether SDPA gets the grouped key/value heads as they are (enable_gqa) or copied out to one per
+    query head. On CUDA a dense mask with enable_gqa sends SDPA to its math kernel (the memory-efficient
+    kernel takes a mask but not grouped heads, flash no mask), so there, and only there, the heads are
+    copied out (as transformers' use_gqa_in_sdpa does)."""
+    return mask is None or device.type != "cuda"
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, prefixes: list) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, Hk, S, hd) and the prefixes' keys,
-    under `mask`; (B, H, T, hd). Grouped-query heads are shared, not copied (enable_gqa)."""
+    under `mask`; (B, H, T, hd). Grouped-query heads are shared, not copied, but see shares_kv_heads."""
     B, T = q.shape[0], q.shape[2]
     pks = [pk.expand(B, -1, -1, -1).to(k.dtype) for pk, _, _ in prefixes]
     pvs = [pv.expand(B, -1, -1, -1).to(v.dtype) for _, pv, _ in prefixes]
@@ -120,4 +141,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, prefixes: li
         visible = [(mask.new_ones(()) if seen is None else seen[:, None, :, None]).expand(B, 1, T, pk.shape[2])
                    for pk, (_, _, seen) in zip(pks, prefixes)]
         k, v, mask = torch.cat(pks + [k], dim=2), torch.cat(pvs + [v], dim=2), torch.cat(visible + [mask], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    if not shares_kv_heads(mask, q.device):
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # (B, H, S, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])

@@ -237,12 +237,36 @@ def read_json(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(obj, dict):
-        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(obj), "number")
-        raise ValueError(f"{path}: expected a JSON object, got a JSON {kind}")
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {json_kind(obj)}")
     field, value = first_nonfinite(obj)
     if field is not None:  # Python's json reads NaN, Infinity and 1e999; none is a JSON number
         raise ValueError(f"{path}: field '{field}' is {value!r}; numbers must be finite")
     return obj
+
+
+def json_kind(value) -> str:
+    """What a parsed JSON value is, in JSON's words (for error messages)."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+KINDS = {int: "a positive integer", float: "a positive number", bool: "true or false", str: "a string"}
+REQUIRED = object()  # json_field's default: the field must be there
+
+
+def json_field(obj: dict, key: str, kind: type, default=REQUIRED, source="config.json", nullable=()):
+    """obj[key], type- and range-checked (ints and floats positive and finite), or `default` if absent;
+    null counts as absent only for the keys in `nullable` (where the writer's own type allows it, e.g.
+    transformers' `int | None`). Errors name the file (`source`), the field and the value."""
+    if key not in obj or (obj[key] is None and key in nullable):
+        if default is REQUIRED:
+            raise ValueError(f"{source}: field '{key}' is missing")
+        return default
+    value = obj[key]
+    if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{source}: field '{key}' must be {KINDS[kind]}, got {value!r} ({json_kind(value)})")
+    if kind in (int, float) and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{source}: field '{key}' must be {KINDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def first_nonfinite(obj) -> tuple[str | None, float | None]:
@@ -312,6 +336,50 @@ def cast_finite(name: str, t: torch.Tensor, dtype: torch.dtype, where) -> torch.
     return out
 
 
+def check_finite(state: dict[str, torch.Tensor], origin: dict[str, Path],
+                 before: dict[str, torch.Tensor] | None = None) -> None:
+    """NaN or inf in a weight makes every output NaN: refuse it at load, naming the tensor. Runs on the
+    tensors as loaded (cast to the requested dtype); `before`, the tensors as read, tells a value the file
+    holds from one the cast made (a 1e5 weight is inf in float16), and the error says which."""
+    for k, v in state.items():
+        n = nonfinite(v)
+        if n and before is not None and before[k].dtype != v.dtype and not nonfinite(before[k]):
+            raise overflow_error(k, before[k], v.dtype, n, f"{origin[k]} (loaded as {dtype_name(v.dtype)})")
+        if n:
+            raise ValueError(f"{origin[k]}: tensor '{k}' holds {n} NaN or inf value(s)")
+
+
+def check_state(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], origin: dict[str, Path],
+                path: Path) -> None:
+    """The checkpoint's tensors against the model's names and shapes: missing / unexpected keys, shape
+    mismatches and non-floating weights, named with the file they came from."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        files = sorted({str(origin[k]) for k in unexpected}) or [str(path)]
+        raise KeyError(f"{', '.join(files)}: checkpoint does not match the config: missing keys {missing[:5]}"
+                       f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                       f"{' ...' if len(unexpected) > 5 else ''}")
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise ValueError(f"{origin[k]}: tensor '{k}' has shape {tuple(state[k].shape)}, "
+                             f"the config expects {tuple(shape)}")
+        if not state[k].is_floating_point():  # an int or bool tensor would load silently as its float values
+            raise ValueError(f"{origin[k]}: tensor '{k}' has dtype {dtype_name(state[k].dtype)}; a weight must be "
+                             "floating point (float32, bfloat16, float16 or float64)")
+
+
+def torch_save(obj, path: Path) -> None:
+    """torch.save(obj) to `path` through atomic_write; a full disk raises its own OSError."""
+    with atomic_write(path) as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer hides a full disk behind "unexpected pos"
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
 # ----------------------------------------------------------------------------------------------
 # Files that belong together: written beside the old ones, then swapped in
 
@@ -350,10 +418,20 @@ def staged_files(folder: Path, last: Sequence[str] = (), stale: Sequence[str] = 
 INDEX = "model.safetensors.index.json"
 
 
-def load_safetensors_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+def load_safetensors_checkpoint(path: Path, strip: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     """The tensors of the folder's single file or shards, and the file each came from (for error
-    messages). With shards, each tensor comes from the shard the index names; a tensor in another shard
+    messages), named without the prefix `strip` (transformers' "model."; a name with and without it is
+    an error). With shards, each tensor comes from the shard the index names; a tensor in another shard
     too, or in none the index lists, is an error."""
+    state, origin = _load_checkpoint_files(path)
+    clash = next((k for k in state if strip and k.startswith(strip) and k.removeprefix(strip) in state), None)
+    if clash:
+        raise ValueError(f"{path}: '{clash}' and '{clash.removeprefix(strip)}' name the same tensor")
+    return ({k.removeprefix(strip): v for k, v in state.items()},
+            {k.removeprefix(strip): v for k, v in origin.items()})
+
+
+def _load_checkpoint_files(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     index = path / INDEX
     if not index.exists():
         if not (path / "model.safetensors").exists():
@@ -399,6 +477,13 @@ def save_safetensors_checkpoint(state: dict[str, torch.Tensor], path: Path, max_
         weight_map.update(dict.fromkeys(names, fname))
     total = sum(v.numel() * v.element_size() for v in state.values())
     write_json(path / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """The weight and config files an earlier save of a model (Hugging Face or Meta layout) may have left,
+    in the order to delete them: the file that makes a layout loadable before its weights (config.json,
+    the index), so that each step leaves a folder that loads one whole checkpoint or the other."""
+    return ["config.json", *safetensors_checkpoint_files(path), "params.json", "consolidated.00.pth"]
 
 
 def safetensors_checkpoint_files(path: Path) -> list[str]:

@@ -79,3 +79,47 @@ def test_whole_benchmark_runs_on_the_tiny_config(bench, tmp_path):
     assert out["parity"]["ok"] and (tmp_path / "r.json").exists()
     assert all(run["step_bytes"] > 0 for impl in ("minipeft", "hf+peft") for run in out["memory"][0][impl])
     assert [len(g["times"]["minipeft"]) for g in out["generate"]] == [1, 1]
+
+
+def test_the_implementations_take_turns_in_alternating_order(bench):
+    """Neither implementation always runs first in a round (bench.py's timings and memory children)."""
+    seen = []
+    bench.alternate({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, warmup=0, reps=4, device="cpu")
+    assert seen == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [bench.turns(["a", "b"], r) for r in range(2)] == [["a", "b"], ["b", "a"]]
+
+
+@pytest.fixture(scope="module")
+def opstream():
+    spec = importlib.util.spec_from_file_location("minipeft_opstream", BENCH.parent / "opstream.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_opstream_counts_one_layers_gemms(opstream):
+    """bench/opstream.py on a small Llama shape under CPU autocast: per layer the 7 projections' forward
+    and input-gradient GEMMs (14, 2 x 2 x tokens x weights FLOPs), LoRA's 42 small ones, 2 attention ops."""
+    cfg = LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256)
+    r = opstream.measure("minipeft", cfg, 1, 64, "h100")
+    layer, tokens = r["layer"], r["tokens"]
+    weights = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256  # q, o; k, v; gate, up, down
+    assert layer["count"]["gemm"] == 14 and layer["flops"]["gemm"] == 2 * 2 * tokens * weights
+    assert layer["count"]["small gemm"] == 42 and layer["count"]["attention"] == 2
+    assert layer["bytes"]["other"] > 0 and 0 < r["tokens_per_s"] and 0 < r["mfu"] < 1
+
+
+def test_a_lora_wrapper_casts_its_factors_not_its_input(opstream):
+    """Under autocast on a bf16 base, LoRALinear's forward and backward cast only A (r x in), B (out x r)
+    and their gradients: never x (tokens x in), which each wrapper used to copy to fp32 (and autocast
+    back to bf16), so that q, k and v made three copies of the same x (76 casts per 1B layer)."""
+    from minipeft.methods.lora import LoRAConfig, LoRALinear
+
+    lora = LoRALinear(nn.Linear(256, 64, bias=False).to(torch.bfloat16), LoRAConfig(r=4))
+    x = torch.randn(32, 256, dtype=torch.bfloat16, requires_grad=True)
+    rec = opstream.OpRecorder()
+    with torch.autocast("cpu", dtype=torch.bfloat16), rec:
+        lora(x).float().pow(2).sum().backward()
+    casts = [moved for name, kind, _, moved in rec.ops if name == "_to_copy"]
+    assert casts and max(casts) < x.numel() * 2, casts  # each smaller than x in bf16
+    assert lora.lora_A.grad is not None and lora.lora_A.grad.dtype == torch.float32

@@ -141,3 +141,77 @@ def test_the_torch_floor_is_the_release_that_added_sdpa_enable_gqa():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert re.search(r'"torch>=([\d.]+)"', text).group(1) == "2.5"
     assert "enable_gqa" in F.scaled_dot_product_attention.__doc__
+
+
+def test_cuda_with_a_dense_mask_copies_the_kv_heads_out_and_that_branch_is_exact(monkeypatch):
+    """On CUDA, SDPA with a dense mask and enable_gqa falls back to its math kernel: there (only there)
+    `attend` copies each key/value head out to its query heads. The branch is chosen by device and mask;
+    taken on CPU it gives the shared-heads result."""
+    cuda, cpu, mask = torch.device("cuda"), torch.device("cpu"), torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    assert not masks.shares_kv_heads(mask, cuda)
+    assert masks.shares_kv_heads(None, cuda) and masks.shares_kv_heads(mask, cpu)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    mask = masks.causal_mask(5, 5, cpu) & (torch.rand(2, 1, 5, 5, generator=g) > 0.3)
+    mask[..., 0] = True  # every query sees at least one key
+    shared = masks.attend(q, k, v, mask, [])
+    seen = []
+    real_sdpa = masks.F.scaled_dot_product_attention
+    monkeypatch.setattr(masks, "shares_kv_heads", lambda mask, device: False)  # the CUDA branch, on CPU
+    monkeypatch.setattr(masks.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((k.shape[1], kw["enable_gqa"])) or real_sdpa(q, k, v, **kw))
+    torch.testing.assert_close(masks.attend(q, k, v, mask, []), shared)
+    assert seen == [(4, False)]  # every query head got its own copy of its key/value head
+
+
+def test_generate_prefill_asks_for_the_last_position_only():
+    """The prompt's other positions' logits are never used: prefill runs norm and head on one position."""
+    m = tiny(seed=1)
+    rows = []
+    m.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    out = m.generate(prompts, max_new_tokens=3)
+    assert rows == [1, 1, 1]  # prefill and two decoding steps: (B, 1, dim) each
+    idx = torch.tensor([prompts[0]])
+    torch.testing.assert_close(m(idx, last_only=True)[:, -1], m(idx)[:, -1])
+    greedy = m(torch.tensor([prompts[0] + out[0][:2]])).argmax(-1)[0, -3:]
+    assert greedy.tolist() == out[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_and_rope_backward_written_out_equal_autograds(dtype):
+    """_RMSNorm and _RoPE write their backward out (fewer bytes moved: bench/opstream.py): the same
+    outputs and gradients as autograd through the formulas they replace (fp32 inside, HF's rounding
+    order), an fp32 norm weight's gradient included; RoPE's also passes gradcheck in float64."""
+    from minipeft.llama import _RMSNorm, _RoPE
+
+    g = torch.Generator().manual_seed(0)
+    ang = torch.arange(3.0)[None, :, None, None] * torch.linspace(0.1, 1, 8)
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()  # (1, 3, 1, 16)
+    x64 = torch.randn(2, 3, 4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: _RoPE.apply(x, cos.double(), sin.double()), (x64,))
+
+    def rms_reference(x, w):  # transformers' LlamaRMSNorm (with a weight in its own dtype)
+        xf = x.float()
+        return (w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)).to(x.dtype)
+
+    def rope_reference(x):  # llama.py's apply_rope before the written-out backward
+        x1, x2 = x.chunk(2, dim=-1)
+        return (x.float() * cos + torch.cat((-x2, x1), -1).float() * sin).to(x.dtype)
+
+    x = torch.randn(2, 3, 4, 16, generator=g).to(dtype)
+    w = 1 + 0.1 * torch.randn(16, generator=g)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for mine, ref, params in ((lambda x, w: _RMSNorm.apply(x, w, 1e-5), rms_reference, (x, w)),
+                              (lambda x: _RoPE.apply(x, cos, sin), rope_reference, (x,))):
+        results = []
+        for fn in (mine, ref):
+            ins = [p.detach().clone().requires_grad_() for p in params]
+            out = fn(*ins)
+            out.backward(dy)
+            results.append((out.detach(), [i.grad for i in ins]))
+        torch.testing.assert_close(results[0][0], results[1][0], **tol)
+        for a, b in zip(results[0][1], results[1][1]):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), **tol)

@@ -28,7 +28,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import peft
 from .adamix import ConsistencyLoss
@@ -71,10 +70,6 @@ class MixtureLoRALinear(LoRALinear):
         i = int(torch.randint(len(self.experts_A), ()))
         j = int(torch.randint(len(self.experts_B), ()))
         return self.experts_A[i], self.experts_B[j]
-
-    def lora(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.factors()
-        return F.linear(F.linear(x.to(A.dtype), A), B) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """s * gamma * B_bar A_bar: the averaged update, what merge() adds to W."""

@@ -70,7 +70,7 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """base(x) + s * gamma * B A dropout(x); the adapter is fp32 whatever the base dtype."""
+    """base(x) + s * gamma * B A dropout(x); the adapter's weights are fp32 whatever the base dtype."""
 
     peft_method = "lora"
 
@@ -93,9 +93,22 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:  # so code that reads `q_proj.weight` keeps working
         return self.base.weight
 
-    def lora(self, x: torch.Tensor) -> torch.Tensor:
-        """s * gamma * B A x in fp32 (x already dropped out)."""
-        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the forward uses them (AdaMix-LoRA routes between copies here)."""
+        return self.lora_A, self.lora_B
+
+    def lora(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """s * gamma * B A x (+ y) in x's dtype (x already dropped out). The fp32 factors are cast to x's
+        dtype, not x to theirs: x is the large tensor (tokens x in against r x in), and q, k and v read the
+        same x, so each wrapper would copy it (and under autocast cast the copy back to bf16). The scale
+        goes on the (tokens, r) product, the smallest tensor of the branch."""
+        A, B = (t.to(x.dtype) for t in self.factors())
+        h = F.linear(x, A) * self.scale  # (..., r)
+        if y is None:
+            return F.linear(h, B)
+        # y + h B^T as one matmul that adds y while it writes (addmm): no pass of its own over y
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype),
+                           B.t().to(y.dtype)).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """s * gamma * B A, (out, in) fp32: what merge() adds to W."""
@@ -105,7 +118,7 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + self.lora(self.dropout(x)).to(y.dtype)
+        return self.lora(self.dropout(x), y)  # y + s * gamma * B A x
 
     def merge(self) -> None:
         peft.merge_delta_keeping_base(self, self.delta_weight())  # the sum in fp32, one rounding
