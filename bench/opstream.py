@@ -16,7 +16,8 @@ attention (SDPA) counts 4 B H T S hd FLOPs forward and twice that backward (the 
 MFU convention); every other op counts the bytes it reads and writes (each tensor's extent in memory: a
 broadcast operand once), views none. One decoder layer is the difference of a 2-layer and a 1-layer
 model's streams (its first layer computes no input gradient: the embedding is frozen).
-Also per layer: the bytes autograd keeps for backward (saved tensors, each storage once).
+Also per layer: the bytes of the activations autograd keeps for backward (saved tensors that are not
+weights, each storage once).
 
 The roofline (`--gpu`): each GEMM takes max(FLOPs / peak, bytes / bandwidth), attention FLOPs / peak,
 every other op bytes / bandwidth; no launch overhead, no overlap. tokens/s = tokens / (the 1-layer model
@@ -105,14 +106,17 @@ class OpRecorder(TorchDispatchMode):
 
 
 class SavedBytes:
-    """Bytes of the tensors autograd saves for backward, each storage counted once."""
+    """Bytes of the activations autograd saves for backward (not the weights it also keeps), each storage
+    counted once."""
 
-    def __init__(self):
+    def __init__(self, model: torch.nn.Module):
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.storages: dict[int, tuple[int, torch.dtype]] = {}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        self.storages[s.data_ptr()] = (s.nbytes(), t.dtype)
+        if s.data_ptr() not in self.weights:
+            self.storages[s.data_ptr()] = (s.nbytes(), t.dtype)
         return t
 
     def by_dtype(self) -> dict[str, int]:
@@ -147,7 +151,7 @@ def record(impl: str, cfg: LlamaConfig, n_layers: int, batch: int, seq: int) -> 
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1)
-    rec, saved = OpRecorder(), SavedBytes()
+    rec, saved = OpRecorder(), SavedBytes(model)
     chunks = dict(loss.CHUNK_ELEMENTS)
     loss.CHUNK_ELEMENTS["cpu"] = loss.CHUNK_ELEMENTS["cuda"]  # the loss's chunks as on CUDA
     with torch.autocast("cpu", dtype=torch.bfloat16), rec, \
@@ -219,7 +223,7 @@ def report(r: dict, gpu: str, top: int) -> None:
     print(f"  bytes moved by non-GEMM ops {lay['bytes']['other'] / mib:.0f} MiB; by GEMMs "
           f"{(lay['bytes']['gemm'] + lay['bytes']['small gemm']) / mib:.0f} MiB")
     saved = r["saved_per_layer"]
-    print(f"  saved for backward {sum(saved.values()) / mib:.0f} MiB ("
+    print(f"  activations kept for backward {sum(saved.values()) / mib:.0f} MiB ("
           + ", ".join(f"{k} {v / mib:.0f}" for k, v in sorted(saved.items()) if v) + ")")
     rows = sorted(lay["by_op"].items(), key=lambda kv: -kv[1][1])[:top]
     print("  largest non-GEMM ops: " + ", ".join(f"{n} x{c} {b / mib:.0f} MiB" for n, (c, b) in rows if c or b))

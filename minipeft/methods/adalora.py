@@ -100,8 +100,9 @@ class AdaLoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A * self.lora_E)  # (..., r)
-        return y + (F.linear(h, self.lora_B) * self.scale).to(y.dtype)
+        x = self.dropout(x)
+        h = F.linear(x, (self.lora_A * self.lora_E).to(x.dtype))  # (..., r); the factors cast, not x (lora.py)
+        return y + (F.linear(h, self.lora_B.to(h.dtype)) * self.scale).to(y.dtype)
 
     def merge(self) -> None:
         peft.merge_delta_keeping_base(self, self.delta_weight())

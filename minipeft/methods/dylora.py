@@ -113,7 +113,8 @@ class DyLoRALinear(nn.Module):
             return y
         b = self.current_rank()
         A, B = self.factors(b, frozen=self.training and self.config.frozen)
-        h = F.linear(F.linear(self.dropout(x).to(A.dtype), A), B)
+        x = self.dropout(x)
+        h = F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))  # the factors cast, not x (lora.py)
         return y + (h * (self.config.alpha / b)).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
