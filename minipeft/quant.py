@@ -1,4 +1,4 @@
-"""A frozen 4-bit NF4 (or 8-bit) base under LoRA: QLoRA's storage format, from scratch, in torch only.
+"""A frozen 4-bit NF4 or 8-bit base under LoRA: QLoRA's NF4 and LLM.int8(), from scratch, in torch only.
 
 QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314):
 
@@ -26,12 +26,28 @@ QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", ar
     the fly, and backward dequantises it again instead of keeping it (`_DequantLinearFn`), so the
     dense weight lives only for one matmul at a time.
 
-`Int8Linear` is the `Linear8bitLt`-style option without its outlier decomposition (LLM.int8(),
-arXiv:2208.07339): one absmax scale per output row, int8 codes.
+Two 8-bit bases share one storage, bitsandbytes' `Linear8bitLt` with `has_fp16_weights=False`: int8
+codes with one absmax scale per output row (vector-wise, the same codes and scales as bitsandbytes').
 
-Both are nn.Linear subclasses whose `weight` is a read-only dequantised view, so every Linear-wrapper
-method (LoRA, DoRA, (IA)^3, ...) wraps them unchanged; merging into them is refused (peft.merge), as
-there is no 4-bit weight to add B A to: dequantise with `dequantize_model` first (bf16 result).
+  * `Int8Linear` ("int8"): weight-only. Forward dequantises W to the compute dtype; the activations are
+    not quantised and there is no outlier split. A baseline, not LLM.int8().
+  * `LLMInt8Linear` ("llm_int8"): LLM.int8() (Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix
+    Multiplication for Transformers at Scale", arXiv:2208.07339, section 3). Per forward, the outlier
+    feature dimensions O = {h : |X_sh| >= alpha for some row s} (alpha = 6.0, as the paper and
+    bitsandbytes) are computed in the compute dtype, the rest as an int8 x int8 product with
+    vector-wise scales, int32 accumulation (`torch._int_mm`), dequantised by the outer product:
+        X W^T  ~=  X[:, O] W[:, O]^T  +  (c_x c_w^T / 127^2) * (Xq[:, ~O] Wq[:, ~O]^T)     (sec. 3.2, 3.3)
+    with c_x the row-wise absmax of X[:, ~O], c_w the absmax of each output row of W, Xq = round(127 X / c_x).
+    W[:, O] is the dequantised int8 columns (no fp16 copy is kept, as `has_fp16_weights=False`).
+    Backward: the gradient w.r.t. the input is grad_y @ W with W dequantised, as bitsandbytes' does (a
+    straight-through estimate through the activation rounding; the base itself gets no gradient).
+    One detail differs from bitsandbytes 0.50: it zeroes only the entries >= alpha before the row absmax,
+    so a sub-threshold value of an outlier column still sets c_x; here c_x is the absmax of X[:, ~O]
+    (measured against its CPU Linear8bitLt in docs/performance.md, `bench_quant.py --sections bitsandbytes`).
+
+Every kind is an nn.Linear subclass whose `weight` is a read-only dequantised view, so every
+Linear-wrapper method (LoRA, DoRA, (IA)^3, ...) wraps it unchanged; merging into it is refused
+(peft.merge), as there is no 4/8-bit weight to add B A to: dequantise with `dequantize_model` first.
 """
 
 from __future__ import annotations
@@ -90,8 +106,10 @@ def quantize_nf4(w: torch.Tensor, block: int = NF4_BLOCK, double_quant: bool = T
 
 
 def dequantize_nf4(state: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype = torch.float32,
-                   block: int = NF4_BLOCK) -> torch.Tensor:
-    """The inverse of quantize_nf4 (up to the rounding): a (shape) tensor of `dtype`."""
+                   block: int = NF4_BLOCK, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of quantize_nf4 (up to the rounding): a (shape) tensor of `dtype`. `levels`: the NF4
+    table already on the codes' device (NF4Linear's buffer); None copies `NF4` there (a host-to-device
+    copy per call on a GPU)."""
     if "absmax" in state:
         absmax = state["absmax"]
     else:
@@ -100,20 +118,20 @@ def dequantize_nf4(state: dict[str, torch.Tensor], shape: torch.Size, dtype: tor
         absmax = q * (scale / 127) + state["absmax_mean"]
     packed = state["codes"]
     codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1, block).long()  # (n_blocks, block)
-    w = NF4.to(packed.device)[codes] * absmax[:, None]
+    levels = NF4.to(packed.device) if levels is None else levels.float()
+    w = levels[codes] * absmax[:, None]
     return w.view(shape).to(dtype)
 
 
 class _DequantLinearFn(torch.autograd.Function):
-    """y = x W^T with W dequantised in forward AND again in backward, so that autograd keeps the small
-    quantised state instead of the dense weight (QLoRA's memory saving needs this: plain F.linear
-    would keep every layer's dequantised W alive until backward)."""
+    """y = layer.product(x) ~= x W^T; backward dequantises W again instead of keeping it, so that autograd
+    keeps the small quantised state, not the dense weight (QLoRA's memory saving needs this: plain
+    F.linear would keep every layer's dequantised W alive until backward)."""
 
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        w = layer.dequantize(x.dtype)
-        return F.linear(x, w)
+        return layer.product(x)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -143,9 +161,13 @@ class QuantLinear(nn.Linear):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return _DequantLinearFn.apply(x, self)
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T in x's dtype, W dequantised to it (weight-only quantisation)."""
+        return F.linear(x, self.dequantize(x.dtype))
+
     def nbytes(self) -> int:
-        """Bytes of the stored weight and its constants."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the stored weight and its constants (the state dict: not NF4's shared table)."""
+        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
 
 
 class NF4Linear(QuantLinear):
@@ -155,17 +177,22 @@ class NF4Linear(QuantLinear):
         super().__init__(linear)
         for k, v in quantize_nf4(linear.weight, double_quant=double_quant).items():
             self.register_buffer(k, v)
+        # the 16 levels as a buffer: .to(device) moves them once, instead of a host-to-device copy
+        # at every dequantise (2 per layer and step: 224 per step of Llama-3.2-1B on a GPU)
+        self.register_buffer("levels", NF4.to(linear.weight.device), persistent=False)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        state = {k: b for k, b in self.named_buffers()}
-        return dequantize_nf4(state, torch.Size((self.out_features, self.in_features)), dtype)
+        state = {k: b for k, b in self.named_buffers() if k != "levels"}
+        return dequantize_nf4(state, torch.Size((self.out_features, self.in_features)), dtype,
+                              levels=self.levels)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, block={NF4_BLOCK}"
 
 
 class Int8Linear(QuantLinear):
-    """A frozen int8 Linear: one absmax scale per output row (Linear8bitLt's storage, no outlier split)."""
+    """A frozen int8 Linear, weight-only: one absmax scale per output row (Linear8bitLt's storage), W
+    dequantised to the compute dtype per matmul; activations unquantised, no outlier split."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
@@ -180,7 +207,48 @@ class Int8Linear(QuantLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 row-wise"
 
 
-QUANTIZERS = {"nf4": NF4Linear, "int8": Int8Linear}
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (n, k) int8 @ b (m, k)^T int8 -> (n, m) int32, exactly: torch._int_mm where it takes the shapes
+    (its CUDA kernel has size and alignment rules), else in fp64, exact while 127^2 k < 2^53."""
+    try:
+        return torch._int_mm(a, b.t())
+    except (RuntimeError, AttributeError):
+        return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def llm_int8_matmul(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor,
+                    threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8()'s x W^T (arXiv:2208.07339, sec. 3.2-3.3) for W = codes * row_scale / 127: the outlier
+    feature dimensions of x (a |value| >= threshold in any row) in x's dtype, the rest int8 x int8."""
+    x2 = x.reshape(-1, x.shape[-1])                                     # (n, in)
+    outlier = (x2.abs() >= threshold).any(0)                            # (in,) the set O of sec. 3.3
+    rest = x2.float().masked_fill(outlier, 0.0)                         # X[:, ~O]
+    c_x = rest.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)  # (n,) row-wise absmax
+    xq = torch.round(rest * (127 / c_x[:, None])).to(torch.int8)       # (n, in), zero on O
+    y = int8_matmul(xq, codes).float() * (c_x[:, None] * row_scale[None, :] / 127**2)  # (n, out)
+    if outlier.any():  # the decomposition: X[:, O] W[:, O]^T in the compute dtype
+        w_o = (codes[:, outlier].float() * (row_scale[:, None] / 127)).to(x.dtype)  # (out, |O|)
+        y = y + x2[:, outlier] @ w_o.t()
+    return y.to(x.dtype).view(*x.shape[:-1], codes.shape[0])
+
+
+class LLMInt8Linear(Int8Linear):
+    """LLM.int8() on Int8Linear's storage: forward is the mixed-precision decomposition (llm_int8_matmul),
+    backward the input gradient through the dequantised W (as bitsandbytes' MatMul8bitLt). threshold=inf:
+    no decomposition (every feature int8: plain vector-wise int8 of W and X)."""
+
+    def __init__(self, linear: nn.Linear, threshold: float = 6.0):
+        super().__init__(linear)
+        self.threshold = threshold
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return llm_int8_matmul(x, self.codes, self.row_scale, self.threshold)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", LLM.int8() threshold={self.threshold}"
+
+
+QUANTIZERS = {"nf4": NF4Linear, "int8": Int8Linear, "llm_int8": LLMInt8Linear}
 
 
 def quantize_model(model: nn.Module, kind: str = "nf4") -> list[str]:
@@ -202,7 +270,7 @@ def quantize_model(model: nn.Module, kind: str = "nf4") -> list[str]:
 
 
 def check_quantizable(name: str, linear: nn.Linear, kind: str) -> None:
-    """What NF4Linear / Int8Linear need of a Linear, refused naming the layer: no bias, a floating
+    """What the quantised Linear layers need of a Linear, refused naming the layer: no bias, a floating
     weight, and (nf4) a whole number of blocks."""
     if linear.bias is not None:
         raise ValueError(f"quantize: {name} has a bias; quantised Linear layers have none (Llama's have none)")

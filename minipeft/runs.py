@@ -88,7 +88,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     baseline: bool = True          # evaluate the base model before training
     device: str = "auto"
-    quantize: str | None = None    # "nf4" (QLoRA) or "int8": a frozen quantised base (minipeft/quant.py)
+    quantize: str | None = None    # a frozen quantised base (minipeft/quant.py): "nf4" (QLoRA), "int8"
+                                   # (weight-only) or "llm_int8" (LLM.int8(): int8 x int8 + outlier split)
     attention: str = "dense"       # "strided" | "fixed": Child et al.'s sparse patterns (minipeft/sparse_attention.py)
     sparse_block: int = 64         # l of the sparse patterns
     sparse_summary: int = 8        # c of the "fixed" pattern
@@ -381,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the base model evaluation")
     p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
-    p.add_argument("--quantize", choices=("nf4", "int8"), help="quantise the frozen base (QLoRA: nf4)")
+    p.add_argument("--quantize", choices=("nf4", "int8", "llm_int8"),
+                   help="quantise the frozen base: nf4 (QLoRA), int8 (weight-only), llm_int8 (LLM.int8())")
     p.add_argument("--attention", choices=("dense", "strided", "fixed"), default=d.attention,
                    help="sparse attention pattern (Child et al. 2019; default dense)")
     p.add_argument("--sparse-block", type=int, default=d.sparse_block,

@@ -1,7 +1,7 @@
 """Lab 08's checks catch a student's typical mistakes, each with a hint (planted in the solution's cells)."""
 import pytest
 
-from lab_cells import assert_caught, namespace, run_checks
+from lab_cells import assert_caught
 
 LAB = "08_nf4_quantisation"
 HALF = "half = 2 ** (k - 1)\n"
@@ -9,12 +9,12 @@ ABSMAX = "absmax = b.abs().amax(1)  "
 PACK = "codes[0::2] << 4 | codes[1::2]"
 UNPACK = "torch.stack([packed >> 4, packed & 0xF], dim=1)"
 SCALE = "(NF4[codes] * absmax[:, None]).reshape(shape)"
-
-
-def test_solution_passes_and_stubs_are_not_built():
-    assert {it.status for it in run_checks(LAB, namespace(LAB)).values()} == {"passed"}
-    shipped = run_checks(LAB, namespace(LAB, solution=False))
-    assert {it.status for label, it in shipped.items()} == {"not built", "not done"}
+O = "outlier = (x.abs() >= threshold).any(0) "
+REST = "rest = x.masked_fill(outlier, 0.0) "
+CX = "c_x = rest.abs().amax(1) "
+CW = "c_w = w.abs().amax(1) "
+XQ = "x_q = torch.round(127 * rest / c_x[:, None])"
+DEQ = "torch.outer(c_x, c_w).double() / 127**2"
 
 
 @pytest.mark.parametrize("plant, hint", [
@@ -55,6 +55,31 @@ def test_solution_passes_and_stubs_are_not_built():
     pytest.param([(SCALE, "NF4[codes].reshape(shape)")], "levels alone", id="dequantize-no-absmax"),
     pytest.param([("codes = codes.reshape(-1, block).long()", "codes = codes.reshape(-1, 64).long()")],
                  "block used", id="dequantize-block-ignored"),
+    # build 4: LLM.int8()'s decomposition
+    pytest.param([(O, "outlier = (x.abs() >= threshold).any(1) "),
+                  ("x[:, outlier] @ w[:, outlier].T", "(x * outlier[:, None]) @ w.T"),
+                  (REST, "rest = x.masked_fill(outlier[:, None], 0.0) ")],
+                 "wrong axis", id="llm-int8-outlier-rows"),
+    pytest.param([(O, "outlier = (x.abs() >= threshold).any(1) "),
+                  ("x[:, outlier] @ w[:, outlier].T", "(x * outlier[:, None]) @ w.T"),
+                  (REST, "rest = x.masked_fill(outlier[:, None], 0.0) "),
+                  (CX, "c_x = rest.abs().amax(1).clamp_min(1e-9) ")],
+                 "wrong axis", id="llm-int8-outlier-rows-clamped"),
+    pytest.param([(O, "outlier = (x.abs() > threshold).any(0) ")], "exactly at the threshold", id="llm-int8-strict"),
+    pytest.param([(O, "outlier = (x.abs() >= 6.0).any(0) ")], "threshold is ignored", id="llm-int8-threshold-ignored"),
+    pytest.param([(REST, "rest = x ")], "counted twice", id="llm-int8-outliers-in-int8-too"),
+    pytest.param([(REST, "rest = x "), ("x[:, outlier] @ w[:, outlier].T + ", "")], "no decomposition",
+                 id="llm-int8-no-decomposition"),
+    pytest.param([(CX, "c_x = x.abs().amax(1) ")], "row absmax of x includes the outlier",
+                 id="llm-int8-absmax-with-outliers"),
+    pytest.param([(CX, "c_x = rest.abs().max().expand(x.shape[0]) ")], "one scale for all of x",
+                 id="llm-int8-x-per-tensor"),
+    pytest.param([(CW, "c_w = w.abs().max().expand(w.shape[0]) ")], "one scale for all of w",
+                 id="llm-int8-w-per-tensor"),
+    pytest.param([(DEQ, "torch.outer(c_x, c_w).double()")], "not divided by 127\\^2", id="llm-int8-no-127-squared"),
+    pytest.param([(DEQ, "torch.outer(c_x, c_w).double() / 127")], "divided by 127, not 127\\^2",
+                 id="llm-int8-127-once"),
+    pytest.param([(XQ, "x_q = (127 * rest / c_x[:, None]).trunc()")], "truncated", id="llm-int8-truncated"),
     # exercises
     pytest.param([("bits_block128 = 4 + 8 / 128 + 32 / (128 * 256)", "bits_block128 = 4 + 32 / 128")],
                  "with fp32 constants", id="ex1-no-double-quant"),
@@ -62,6 +87,10 @@ def test_solution_passes_and_stubs_are_not_built():
                  "blocks of 64", id="ex1-block-64"),
     pytest.param([("return normal_float_levels(k, delta)", "return normal_float_levels(k)")], "NF4's end point",
                  id="ex2-delta-of-nf4"),
+    pytest.param([("math.erf(60 / 254 / math.sqrt(2))", "math.erf(60 / 127 / math.sqrt(2))")], "one whole step",
+                 id="ex3-whole-step"),
+    pytest.param([("math.erf(60 / 254 / math.sqrt(2))", "1 - math.erf(60 / 254 / math.sqrt(2))")], "does NOT round",
+                 id="ex3-complement"),
 ])
 def test_a_planted_mistake_is_caught_with_a_hint(plant, hint):
     assert_caught(LAB, plant, hint)

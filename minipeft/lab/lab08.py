@@ -1,10 +1,13 @@
-"""Checks of lab 08 (NF4, QLoRA's 4-bit NormalFloat): the NormalFloat levels, block-wise absmax quantisation
-packed two codes per byte and its inverse, exercises (bits per weight, k-bit NormalFloat).
+"""Checks of lab 08 (NF4, QLoRA's 4-bit NormalFloat; LLM.int8()): the NormalFloat levels, block-wise absmax
+quantisation packed two codes per byte and its inverse, LLM.int8()'s mixed-precision decomposition, exercises
+(bits per weight, k-bit NormalFloat, what row-wise int8 rounds to zero next to an outlier).
 
 Each function takes what the student wrote, raises `Wrong` with a hint naming the likely mistake, and
 returns a one-line summary when it passes (run them through `minipeft.lab.check`). The weights they
 quantise are their own: normal draws whose blocks have different scales (so one absmax per tensor shows)
-and whose largest |w| is sometimes negative (so max(w) instead of max |w| shows).
+and whose largest |w| is sometimes negative (so max(w) instead of max |w| shows). LLM.int8()'s inputs
+have outlier feature dimensions that are below the threshold in some rows, one value exactly at it, and
+no value near a rounding tie (so any correct order of operations gives the same int8 codes).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import math
 
 import torch
 
-from ..quant import DQ_BLOCK, NF4, NF4_BLOCK, NF4_OFFSET, dequantize_nf4, quantize_nf4
+from ..quant import DQ_BLOCK, NF4, NF4_BLOCK, NF4_OFFSET, LLMInt8Linear, dequantize_nf4, quantize_nf4
 from . import expect
 
 
@@ -243,3 +246,145 @@ def exercise_2(nf_levels) -> str:
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
     e_nf3, e_int3 = _reconstruction_error(w, three.float()), _reconstruction_error(w, torch.arange(-3, 4) / 3)
     return f"3 bits, blocks of 64: NF3 {e_nf3:.4f} vs int3 {e_int3:.4f} relative RMS error"
+
+
+# ----------------------------------------------------------------------------- LLM.int8()
+
+def _grid_weight(out: int, d: int, seed: int) -> torch.Tensor:
+    """A weight already on the int8 row-wise grid: codes times a power of two per row (2^-9 .. 2^-12), each
+    row's absmax at code 127, so that 127 w / c_w gives the codes back exactly and the dequantised columns
+    are w itself."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-126, 127, (out, d), generator=g)
+    codes[:, 0] = 127
+    return codes.float() * 2.0 ** -torch.randint(9, 13, (out, 1), generator=g).float()
+
+
+def _activations(outliers: bool, threshold: float = 6.0, seed: int = 0, medium: float = 0.0) -> torch.Tensor:
+    """(48, 96) N(0, 1) values; with outliers, feature dimensions 5, 40, 77 at ~2.5 x threshold (below it in
+    rows 0-3, where they still exceed the rest of the row), one value exactly at the threshold, and
+    feature 20 at +-`medium` (an outlier at 6 but not at 20). Every 127 x / (row absmax of the non-outlier
+    features) is kept >= 0.05 from a rounding tie."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(48, 96, generator=g).clamp(-0.95 * threshold, 0.95 * threshold)
+    if outliers:
+        x[:, [5, 40, 77]] = torch.randn(48, 3, generator=g) * 2.5 * threshold
+        x[:4, [5, 40, 77]] = torch.tensor([0.75, -0.83, 0.92]) * threshold
+        x[10, 60] = threshold
+        x[:, 20] += medium * torch.sign(x[:, 20])
+    big = (x.abs() >= threshold).any(0)
+    c = x.masked_fill(big, 0).abs().amax(1, keepdim=True)
+    q = 127 * x / c
+    off = q - q.floor() - 0.5                                   # distance to the tie at floor + 1/2
+    nudged = torch.where(off.abs() < 0.05, q.floor() + 0.5 + 0.05 * torch.where(off < 0, -1.0, 1.0), q)
+    return torch.where(big, x, nudged * c / 127)
+
+
+def _reference(x, w, threshold=6.0, rows=False, split=True, twice=False, absmax_of_all=False, strict=False,
+               x_per_tensor=False, w_per_tensor=False, divide=127 ** 2, rnd=torch.round) -> torch.Tensor:
+    """LLM.int8() in float64, with the typical mistakes as switches (the check's diagnoses)."""
+    x, w = x.double(), w.double()
+    big = (x.abs() > threshold) if strict else (x.abs() >= threshold)
+    if rows:  # outlier tokens in full precision, the other rows int8 (the threshold on the wrong axis)
+        y = _reference(x, w, float("inf"))
+        y[big.any(1)] = x[big.any(1)] @ w.T
+        return y
+    cols = big.any(0) if split else torch.zeros(x.shape[1], dtype=torch.bool)
+    rest = x if twice else x.masked_fill(cols, 0)
+    c_x = (x if absmax_of_all else rest).abs().amax(1, keepdim=True)             # (n, 1)
+    c_w = w.abs().amax(1, keepdim=True)                                          # (o, 1)
+    c_x = c_x.max().expand_as(c_x) if x_per_tensor else c_x
+    c_w = c_w.max().expand_as(c_w) if w_per_tensor else c_w
+    x_q, w_q = rnd(127 * rest / c_x), rnd(127 * w / c_w)
+    return x[:, cols] @ w[:, cols].T + (x_q @ w_q.T) * (c_x @ c_w.T) / divide
+
+
+MISTAKES = [  # (switches, hint): the first that matches a wrong build is named
+    (dict(rows=True), "the threshold is on the wrong axis: O is a set of feature dimensions (columns of x, "
+                      "any row over the threshold), not of tokens (rows)"),
+    (dict(split=False), "no decomposition: the outlier columns went through int8 with the rest (their rows' "
+                        "absmax then coarsens every other value); compute x[:, O] w[:, O]^T apart, in full precision"),
+    (dict(twice=True), "the outlier columns are counted twice: in the full-precision part AND in the int8 "
+                       "product; zero them in x before the int8 quantisation"),
+    (dict(absmax_of_all=True), "the row absmax of x includes the outlier columns: take it over what goes "
+                               "through int8 (x with the outlier columns zeroed)"),
+    (dict(x_per_tensor=True), "one scale for all of x (per tensor): vector-wise quantisation keeps one absmax "
+                              "per row of x (per token)"),
+    (dict(w_per_tensor=True), "one scale for all of w (per tensor): vector-wise quantisation keeps one absmax "
+                              "per output (row of w, the paper's column of W)"),
+    (dict(x_per_tensor=True, w_per_tensor=True), "one scale per tensor for x and w: vector-wise quantisation "
+                                                 "keeps one absmax per row of x and one per row of w"),
+    (dict(divide=1), "the int8 product is not divided by 127^2: each factor's codes are 127 x / c, so "
+                     "dequantising is c_x c_w^T / (127 * 127)"),
+    (dict(divide=127), "the int8 product is divided by 127, not 127^2: both factors were scaled by 127"),
+    (dict(strict=True), "a value exactly at the threshold is not an outlier in your build: O takes |x| >= "
+                        "threshold (the paper's alpha, bitsandbytes' test)"),
+    (dict(rnd=torch.trunc), "the codes are truncated toward 0: round 127 x / c to the nearest integer"),
+]
+
+
+def _diagnose(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, threshold: float, what: str) -> None:
+    want = LLMInt8Linear(_linear(w), threshold)(x).double()
+    expect(isinstance(got, torch.Tensor), f"{what}: return a tensor, got {type(got).__name__}")
+    expect(tuple(got.shape) == tuple(want.shape), f"{what}: the result has shape {tuple(got.shape)}, want "
+                                                  f"(tokens, outputs) = {tuple(want.shape)} (x @ w.T)")
+    got, tol = got.detach().double(), 1e-4 * want.abs().max().item()
+    expect(bool(torch.isfinite(got).all()), f"{what}: the result has NaN or inf: a scale of 0 (0 / 0)? Only the "
+                                            "outlier feature dimensions (columns of x) leave the int8 part, never "
+                                            "whole tokens (rows): is the threshold on the wrong axis?")
+    if (got - want).abs().max() <= tol:
+        return
+    for switches, hint in MISTAKES:  # a wrong build matches its mistake up to a few codes rounded otherwise
+        mistake = _reference(x, w, threshold, **switches)
+        if (got - mistake).abs().max() <= max(tol, 0.1 * (mistake - want).abs().max().item()):
+            raise AssertionError(f"{what}: {hint}")
+    fp = x.double() @ w.double().T
+    expect((got - fp).abs().max() > tol, f"{what}: the result is x @ w.T in full precision: quantise the "
+                                         "non-outlier part of x and w to int8 codes")
+    raise AssertionError(f"{what}: differs from LLM.int8() by up to {(got - want).abs().max().item():.2e} "
+                         f"(largest |y| {want.abs().max().item():.2f})")
+
+
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w.clone()
+    return lin
+
+
+def check_llm_int8(my_llm_int8) -> str:
+    """my_llm_int8(x (n, h), w (o, h), threshold=6.0) -> (n, o): LLM.int8() = LLMInt8Linear's forward."""
+    w = _grid_weight(32, 96, seed=1)
+    _diagnose(my_llm_int8(_activations(False), w), _activations(False), w, 6.0, "without outliers")
+    x = _activations(True)
+    _diagnose(my_llm_int8(x, w), x, w, 6.0, "with outlier features")
+    x20 = _activations(True, threshold=20.0, seed=1, medium=10.0)
+    try:
+        got = my_llm_int8(x20, w, 20.0)
+    except TypeError as e:
+        raise AssertionError(f"my_llm_int8(x, w, 20.0) raised TypeError: {e} (take the threshold as the third "
+                             "argument)") from None
+    at_6 = _reference(x20, w, 6.0)
+    expect(not isinstance(got, torch.Tensor) or got.shape != at_6.shape
+           or (got.double() - at_6).abs().max() > 0.1 * (at_6 - _reference(x20, w, 20.0)).abs().max(),
+           "with threshold = 20 you give the result for 6: the argument threshold is ignored")
+    _diagnose(got, x20, w, 20.0, "with threshold = 20")
+    n_out = int((x.abs() >= 6).any(0).sum())
+    return (f"= LLMInt8Linear without outliers (plain vector-wise int8) and with {n_out} outlier features of "
+            f"{x.shape[1]}, and at threshold 20")
+
+
+def exercise_3(rounded_to_zero) -> str:
+    """The share of N(0, 1) values that row-wise int8 rounds to 0 when the row's absmax is an outlier of 60."""
+    expect(isinstance(rounded_to_zero, (int, float)), f"give a number, got {type(rounded_to_zero).__name__}")
+    expect(0 <= rounded_to_zero <= 1, f"{rounded_to_zero} is not a fraction between 0 and 1 (a percentage?)")
+    share = lambda half_width: math.erf(half_width / math.sqrt(2))  # noqa: E731  P(|z| < half_width)
+    want, tol = share(0.5 * 60 / 127), 0.015
+    if abs(rounded_to_zero - want) < tol:
+        return (f"{want:.3f} of the row rounds to code 0 (step 60/127 = {60 / 127:.3f}); with the outlier "
+                f"apart, the absmax of 4095 N(0, 1) draws (~3.5) gives {share(0.5 * 3.5 / 127):.3f}")
+    expect(abs(rounded_to_zero - share(60 / 127)) > tol, "that is the share within one whole step of 0: a value "
+                                                         "rounds to code 0 when |127 x / c| < 1/2")
+    expect(abs(rounded_to_zero - (1 - want)) > tol, "that is the share that does NOT round to 0")
+    expect(abs(rounded_to_zero - share(0.5 * 60 / 127) / 2) > tol, "count both signs: |x| < c / 254")
+    raise AssertionError(f"{rounded_to_zero} is not it: a value x rounds to code 0 when |127 x / 60| < 1/2; "
+                         "what share of N(0, 1) is that?")
