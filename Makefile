@@ -41,8 +41,11 @@ data:
 	  $(PY) scripts/download_gsm8k.py --out data/gsm8k) $(ARGS)
 
 # no CHECKPOINT: the shipped toy base on the task's toy analogue; with one: the task's files in data/$(TASK)
+# NPROC=N: N processes on this machine under torchrun, one job (FSDP2; ARGS="--parallel ddp"): docs/distributed.md
+NPROC ?= 1
 finetune:
-	$(PY) -m minipeft.finetune --method $(METHOD) $(if $(TASK),--task $(TASK)) $(if $(RUN),--out $(RUN)) \
+	$(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC),$(PY)) \
+	  -m minipeft.finetune --method $(METHOD) $(if $(TASK),--task $(TASK)) $(if $(RUN),--out $(RUN)) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --data $(TASK_DATA)) $(ARGS)
 
 # continue an interrupted run with its saved settings and state: make resume RUN=runs/toy/lora

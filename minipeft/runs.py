@@ -28,6 +28,7 @@ folder is printed at the start and at the end; Ctrl-C prints the command that re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -94,6 +95,7 @@ class TrainConfig:
     sparse_block: int = 64         # l of the sparse patterns
     sparse_summary: int = 8        # c of the "fixed" pattern
     recipe: dict = field(default_factory=dict)  # which recipes.py entry set lr/method_args (CLI runs)
+    parallel: str = "fsdp"         # under torchrun with N > 1 processes: "fsdp" (shard) or "ddp" (replicate)
 
 
 # Every numeric setting's allowed range, in one place: (field, test, what the flag needs)
@@ -223,22 +225,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run: Path, model, opt, sched, step: int) -> None:
+def save_checkpoint(run: Path, model, opt, sched, step: int, world=None) -> None:
     """The training state (one atomic file), then the adapter folder (atomic files).
 
     The state holds only tensors, numbers, strings, lists and dicts, so `load_state` reads it with
     torch.load(weights_only=True): a state file from elsewhere can never run code. It carries the
-    run's identity (the hash of its config.json), checked on resume."""
-    state = dict(format=STATE_FORMAT, step=step, config_sha256=run_identity(run), optimizer=opt.state_dict(),
-                 scheduler=sched.state_dict(), rng=rng_state(),
-                 adapter={k: v.clone().cpu() for k, v in adapter_state(model).items()})
-    try:
-        with atomic_write(run / STATE_FILE) as f:
-            torch.save(state, f)
-        save_adapter(model, run / "adapter")
-    except BaseException:
-        remove_temp_files(run)  # a full disk can fail the temp file's close too, before its removal
-        raise
+    run's identity (the hash of its config.json), checked on resume.
+
+    Under torchrun EVERY rank calls it with its `world` (minipeft/distributed.py): the trainable tensors
+    and the optimiser state are gathered whole with collectives on every rank (under FSDP each rank
+    holds a shard), and so is each rank's RNG state; rank 0 alone writes, and every rank learns whether
+    the write succeeded. The file is the one process's file, plus `world_size` and `rng_ranks`."""
+    with world.gathered(model) if world else contextlib.nullcontext():
+        optimizer = world.full_optimizer_state(opt) if world else opt.state_dict()
+        rngs = world.gather_objects(rng_state()) if world else [rng_state()]
+
+        def write() -> None:
+            state = dict(format=STATE_FORMAT, step=step, config_sha256=run_identity(run), optimizer=optimizer,
+                         scheduler=sched.state_dict(), rng=rngs[0],
+                         adapter={k: v.clone().cpu() for k, v in adapter_state(model).items()})
+            if len(rngs) > 1:
+                state.update(world_size=len(rngs), rng_ranks=rngs)
+            try:
+                with atomic_write(run / STATE_FILE) as f:
+                    torch.save(state, f)
+                save_adapter(model, run / "adapter")
+            except BaseException:
+                remove_temp_files(run)  # a full disk can fail the temp file's close too, before its removal
+                raise
+
+        world.on_main(write) if world else write()
 
 
 STATE_FORMAT = "minipeft-train-state-2"
@@ -283,24 +299,37 @@ def load_state(run: Path) -> dict:
     return state
 
 
-def load_checkpoint(run: Path, model, opt, sched) -> int:
-    """Restore what save_checkpoint wrote; returns the step to continue from."""
+def load_checkpoint(run: Path, model, opt, sched, world=None) -> int:
+    """Restore what save_checkpoint wrote; returns the step to continue from. Under torchrun every rank
+    reads the file and keeps its own shard of each tensor (`world`); a run resumes with as many
+    processes as it had, since each rank's share of the batches and its random stream depend on N."""
     state = load_state(run)
-    load_adapter_state(model, state["adapter"], run / STATE_FILE)
+    size, rank = (world.size, world.rank) if world else (1, 0)
+    saved = state.get("world_size", 1)
+    if saved != size:
+        how = (f"with {saved} processes: torchrun --nproc-per-node {saved} -m minipeft.finetune --resume {run}"
+               if saved > 1 else f"in one process: make resume RUN={run}")
+        raise ValueError(f"{run / STATE_FILE} was saved by a run of {saved} process(es) and this one has {size}; "
+                         f"a run resumes with as many processes as it had: resume it {how}")
+    with world.gathered(model, write_back=True) if world else contextlib.nullcontext():
+        load_adapter_state(model, state["adapter"], run / STATE_FILE)
     try:
         opt.load_state_dict(state["optimizer"])
+        if world:
+            world.shard_optimizer_state(opt)
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        set_rng_state(state["rng_ranks"][rank] if saved > 1 else state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ValueError(f"{run / STATE_FILE}: the optimiser, schedule or RNG state does not fit this run ({e})") from None
     return state["step"]
 
 
 class Metrics:
-    """metrics.jsonl: appended and flushed record by record (a crash loses at most the last line)."""
+    """metrics.jsonl: appended and flushed record by record (a crash loses at most the last line).
+    write=False (ranks > 0 under torchrun): the same records, kept in memory only."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, keep_until_step: int | None = None, write: bool = True):
+        self.path, self.write = path, write
         self.records: list[dict] = []
         if keep_until_step is not None and path.exists():  # resuming: drop what came after the save
             for line in path.read_text().splitlines():
@@ -310,13 +339,15 @@ class Metrics:
                     continue  # a line torn by the crash
                 if rec.get("step", 0) <= keep_until_step and rec["kind"] not in ("final", "stopped"):
                     self.records.append(rec)
-        with atomic_write(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        if write:
+            with atomic_write(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
 
     def log(self, **record) -> dict:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         return record
 
     def last_step(self, kind: str) -> int:
@@ -390,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"l, the pattern's block (default {d.sparse_block})")
     p.add_argument("--sparse-summary", type=int, default=d.sparse_summary,
                    help=f"c, summary tokens per block of 'fixed' (default {d.sparse_summary})")
+    p.add_argument("--parallel", choices=("fsdp", "ddp"), default=d.parallel,
+                   help="under torchrun with N > 1 processes: fsdp (FSDP2, shards the model; default) or ddp "
+                        "(a whole copy per process); docs/distributed.md")
     return p
 
 

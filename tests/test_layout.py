@@ -92,7 +92,7 @@ LAYERS = [
     ("data, tasks and the base model", {"data", "tasks", "base", "recipes"}),
     ("scoring", {"scoring"}),
     ("the toy base, run folders and plots", {"toy", "runs", "plots"}),
-    ("training", {"finetune"}),
+    ("training", {"finetune", "distributed"}),
     ("the job's command lines and the labs", {"evaluate", "compare", "generate", "export", "grade", "lab",
                                               "lm_eval_model"}),
 ]
