@@ -6,6 +6,8 @@ log-softmax and its gradient. `linear_cross_entropy` never holds more than one c
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -70,7 +72,23 @@ class LinearCrossEntropy(torch.autograd.Function):
 CHUNK_ELEMENTS = {"cuda": 2**26, "cpu": 2**23}
 
 
-@torch.compiler.disable  # a Python loop over chunks: traced, its trip count would pin the batch's shape
+def outside_compiled_graphs(fn):
+    """fn, run eagerly where torch.compile traces it (torch.compiler.disable): traced, a Python loop over
+    chunks would pin the batch's shape, one recompile per new length. Made on the first traced call:
+    made at import, torch.compiler.disable imports torch._dynamo, seconds at every start."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+    return wrapper
+
+
+@outside_compiled_graphs
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_elements: int | None = None) -> torch.Tensor:
     """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100) without materialising
