@@ -56,7 +56,7 @@ from .adapters import METHODS, apply_method
 from .data import encode_example, pack, synthetic_gsm8k
 from .base import load_base, pick_device
 from .finetune import Diverged, train, train_step
-from .runs import TrainConfig, parse_method_args, run_evidence, start_run
+from .runs import TrainConfig, parse_method_args, run_evidence
 from .scoring import evaluate
 from .peft import count_parameters, param_groups
 from .plots import write_plots
@@ -174,7 +174,6 @@ def run_one(cfg: TrainConfig, threads: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    start_run(Path(cfg.out), cfg)  # the marker first: an interrupted run is still known as a run of ours
     try:
         s = train(cfg, progress=False)
     except Diverged as e:

@@ -44,9 +44,9 @@ from .quant import quantize_model
 from .runs import (STATE_FILE, Metrics, TrainConfig, build_parser, check_config, check_resume_flags, config_from_args,
                    describe_method, given_settings, load_checkpoint, mean_throughput, peak_memory,
                    prepare_run_folder, progress_bar, remove_temp_files, resume_config, save_checkpoint, saved_step,
-                   saved_step_or_none, say, summary_line)
+                   saved_step_or_none, say, start_run, summary_line)
 from .safetensors_io import write_json
-from .scoring import LN2, bits_per_token, evaluate
+from .scoring import LN2, bits_per_token, evaluate, summary_figures
 from .sparse_attention import describe as describe_sparse
 from .tasks import encode_all, load_task
 
@@ -166,8 +166,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, world: 
     progress = progress and world.main
     run, t_start = Path(cfg.out).expanduser(), time.time()
     device = world.device if world.size > 1 else pick_device(cfg.device)
-    world.on_main(lambda: (run.mkdir(parents=True, exist_ok=True),
-                           remove_temp_files(run)))  # left by an earlier run that died on a full disk
+
+    def prepare_folder() -> None:
+        if not resume:  # the marker first: an interrupted run is still known as a run of ours (--overwrite)
+            start_run(run, cfg)  # also records the base's and the data's sha256, which --resume checks
+        remove_temp_files(run)  # left by an earlier run that died on a full disk
+    world.on_main(prepare_folder)
     if cfg.recipe:
         say(progress, cfg.recipe["line"])
     say(progress, f"run folder: {run}" + (" (resuming)" if resume else ""))
@@ -244,8 +248,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, world: 
     base = next((r for r in metrics.records if r["kind"] == "baseline"), None)
     summary = dict(method=cfg.method, base=base_name, data=data_name, trainable_params=trainable,
                    total_params=total, trainable_pct=100 * trainable / total, steps=plan.total_steps,
-                   before=None if base is None else dict(test_bpt=base["test_bpt"], accuracy=base["accuracy"]),
-                   after=dict(test_bpt=final["test_bpt"], accuracy=final["accuracy"]), n_test=len(test_set),
+                   before=None if base is None else summary_figures(base),
+                   after=summary_figures(final), n_test=len(test_set),
                    train_seconds=sum(r["tokens"] / r["tokens_per_s"] for r in train_recs),
                    tokens_per_s=mean_throughput(train_recs), peak_mem_gib=peak_memory(device),
                    wall_seconds=time.time() - t_start, lr=cfg.lr, recipe=cfg.recipe or None)

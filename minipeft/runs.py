@@ -3,6 +3,9 @@
 writes there and how it resumes, and its plots.
 
 The run folder (--out):
+    minipeft_run.json    written first: marks the folder as a minipeft run (--overwrite deletes only such
+                         folders) and records the size and sha256 of the base's and the data's files,
+                         which --resume checks
     config.json          the full training configuration, the method's config, parameter counts
     metrics.jsonl        one JSON record per line: "baseline", "train" (every step), "eval", "epoch",
                          "final" (or "stopped")
@@ -670,6 +673,7 @@ OTHER_FIELDS = {
     "eval_batch_size": "the batching: the same figures up to float rounding (evaluate --batch-size)",
     "device": "where the run ran: bf16 autocast on CUDA, fp32 on the CPU (rounding, not another function)",
     "compile": "torch.compile computes the same function", "grad_checkpoint": "recomputes the same forward",
+    "parallel": "how training was spread over processes (FSDP or DDP); the same model and adapter",
     "out": "the run folder itself", "recipe": "a record of where lr and method_args came from",
     **{name: _TRAINING for name in ("epochs", "max_steps", "lr", "weight_decay", "warmup", "min_lr_ratio",
                                     "batch_size", "grad_accum", "clip", "eval_every", "save_every", "pack",

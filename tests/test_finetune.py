@@ -177,8 +177,11 @@ def test_cli_run_writes_every_artifact(run, checkpoint, data):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["test_bpt"] < summary["before"]["test_bpt"]  # it learned something
     preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 6 and set(preds[0]) == {"question", "gold", "generated", "prediction", "correct"}
+    assert len(preds) == 6 and set(preds[0]) == {"question", "gold", "generated", "prediction", "correct",
+                                                 "strict_match", "flexible_extract", "strict_match_extracted",
+                                                 "flexible_extract_extracted", "prompt_tokens"}
     assert summary["after"]["accuracy"] == sum(p["correct"] for p in preds) / 6
+    assert summary["after"]["strict_match"] == sum(p["strict_match"] for p in preds) / 6
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     series = plots.loss_plot_series(recs)  # what loss.png draws: the final test point and the rate
     assert series["final"] == [(12, summary["after"]["test_bpt"])] and series["test"][0] == (0, recs[0]["test_bpt"])
