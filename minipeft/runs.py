@@ -50,7 +50,7 @@ from .adapters import CONFIG_FILE, METHODS, adapter_state, checked_hyper, load_a
     save_adapter, sha256_file, value_has_type
 from .base import SHIPPED, pick_device
 from .recipes import describe, recipe
-from .safetensors_io import INDEX, atomic_write, read_json, regular, write_json
+from .safetensors_io import INDEX, STAGING_PREFIX, atomic_write, read_json, regular, write_json
 from .tasks import TASKS, check_train_split, toy_folder
 from .toy import TOY_TRAINING
 
@@ -270,9 +270,12 @@ def run_identity(run: Path) -> str:
 
 
 def remove_temp_files(run: Path) -> None:
-    """The `.NAME.*.tmp` files atomic_write leaves if even its clean-up fails (disk full)."""
+    """What a save killed midway leaves: the `.NAME.*.tmp` files of atomic_write (if even its clean-up
+    failed, e.g. disk full) and the staging folders of staged_files (a kill between its renames)."""
     for tmp in [*run.glob(".*.tmp"), *run.glob("adapter/.*.tmp")]:
         tmp.unlink(missing_ok=True)
+    for staging in [*run.glob(f"{STAGING_PREFIX}*.staging"), *run.glob(f"adapter/{STAGING_PREFIX}*.staging")]:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_state(run: Path) -> dict:

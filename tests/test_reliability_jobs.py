@@ -464,3 +464,17 @@ def test_a_gsm8k_fifo_is_refused_without_hanging(tmp_path):
     os.mkfifo(tmp_path / "train.jsonl")
     with no_hang(), pytest.raises(ValueError, match=r"train\.jsonl: not a regular file"):
         load_gsm8k(tmp_path / "train.jsonl")
+
+
+def test_a_save_killed_between_its_renames_leaves_no_staging_folder_after_the_next_start(tmp_path):
+    """staged_files writes a save into a hidden staging folder, then renames its files in: a kill between
+    the renames leaves that folder; the next start of the run (resume) removes it, and the temp files."""
+    from minipeft.runs import remove_temp_files
+    from minipeft.safetensors_io import STAGING_PREFIX
+    (tmp_path / "adapter" / f"{STAGING_PREFIX}abc.staging").mkdir(parents=True)
+    (tmp_path / "adapter" / f"{STAGING_PREFIX}abc.staging" / "adapter.safetensors").write_bytes(b"x")
+    (tmp_path / f".train_state.pt.123.tmp").write_bytes(b"x")
+    (tmp_path / "adapter" / "adapter.safetensors").write_bytes(b"kept")
+    remove_temp_files(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "adapter", "adapter/adapter.safetensors"]
