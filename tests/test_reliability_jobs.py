@@ -473,7 +473,7 @@ def test_a_save_killed_between_its_renames_leaves_no_staging_folder_after_the_ne
     from minipeft.safetensors_io import STAGING_PREFIX
     (tmp_path / "adapter" / f"{STAGING_PREFIX}abc.staging").mkdir(parents=True)
     (tmp_path / "adapter" / f"{STAGING_PREFIX}abc.staging" / "adapter.safetensors").write_bytes(b"x")
-    (tmp_path / f".train_state.pt.123.tmp").write_bytes(b"x")
+    (tmp_path / ".train_state.pt.123.tmp").write_bytes(b"x")
     (tmp_path / "adapter" / "adapter.safetensors").write_bytes(b"kept")
     remove_temp_files(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
