@@ -424,11 +424,13 @@ def load_safetensors_checkpoint(path: Path, strip: str = "") -> tuple[dict[str, 
     an error). With shards, each tensor comes from the shard the index names; a tensor in another shard
     too, or in none the index lists, is an error."""
     state, origin = _load_checkpoint_files(path)
-    clash = next((k for k in state if strip and k.startswith(strip) and k.removeprefix(strip) in state), None)
-    if clash:
-        raise ValueError(f"{path}: '{clash}' and '{clash.removeprefix(strip)}' name the same tensor")
-    return ({k.removeprefix(strip): v for k, v in state.items()},
-            {k.removeprefix(strip): v for k, v in origin.items()})
+    out, where, key = {}, {}, {}
+    for k, v in state.items():
+        name = k.removeprefix(strip)
+        if name in out:
+            raise ValueError(f"{path}: '{key[name]}' and '{k}' name the same tensor")
+        out[name], where[name], key[name] = v, origin[k], k
+    return out, where
 
 
 def _load_checkpoint_files(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
