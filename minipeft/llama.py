@@ -321,8 +321,8 @@ class Llama(nn.Module):
         self.attention_kernel = "auto"
         self.cache_segments: torch.Tensor | None = None  # generation: every cached token's segment id
         self._input_prefix_kvs: list | None = None  # soft-prompt keys/values kept for one generation
-        # fp32 whatever the weights' dtype (see _apply); computed here, not on first use, so that a compiled
-        # forward sees no attribute change; not in the state dict: the config defines them
+        # the RoPE frequencies, fp32 whatever the weights' dtype (_apply); made here, not on first use, so that
+        # a compiled forward sees no attribute change; not in the state dict: the config defines them
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.apply(self._init_weights)
 
