@@ -6,7 +6,7 @@
 
 Each variant runs forward + backward (forward only with --forward-only) of one grouped-query attention (q, k, v with gradients) on a row
 of documents of --doc-len tokens, after building its mask (timed separately: the block mask's cost is
-paid once per batch, in Llama.document_mask). Variants: `dense` (SDPA with the bool mask), `causal`
+paid once per batch, in Llama.mask_and_positions). Variants: `dense` (SDPA with the bool mask), `causal`
 (SDPA is_causal=True: the lower bound, no document masking), `flex` (eager flex_attention) and
 `flex-compiled` (torch.compile(flex_attention), the way Llama uses it on CUDA). Peak memory is the
 process's high-water mark above its state before the mask (CPU) or max_memory_allocated (CUDA).

@@ -410,11 +410,6 @@ class Llama(nn.Module):
     def has_prefix_keys(self) -> bool:
         return self.input_prefix is not None or any(l.self_attn.kv_prefix is not None for l in self.layers)
 
-    def document_mask(self, segment_ids: torch.Tensor):
-        """The mask of packed rows: a FlexAttention block mask or a dense (B, 1, T, T) one (masks.dense_mask)."""
-        return masks.dense_mask(segment_ids.shape[1], segment_ids.device, segment_ids,
-                                kernel=self.attention_kernel, prefixed=self.has_prefix_keys())
-
     def input_prefix_kvs(self, cache_start: int | None) -> list:
         """Per-layer soft-prompt keys/values (or Nones). In cached generation they are computed at
         prefill (cache_start 0) and reused for every later token."""
@@ -522,12 +517,6 @@ class Llama(nn.Module):
 
     # ---------------------------------------------------------------- loading and saving (below the line)
 
-    @staticmethod
-    def expected_keys(cfg: LlamaConfig) -> set[str]:
-        """The state-dict keys of a plain Llama with this config (built on the meta device: no memory)."""
-        with torch.device("meta"):
-            return set(Llama(cfg).state_dict())
-
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, quantize: str | None = None) -> Llama:
@@ -572,15 +561,11 @@ HF_FIXED = {"model_type": ("llama", "minipeft implements 'llama'"), "hidden_act"
 def config_from_hf(cls, cfg: dict, source: str | Path = "config.json") -> LlamaConfig:
     """LlamaConfig from a Hugging Face `config.json` dict, as transformers 4.x or 5.x writes it.
 
-    RoPE comes in two forms: 4.x's top-level `rope_theta` + `rope_scaling` ({"rope_type": "llama3",
-    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}), or 5.x's
-    `rope_parameters` ({"rope_theta": ..., "rope_type": "default" | "llama3", the same four keys}).
-    rope_type "default" (or no scaling) means plain RoPE. Both forms at once must agree. Missing fields
-    take transformers' LlamaConfig defaults (HF_FIELDS; num_key_value_heads = num_attention_heads,
-    head_dim = hidden_size // num_attention_heads, rope_theta 10000.0 without scaling). Anything that
-    would change the computed function and that minipeft does not implement (HF_FIXED, another rope_type,
-    a partial rotary factor) is an error naming `source` and the field, never silently ignored. Fields are
-    read by safetensors_io.json_field: type- and range-checked, errors naming the file, field and value."""
+    RoPE comes as 4.x's `rope_theta` + `rope_scaling` or 5.x's `rope_parameters` (both must agree; see
+    _read_rope). Missing fields take transformers' defaults (HF_FIELDS; n_kv_heads = n_heads, head_dim =
+    dim // n_heads). What would change the function and minipeft does not implement (HF_FIXED, another
+    rope_type, a partial rotary factor) is an error naming `source` and the field, never ignored; every
+    field is type- and range-checked by safetensors_io.json_field."""
     if not isinstance(cfg, dict):
         raise ValueError(f"{source}: expected a JSON object, got a JSON {json_kind(cfg)}")
     # transformers types these `int | None` (null = derived); 5.x writers may leave rope_theta null
@@ -629,7 +614,9 @@ def _build(cls, source, **fields) -> LlamaConfig:
 
 
 def _read_rope(cfg: dict, source, nullable) -> tuple[float, dict | None]:
-    """(rope_theta, llama3 scaling or None) from either the 4.x or the 5.x form (see config_from_hf)."""
+    """(rope_theta, llama3 scaling or None) from 4.x's top-level `rope_theta` + `rope_scaling`
+    ({"rope_type": "llama3", LLAMA3_SCALING_KEYS}) or 5.x's `rope_parameters` ({"rope_theta", "rope_type":
+    "default" | "llama3", the same four keys}); "default" (or no scaling) is plain RoPE, theta 10000."""
     params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
@@ -720,7 +707,9 @@ def save_pretrained(model: Llama, path: str | Path, max_shard_bytes: int | None 
     finite (a merge or a cast to float16 can make inf: refused, naming the tensor). The new files are
     written under temp names first, then swapped in, then the old save's files removed: a full disk
     leaves the folder's earlier checkpoint loading exactly as before (safetensors_io.staged_files)."""
-    extra = [k for k in model.state_dict() if k not in Llama.expected_keys(model.config)]
+    with torch.device("meta"):  # a plain Llama's keys, built without memory
+        plain = Llama(model.config).state_dict()
+    extra = [k for k in model.state_dict() if k not in plain]
     if extra:  # a PEFT wrapper or slot: from_pretrained (and transformers) would reject the folder
         raise ValueError(f"save_pretrained: the model carries modules a Llama checkpoint cannot hold "
                          f"('{extra[0]}', {len(extra)} tensors): fold them with "

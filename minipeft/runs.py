@@ -721,13 +721,15 @@ def mean_throughput(recs: list[dict]) -> float:
 
 def summary_line(s: dict) -> str:
     """"lora: test 0.4440 -> 0.0378 bits/token, accuracy 1.5% -> 57.0%, strict-match ... -> ..., flexible-extract
-    ... -> ... (...)": lm-eval's two GSM8K figures where the summary has them; nan before without a baseline."""
-    before, after, nan = s["before"] or {}, s["after"], float("nan")
-    change = lambda key, label, spec: f"{label} {before.get(key, nan):{spec}} -> {after[key]:{spec}}"
-    parts = [change("test_bpt", "test", ".4f") + " bits/token", change("accuracy", "accuracy", ".1%")]
-    parts += [change(key, label, ".1%") for key, label in (("strict_match", "strict-match"),
-                                                           ("flexible_extract", "flexible-extract")) if key in after]
-    return f"{s['method']}: {', '.join(parts)} ({s['trainable_params']:,} trainable params, {s['wall_seconds']:.0f}s)"
+    ... -> ... (...)": lm-eval's two GSM8K figures where the summary has them. A figure the base model has no
+    value for (--no-baseline) is printed alone, and the line says the base was not evaluated."""
+    before, after = s["before"] or {}, s["after"]
+    change = lambda key, spec: (f"{before[key]:{spec}} -> " if key in before else "") + f"{after[key]:{spec}}"
+    parts = [f"test {change('test_bpt', '.4f')} bits/token", f"accuracy {change('accuracy', '.1%')}"]
+    parts += [f"{label} {change(key, '.1%')}" for key, label in (("strict_match", "strict-match"),
+                                                                  ("flexible_extract", "flexible-extract")) if key in after]
+    note = "" if before else "; the base model not evaluated"
+    return f"{s['method']}: {', '.join(parts)} ({s['trainable_params']:,} trainable params, {s['wall_seconds']:.0f}s{note})"
 
 
 def say(progress: bool, text: str) -> None:

@@ -76,6 +76,11 @@ def _packed_batch():
     return torch.randint(0, 512, seg.shape), seg
 
 
+def _mask(model, seg):
+    """The mask Llama.forward builds for packed rows (segment ids, no cache)."""
+    return model.mask_and_positions(seg, seg, None, None)[0]
+
+
 @pytest.mark.skipif(not HAS_FLEX, reason="this torch has no FlexAttention")
 def test_flex_document_mask_equals_the_dense_mask():
     idx, seg = _packed_batch()
@@ -83,9 +88,9 @@ def test_flex_document_mask_equals_the_dense_mask():
     m.attention_kernel = "dense"
     dense = m(idx, segment_ids=seg)
     m.attention_kernel = "flex"
-    assert m.document_mask(seg).dtype == torch.bool  # CPU with gradients: no FlexAttention backward there
+    assert _mask(m, seg).dtype == torch.bool  # CPU with gradients: no FlexAttention backward there
     with torch.no_grad():
-        assert isinstance(m.document_mask(seg), masks.BlockMask)
+        assert isinstance(_mask(m, seg), masks.BlockMask)
         flex = m(idx, segment_ids=seg)
     real = seg != 0
     torch.testing.assert_close(flex[real], dense[real], atol=1e-5, rtol=1e-5)
@@ -97,19 +102,19 @@ def test_document_mask_falls_back_to_the_dense_mask(monkeypatch):
     m.attention_kernel = "dense"
     want = m(idx, segment_ids=seg)
     m.attention_kernel = "auto"  # on CPU: dense (eager FlexAttention has no backward on CPU)
-    assert m.document_mask(seg).dtype == torch.bool
+    assert _mask(m, seg).dtype == torch.bool
     m.attention_kernel = "flex"
     monkeypatch.setattr(masks, "create_block_mask", None)  # an older torch without FlexAttention
     with torch.no_grad():
-        assert m.document_mask(seg).dtype == torch.bool
+        assert _mask(m, seg).dtype == torch.bool
         torch.testing.assert_close(m(idx, segment_ids=seg), want.detach())
     monkeypatch.undo()
     apply_method(m, "prefix_tuning", prefix_len=3)  # prefix keys are not in a block mask: dense
     with torch.no_grad():
-        assert m.document_mask(seg).dtype == torch.bool
+        assert _mask(m, seg).dtype == torch.bool
     m.attention_kernel = "sparse"
     with pytest.raises(ValueError, match="attention_kernel"):
-        m.document_mask(seg)
+        _mask(m, seg)
 
 
 @pytest.mark.gpu

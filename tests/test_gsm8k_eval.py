@@ -153,7 +153,8 @@ def test_summary_line_and_compare_table_carry_both_figures():
     assert summary_line(s) == ("lora: test 0.4400 -> 0.0400 bits/token, accuracy 1.5% -> 57.0%, strict-match "
                                "0.0% -> 50.0%, flexible-extract 20.0% -> 56.0% (21,504 trainable params, 155s)")
     old = dict(s, before=None, after=dict(test_bpt=0.04, accuracy=0.57))  # another task, or a run without them
-    assert summary_line(old) == "lora: test nan -> 0.0400 bits/token, accuracy nan% -> 57.0% (21,504 trainable params, 155s)"
+    assert summary_line(old) == ("lora: test 0.0400 bits/token, accuracy 57.0% (21,504 trainable params, 155s; "
+                                 "the base model not evaluated)")
     run = lambda seed, strict: dict(figures, strict_match=strict, label="lora", method="lora", lr=0.01, seed=seed,
                                     trainable_params=21504, trainable_pct=1.7, seconds=100.0, early_step=None)
     rows = aggregate([run(0, 0.5), run(1, 0.7)])
