@@ -96,5 +96,5 @@ def toy_base(progress: bool = True) -> Path:
     if not (SHIPPED / WEIGHTS).exists():
         raise FileNotFoundError(f"{SHIPPED / WEIGHTS} is missing: the toy base ships with the checkout "
                                 "(git checkout data/toy_base), or rebuild it with "
-                                f"`python -m minipeft.toy --rebuild --out {SHIPPED}` (~40 min on 2 cores)")
+                                f"`.venv/bin/python -m minipeft.toy --rebuild --out {SHIPPED}` (~40 min on 2 cores)")
     return SHIPPED

@@ -12,9 +12,9 @@ one epoch of the toy task (125 steps of batch 16) and the first 100 test problem
 and the claims' variants (90 runs) finish in about an hour on 2 CPU cores, one one-thread process per
 core (55 min measured, results/README.md); `--steps`, `--eval-limit` and `--jobs` change it.
 
-    python -m minipeft.compare                          # every method + the claims' variants, seeds 0,1,2
-    python -m minipeft.compare --quick                  # one seed, 40 steps, 40 test problems (labs)
-    python -m minipeft.compare --methods lora,ia3pp,ia3pp+use_l_o=false --seeds 0,1,2
+    .venv/bin/python -m minipeft.compare                          # every method + the claims' variants, seeds 0,1,2
+    .venv/bin/python -m minipeft.compare --quick                  # one seed, 40 steps, 40 test problems (labs)
+    .venv/bin/python -m minipeft.compare --methods lora,ia3pp,ia3pp+use_l_o=false --seeds 0,1,2
 
 A method entry is a name from the methods table, optionally followed by `+field=value` settings of
 its config (the same fields as `finetune --set`), e.g. `lora+gamma=4` or `prefix_tuning+mlp_hidden=64`;
@@ -32,7 +32,7 @@ minipeft/recipes.py by hand, with the figures in a comment.
 `--throughput` instead measures training speed and memory on a preset with random weights (meant for
 a GPU): packed rows of --max-len tokens, a few warm-up steps, then tokens/s and peak memory per method.
 
-    python -m minipeft.compare --throughput --preset llama-3.2-1b --max-len 512 \\
+    .venv/bin/python -m minipeft.compare --throughput --preset llama-3.2-1b --max-len 512 \\
         --methods lora,dora,ia3,ia3pp,prefix_tuning,llama_adapter
 """
 from __future__ import annotations

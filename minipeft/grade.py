@@ -1,7 +1,7 @@
 """Grade a lab notebook: run a student's copy top to bottom in a fresh kernel and report every check.
 
-    python -m minipeft.grade notebooks/02_lora_learning_rate_of_B.ipynb     # or: make grade NB=...
-    python -m minipeft.grade alice/02_lora_learning_rate_of_B.ipynb --timeout 600
+    .venv/bin/python -m minipeft.grade notebooks/02_lora_learning_rate_of_B.ipynb     # or: make grade NB=...
+    .venv/bin/python -m minipeft.grade alice/02_lora_learning_rate_of_B.ipynb --timeout 600
 
 Each check cell of a lab prints one status line (`minipeft.lab.check`): "Build N (name): passed / not built
 yet / wrong. Hint: ..." and "Exercise N: correct / not done yet / wrong. Hint: ...". The grader runs the

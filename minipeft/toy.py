@@ -35,8 +35,8 @@ another machine is not bit-identical (CPU kernels differ); `--rebuild` prints ho
 the shipped weights and probes. Fine-tuning never depends on that: it always loads the shipped file,
 and finetune seeds the adapter initialisation and the data order itself.
 
-    python -m minipeft.toy                         # check the shipped base (sha256), write the task
-    python -m minipeft.toy --rebuild [--out DIR]   # pretrain it again and compare with the shipped one
+    .venv/bin/python -m minipeft.toy                         # check the shipped base (sha256), write the task
+    .venv/bin/python -m minipeft.toy --rebuild [--out DIR]   # pretrain it again and compare with the shipped one
 """
 from __future__ import annotations
 

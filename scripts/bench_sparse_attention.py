@@ -96,7 +96,7 @@ def loss_runs(args) -> list[dict]:
     """The toy task with LLaMA-Adapter v1 on packed rows of 1024 tokens, once per attention pattern:
     the shipped toy base's test bits/token before (the pattern alone) and after the short run."""
     rows = []
-    print(f"toy task: python -m minipeft.finetune {' '.join(LOSS_ARGS)} --attention A --sparse-block {args.block} "
+    print(f"toy task: .venv/bin/python -m minipeft.finetune {' '.join(LOSS_ARGS)} --attention A --sparse-block {args.block} "
           f"--sparse-summary {args.summary} --out {args.out}/A")
     print(f"{'attention':>9} {'base bpt':>9} {'after bpt':>9} {'accuracy':>9} {'train s':>8}")
     for attention in VARIANTS_LOSS:

@@ -11,8 +11,8 @@ folder renamed into place as --out, the pair together (`publish`): the old folde
 new one is complete, and any other file in it is carried over. A full disk or a bad file leaves
 --out as it was. Standard library only, so it runs before `make install`.
 
-    python scripts/download_gsm8k.py                      # what `make data` runs
-    python scripts/download_gsm8k.py --out /tmp/gsm8k --source file:///path/to/copy
+    .venv/bin/python scripts/download_gsm8k.py                      # what `make data` runs
+    .venv/bin/python scripts/download_gsm8k.py --out /tmp/gsm8k --source file:///path/to/copy
 """
 from __future__ import annotations
 

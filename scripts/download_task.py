@@ -1,9 +1,9 @@
 """Download MMLU, ARC-Challenge or databricks-dolly-15k from the official source, check it, write it atomically.
 
-    python scripts/download_task.py --task mmlu            # -> data/mmlu/{auxiliary_train,dev,val,test}/*.csv
-    python scripts/download_task.py --task arc_challenge   # -> data/arc_challenge/ARC-Challenge-{Train,Dev,Test}.jsonl
-    python scripts/download_task.py --task dolly           # -> data/dolly/databricks-dolly-15k.jsonl
-    python scripts/download_task.py --task mmlu --source /mirror/data.tar   # a mirror URL or a local copy
+    .venv/bin/python scripts/download_task.py --task mmlu            # -> data/mmlu/{auxiliary_train,dev,val,test}/*.csv
+    .venv/bin/python scripts/download_task.py --task arc_challenge   # -> data/arc_challenge/ARC-Challenge-{Train,Dev,Test}.jsonl
+    .venv/bin/python scripts/download_task.py --task dolly           # -> data/dolly/databricks-dolly-15k.jsonl
+    .venv/bin/python scripts/download_task.py --task mmlu --source /mirror/data.tar   # a mirror URL or a local copy
 
 The download is streamed to a temp file in $TMPDIR (at most MAX_BYTES; never held in memory), and the
 task's files are extracted from it into a hidden temp folder beside --out. Every file is parsed there
