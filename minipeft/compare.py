@@ -553,7 +553,7 @@ def write_outputs(rows: list[dict], runs: list[dict], out: Path, settings: dict)
             + (f"; first {settings['eval_limit']} test problems" if settings["eval_limit"] else "")
             + f". Peak rates from minipeft/recipes.py ({settings['recipes']}). Diverged runs: {errors}\n")
     with atomic_write(out / "compare.md", "w") as f:
-        f.write("\n".join(table_lines(rows)) + "\n" + note + f"Test bits/token clearly below the base model's "
+        f.write("\n".join(table_lines(rows)) + "\n" + note + "Test bits/token clearly below the base model's "
                 "(mean + 2 standard errors over the seeds under it): " + below_base_line(rows) + "\n")
     with atomic_write(out / "compare.json", "w") as f:
         json.dump(dict(settings=settings, rows=rows, runs=runs), f, indent=2)

@@ -15,10 +15,8 @@ and `\\\\` into a newline, a tab and one backslash (`decode_escapes`), as the pr
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import torch
