@@ -5,10 +5,10 @@
     apply_method(model, "lora", r=16, targets="all-linear")   # or lora.apply(model, LoRAConfig(...))
 
 The package, by layer (docs/layout.md; tests/test_layout.py keeps imports going down): the model and its
-files (llama.py, masks.py, loss.py, tokenizer.py, safetensors_io.py, quant.py); the one injection mechanism
-(peft.py), the methods (methods/) and their files (adapters.py, hf_peft.py); data and tasks (data.py,
-tasks.py, base.py, recipes.py); scoring.py; the job (runs.py, finetune.py, evaluate.py, compare.py, toy.py,
-export.py, generate.py); the labs' checks and grader (lab/, grade.py).
+files (llama.py, masks.py, loss.py, tokenizer.py, safetensors_io.py, meta_layout.py, quant.py); the one
+injection mechanism (peft.py), the methods (methods/) and their files (adapters.py, hf_peft.py); data and
+tasks (data.py, tasks.py, base.py, recipes.py); scoring.py; the job (runs.py, finetune.py, evaluate.py,
+compare.py, toy.py, export.py, generate.py); the labs' checks and grader (lab/, grade.py).
 """
 
 import os

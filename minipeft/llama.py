@@ -8,7 +8,8 @@ The architecture (Meta, "The Llama 3 Herd of Models", arXiv:2407.21783) is a pre
 with llama3-scaled RoPE frequencies and, for the 1B/3B models, the output head tied to the input
 embedding. Module names follow Hugging Face transformers (`layers.0.self_attn.q_proj`, ...) so that
 target names written for Hugging Face PEFT carry over unchanged. Read it top to bottom: the config and
-presets, the blocks, the model's forward, generation; below the line, the checkpoint loaders.
+presets, the blocks, the model's forward, generation; below the line, the checkpoint loaders (Meta's
+key names and rotary layout, and its writer save_meta, are in minipeft/meta_layout.py).
 
 PEFT methods plug in two ways (minipeft/peft.py): Linear wrappers swapped in by module name (LoRA,
 DoRA, (IA)^3, ...), and five named slots that are None (a no-op) unless a method fills them:
@@ -29,7 +30,6 @@ llama-models reference (model.py, args.py), transformers' modeling_llama.py and 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -40,9 +40,10 @@ from torch.utils.checkpoint import checkpoint
 
 from . import masks
 from .loss import IGNORE_INDEX, linear_cross_entropy
+from .meta_layout import meta_to_hf
 from .safetensors_io import (INDEX, REQUIRED, check_finite, check_state, check_tensor, checkpoint_files, dtype_name,
                              json_field, json_kind, load_safetensors_checkpoint, read_json, regular_file,
-                             save_safetensors_checkpoint, staged_files, torch_save, write_json)
+                             save_safetensors_checkpoint, staged_files, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,15 +349,12 @@ class Llama(nn.Module):
                 segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache_start: int | None = None, return_logits: bool = True,
                 answer_mask: torch.Tensor | None = None, last_only: bool = False):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets, (logits, mean cross-entropy).
-
-        targets (B, T): the token after each position (no shift inside), IGNORE_INDEX to skip.
-        segment_ids (B, T): a token sees only earlier tokens of its segment (padding, packing); positions
-            restart at 0 in each segment unless given. cache_start: where idx begins in the KV cache.
-        return_logits=False (with targets): (None, loss), never building the (B, T, vocab) logits.
-        answer_mask (B, T) bool: the positions that predict an answer token (infix tuning); default
-            targets != IGNORE_INDEX, else none. last_only: the last position's logits only (B, 1, vocab).
-        """
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), the token after each position
+        (no shift inside; IGNORE_INDEX skips), (logits, mean cross-entropy), or (None, loss) without ever
+        building the logits if return_logits=False. segment_ids (B, T): a token sees only earlier tokens of
+        its segment (padding, packing), positions restarting at 0 in each unless given. cache_start: where idx
+        begins in the KV cache. answer_mask (B, T) bool: the positions that predict an answer token (infix
+        tuning; default targets != IGNORE_INDEX). last_only: the last position's logits only (B, 1, vocab)."""
         answer_mask = self._answer_mask(idx, targets, answer_mask)
         mask, positions = self.mask_and_positions(idx, segment_ids, positions, cache_start)
         cos, sin = self.rope(positions)
@@ -543,7 +541,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
 
 
 # ==============================================================================================
-# Below the line: reading and writing checkpoints (Hugging Face and Meta layouts)
+# Below the line: reading checkpoints (Hugging Face and Meta layouts) and writing Hugging Face's
 # ==============================================================================================
 
 # config.json key: (LlamaConfig field, type, transformers' LlamaConfig default); None: derived below
@@ -735,82 +733,3 @@ def _check_tied(cfg: LlamaConfig, state: dict, origin: dict, config_path: Path) 
         raise ValueError(f"{config_path}: tie_word_embeddings is true, but {origin['lm_head.weight']} holds an "
                          "lm_head.weight that differs from embed_tokens.weight; set tie_word_embeddings to false "
                          "to use that head, or remove it")
-
-
-# Meta name -> HF name; {i} is the layer index (a small format-string table, as in gpt-fast)
-META_TO_HF = {
-    "tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight", "output.weight": "lm_head.weight",
-    "layers.{i}.attention.wq.weight": "layers.{i}.self_attn.q_proj.weight",
-    "layers.{i}.attention.wk.weight": "layers.{i}.self_attn.k_proj.weight",
-    "layers.{i}.attention.wv.weight": "layers.{i}.self_attn.v_proj.weight",
-    "layers.{i}.attention.wo.weight": "layers.{i}.self_attn.o_proj.weight",
-    "layers.{i}.feed_forward.w1.weight": "layers.{i}.mlp.gate_proj.weight",
-    "layers.{i}.feed_forward.w3.weight": "layers.{i}.mlp.up_proj.weight",
-    "layers.{i}.feed_forward.w2.weight": "layers.{i}.mlp.down_proj.weight",
-    "layers.{i}.attention_norm.weight": "layers.{i}.input_layernorm.weight",
-    "layers.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
-}
-HF_TO_META = {v: k for k, v in META_TO_HF.items()}
-
-
-def _rename(name: str, table: dict[str, str]) -> str | None:
-    """`name` through META_TO_HF or HF_TO_META, its layer index carried over; None if the table lacks it."""
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    pattern = table.get(f"layers.{{i}}.{m.group(2)}" if m else name)
-    return None if pattern is None else pattern.format(i=m.group(1) if m else "")
-
-
-def _rotary_heads(cfg: LlamaConfig, hf_name: str) -> int | None:
-    """The heads whose rows a q/k projection holds (their rotary pairs are laid out differently)."""
-    return {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads}.get(hf_name.split(".")[-2])
-
-
-def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder q/k projection rows from Meta's interleaved rotary pairs (0,1),(2,3).. to HF's
-    half-split pairs (i, i + hd/2). Per head: row 2j -> j, row 2j+1 -> hd/2 + j."""
-    return w.view(n_heads, -1, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
-
-
-def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of interleaved_to_half (used to write Meta-layout checkpoints)."""
-    return w.view(n_heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)
-
-
-def meta_to_hf(raw: dict[str, torch.Tensor], cfg: LlamaConfig, source: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for key, t in raw.items():
-        name = _rename(key, META_TO_HF)
-        if name is None:
-            if key.endswith("rope.freqs"):  # older Meta checkpoints store the frequencies; we compute them
-                continue
-            raise KeyError(f"{source}: unexpected key '{key}' in a Meta checkpoint")
-        heads = _rotary_heads(cfg, name)
-        state[name] = interleaved_to_half(t, heads) if heads else t
-    return state
-
-
-def save_meta(model: Llama, path: str | Path) -> None:
-    """Write params.json + consolidated.00.pth in Meta's layout (interleaved q/k rows). As save_pretrained:
-    finite weights only; new files first, then the swap, then an earlier save's files go (config.json
-    would shadow params.json)."""
-    path, cfg, raw = Path(path).expanduser(), model.config, {}
-    for name, t in model.state_dict().items():
-        if cfg.tie_embeddings and name == "lm_head.weight":
-            continue
-        key, heads = _rename(name, HF_TO_META), _rotary_heads(cfg, name)
-        if key is None:  # a PEFT wrapper's tensor, as save_pretrained refuses it
-            raise KeyError(f"save_meta: '{name}' is no Llama weight: minipeft.merge_and_unload(model) first")
-        t = half_to_interleaved(t, heads) if heads else t
-        check_tensor(name, t, f"save_meta: {path} (nothing written)")
-        raw[key] = t.clone()
-    # choose multiple_of / ffn_dim_multiplier so that from_meta's rounding gives back ffn_dim exactly
-    base = int(2 * (4 * cfg.dim) / 3)
-    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                  vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                  use_scaled_rope=cfg.rope_scaling is not None, multiple_of=cfg.ffn_dim,
-                  ffn_dim_multiplier=cfg.ffn_dim / base if base > cfg.ffn_dim else None)
-    if cfg.rope_scaling is not None:
-        params["rope_scaling_factor"] = cfg.rope_scaling["factor"]
-    with staged_files(path, last=("params.json",), stale=checkpoint_files(path)) as tmp:
-        torch_save(raw, tmp / "consolidated.00.pth")
-        write_json(tmp / "params.json", params)

@@ -86,7 +86,7 @@ def test_hugging_face_field_names_get_a_pointer_to_ours(method, field, ours):
 # and no import (at the top or inside a function) closes a circle. The job files (finetune, evaluate,
 # compare, ...) load their model through base.py and their data through tasks.py, never through each other.
 LAYERS = [
-    ("the files", {"safetensors_io", "tokenizer", "loss", "sparse_attention"}),
+    ("the files", {"safetensors_io", "meta_layout", "tokenizer", "loss", "sparse_attention"}),
     ("the model", {"masks", "llama", "quant"}),
     ("PEFT", {"peft", "methods", "hf_peft", "adapters"}),
     ("data, tasks and the base model", {"data", "tasks", "base", "recipes"}),

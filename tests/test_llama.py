@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from minipeft.llama import (Llama, LlamaConfig, apply_rope, half_to_interleaved, interleaved_to_half,
-                            linear_cross_entropy, rope_frequencies, sample, save_meta)
+from minipeft.llama import Llama, LlamaConfig, apply_rope, linear_cross_entropy, rope_frequencies, sample
+from minipeft.meta_layout import half_to_interleaved, interleaved_to_half, save_meta
 from minipeft.safetensors_io import load_file, read_header, save_file
 from helpers import tiny
 

@@ -23,7 +23,8 @@ from minipeft.data import synthetic_gsm8k, write_jsonl
 from minipeft.base import load_base
 from minipeft.tasks import load_task
 from minipeft.evaluate import main as evaluate_main
-from minipeft.llama import Llama, save_meta
+from minipeft.llama import Llama
+from minipeft.meta_layout import save_meta
 from minipeft.peft import adapter_modules
 from minipeft.safetensors_io import load_file, save_file
 from minipeft.tokenizer import Tokenizer

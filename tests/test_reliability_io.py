@@ -24,7 +24,8 @@ import torch.nn as nn
 from helpers import tiny
 from minipeft import sparse_attention
 from minipeft.adapters import apply_method, load_adapter, save_adapter, sha256_file
-from minipeft.llama import Llama, save_meta
+from minipeft.llama import Llama
+from minipeft.meta_layout import save_meta
 from minipeft.peft import adapter_modules
 from minipeft.quant import NF4_BLOCK, QuantLinear, dequantize_nf4, quantize_model, quantize_nf4
 from minipeft.safetensors_io import load_file, save_file

@@ -16,8 +16,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..llama import (IGNORE_INDEX, Llama, LlamaConfig, MLP, RMSNorm, apply_rope, half_to_interleaved,
-                     rope_frequencies)
+from ..llama import IGNORE_INDEX, Llama, LlamaConfig, MLP, RMSNorm, apply_rope, rope_frequencies
+from ..meta_layout import half_to_interleaved
 from . import Wrong, assert_same_outputs_and_grads, call_with_hint, expect, make_base
 
 LLAMA3_SCALING = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -333,8 +333,8 @@ def exercise_1(meta_order) -> str:
     n_heads, hd, dim = 4, 16, 12
     w_hf = torch.randn(n_heads * hd, dim, generator=torch.Generator().manual_seed(0))
     by_hand = w_hf.view(n_heads, hd, dim)[:, meta_order(hd)].reshape_as(w_hf)
-    expect(torch.equal(by_hand, half_to_interleaved(w_hf, n_heads)), "not llama.half_to_interleaved's order")
-    return f"hd = 16: {meta_order(16).tolist()} = llama.half_to_interleaved"
+    expect(torch.equal(by_hand, half_to_interleaved(w_hf, n_heads)), "not meta_layout.half_to_interleaved's order")
+    return f"hd = 16: {meta_order(16).tolist()} = meta_layout.half_to_interleaved"
 
 
 def exercise_2(kv_cache_bytes) -> str:
