@@ -16,7 +16,7 @@ install:
 	  || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"   # also fills in torch's own dependencies
 	$(PY) -m ipykernel install --sys-prefix --name minipeft --display-name "minipeft" \
-	  --env OMP_WAIT_POLICY PASSIVE >/dev/null   # in .venv: this checkout's kernel, whatever other clones install
+	  --env OMP_NUM_THREADS 1 --env OMP_WAIT_POLICY PASSIVE >/dev/null   # this checkout's kernel (in .venv); the labs' tensors want one thread (docs/performance.md)
 
 test:
 	$(PY) -m pytest -q
