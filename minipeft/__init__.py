@@ -8,15 +8,16 @@ The package, by layer (docs/layout.md; tests/test_layout.py keeps imports going 
 files (llama.py, masks.py, loss.py, tokenizer.py, safetensors_io.py, meta_layout.py, quant.py); the one
 injection mechanism (peft.py), the methods (methods/) and their files (adapters.py, hf_peft.py); data and
 tasks (data.py, tasks.py, base.py, recipes.py); scoring.py; the job (runs.py, finetune.py, evaluate.py,
-compare.py, toy.py, export.py, generate.py); the labs' checks and grader (lab/, grade.py).
+compare.py, toy.py, export.py, generate.py, distributed.py); the labs' checks and grader (lab/, grade.py).
 """
 
 import os
 
 # OpenMP threads that wait for work sleep instead of spinning. On a CPU shared with other jobs (a course's lab
 # server, CI) a spinning thread holds a core that a descheduled peer needs, and every small op then waits a
-# whole time slice: two threads made the toy job 4-10x slower than one (bench/bench_threads.py; the figures
-# and the choice in docs/performance.md, "Threads on a shared CPU"). Read when torch loads OpenMP, so it
+# whole time slice: two spinning threads made a toy training step 2x slower than one under load, two
+# sleeping ones 0.8-0.9x (bench/bench_threads.py; the figures and the choice in docs/performance.md,
+# "Threads on a shared CPU"). Read when torch loads OpenMP, so it
 # must be set before torch is imported; a value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

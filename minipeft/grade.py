@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LABS = ROOT / "notebooks"
 KERNEL = "minipeft"
 KERNELSPEC = {"display_name": "minipeft", "language": "python", "name": KERNEL}
-# A lab's tensors are tiny: extra threads only add overhead, and on a shared machine they make a lab several
-# times slower (measured: lab 12 took 257 s with two threads on a loaded 2-core machine, 55 s with one).
+# A lab's tensors are tiny: a second thread gains nothing, and on a shared machine it can make a lab many times
+# slower (lab 12: 297 s with two spinning threads under load, 18 s with one: bench/bench_lab_threads.py).
 KERNEL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 CHECK_CALL = re.compile(r"""check\(\s*["']((?:Build|Exercise) \d+(?: \([^)"']*\))?)["']""")

@@ -519,8 +519,8 @@ class Llama(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, quantize: str | None = None) -> Llama:
         """Load a Hugging Face (config.json + *.safetensors) or Meta (params.json + consolidated.00.pth)
-        checkpoint (`load_pretrained`). quantize="nf4" | "int8": then replace the blocks' Linear layers by
-        frozen quantised ones (minipeft/quant.py)."""
+        checkpoint (`load_pretrained`). quantize="nf4" | "int8" | "llm_int8": then replace the blocks' Linear
+        layers by frozen quantised ones (minipeft/quant.py)."""
         return load_pretrained(cls, path, dtype, device, quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
