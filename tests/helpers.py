@@ -1,5 +1,10 @@
-"""Helpers shared by the test files: the tiny model and the KV-cache equivalence check."""
+"""Helpers shared by the test files: the tiny model, the KV-cache equivalence check, a guard against a hung
+open() and a folder's bytes."""
 from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
 
 import torch
 
@@ -37,3 +42,22 @@ def assert_merge_is_exact(model, idx) -> None:
     torch.testing.assert_close(model(idx), out, rtol=1e-5, atol=1e-5)
     peft.unmerge(model)
     assert before and all(torch.equal(model.state_dict()[k], w) for k, w in before.items())
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 10):
+    """Fail instead of hanging: SIGALRM interrupts a blocked open() of a FIFO and raises here."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"hung for {seconds} s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

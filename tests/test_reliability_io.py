@@ -13,7 +13,6 @@ import json
 import os
 import re
 import resource
-import signal
 import tarfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import tiny
+from helpers import no_hang, snapshot, tiny
 from minipeft import sparse_attention
 from minipeft.adapters import apply_method, load_adapter, save_adapter, sha256_file
 from minipeft.llama import Llama
@@ -53,25 +52,6 @@ def file_size_limit(nbytes: int):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 10):
-    """Fail instead of hanging: SIGALRM interrupts a blocked open() of a FIFO and raises here."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"hung for {seconds} s")
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (hidden ones too) and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def full_disk(monkeypatch, code: int = errno.ENOSPC) -> None:

@@ -7,12 +7,10 @@ tensor; --resume refuses a FIFO for its state and data or base files changed sin
 a GSM8K line is read with a bound."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import signal
 import tracemalloc
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import tiny
+from helpers import no_hang, snapshot, tiny
 from minipeft import finetune, runs
 from minipeft.adapters import apply_method, load_adapter, save_adapter, sha256_file
 from minipeft.base import load_run_base
@@ -36,24 +34,6 @@ from minipeft.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()
 IDX = torch.arange(24).reshape(2, 12) * 37 % 512
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 10):
-    """Fail instead of hanging: SIGALRM interrupts a blocked open() of a FIFO and raises here."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"hung for {seconds} s")
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def one_error_line(capsys, *named: str) -> str:

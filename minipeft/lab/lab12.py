@@ -273,22 +273,24 @@ def check_budget(my_budget) -> str:
     return "= adalora.budget at every step of two schedules"
 
 
+class Scored:
+    """A module with given triplet scores: just what adalora.mask_to_budget reads and writes."""
+
+    def __init__(self, s):
+        self.s, self.mask = s, None
+
+    def triplet_scores(self):
+        return self.s
+
+    def apply_mask(self):
+        pass
+
+
 def check_masks(my_masks) -> str:
     """my_masks(scores, keep): the `keep` highest scores over all modules together, as mask_to_budget."""
     g = torch.Generator().manual_seed(3)
     for sizes, keep in (((4, 4, 4, 4), 7), ((3, 5, 2), 4), ((6, 6), 9)):
         scores = [torch.rand(n, generator=g) * (1 + i) for i, n in enumerate(sizes)]   # modules differ in size
-
-        class Scored:   # just what mask_to_budget reads and writes
-            def __init__(self, s):
-                self.s, self.mask = s, None
-
-            def triplet_scores(self):
-                return self.s
-
-            def apply_mask(self):
-                pass
-
         stubs = [Scored(s) for s in scores]
         adalora.mask_to_budget(stubs, keep)
         want = [s.mask for s in stubs]
@@ -445,16 +447,6 @@ def exercise_3(dylora_lora_alpha) -> str:
 def exercise_4(masks_by_hand) -> str:
     """The masks mask_to_budget sets for scores [0.9, 0.2, 0.4] and [0.5, 0.1, 0.05] at a budget of 3."""
     scores = [torch.tensor([0.9, 0.2, 0.4]), torch.tensor([0.5, 0.1, 0.05])]
-
-    class Scored:
-        def __init__(self, s):
-            self.s, self.mask = s, None
-
-        def triplet_scores(self):
-            return self.s
-
-        def apply_mask(self):
-            pass
 
     stubs = [Scored(s) for s in scores]
     adalora.mask_to_budget(stubs, 3)
