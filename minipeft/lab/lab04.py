@@ -89,6 +89,17 @@ def _grads(out: torch.Tensor, G: torch.Tensor, tensors: list[torch.Tensor]) -> l
     return list(grads)
 
 
+def _in_a_tiny_llama(MyLayer, method: str) -> str:
+    """MyLayer(linear, 8, 16.0) on q_proj, v_proj of a tiny Llama against minipeft's `method` (r=8, alpha=16):
+    check_build's same logits and gradients."""
+    tiny = make_base(0)
+    idx = torch.randint(0, tiny.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mine_model = copy.deepcopy(tiny)
+    peft.inject(mine_model, ("q_proj", "v_proj"), lambda n, linear: MyLayer(linear, 8, 16.0))
+    theirs = apply_method(copy.deepcopy(tiny), method, r=8, alpha=16, targets=("q_proj", "v_proj"))
+    return check_build(mine_model, theirs, idx, RENAME)
+
+
 def check_my_dora(MyDoRA) -> str:
     """MyDoRA(base, r, alpha): h = m * (V x) / ||V||_row, V = W0 + (alpha/r) B A, the norm detached."""
     layer = _layer(MyDoRA)
@@ -143,12 +154,7 @@ def check_my_dora(MyDoRA) -> str:
         expect(close(u, v), f"the outputs agree but the gradient of {name} is not DoRA's (norm detached, V and m "
                             "not): a .detach() missing, or one too many?")
     # in a tiny Llama, against minipeft's DoRA: same logits and gradients
-    tiny = make_base(0)
-    idx = torch.randint(0, tiny.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    mine_model = copy.deepcopy(tiny)
-    peft.inject(mine_model, ("q_proj", "v_proj"), lambda n, linear: MyDoRA(linear, 8, 16.0))
-    theirs = apply_method(copy.deepcopy(tiny), "dora", r=8, alpha=16, targets=("q_proj", "v_proj"))
-    summary = check_build(mine_model, theirs, idx, RENAME)
+    summary = _in_a_tiny_llama(MyDoRA, "dora")
     return f"m = ||W0|| at init, the norm detached; in a tiny Llama: {summary}"
 
 
@@ -187,12 +193,7 @@ def check_my_simple_dora(MySimpleDoRA) -> str:
             expect(not torch.allclose(out, version, atol=1e-5), hint)
         raise Wrong("with a non-zero B the output is not w * (W x / ||W||_row + s (x A^T) B^T)")
     # gradients: w, A, B as SimpleDoRALinear's (in a tiny Llama, check_build)
-    tiny = make_base(0)
-    idx = torch.randint(0, tiny.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    mine_model = copy.deepcopy(tiny)
-    peft.inject(mine_model, ("q_proj", "v_proj"), lambda n, linear: MySimpleDoRA(linear, 8, 16.0))
-    theirs = apply_method(copy.deepcopy(tiny), "simple_dora", r=8, alpha=16, targets=("q_proj", "v_proj"))
-    summary = check_build(mine_model, theirs, idx, RENAME)
+    summary = _in_a_tiny_llama(MySimpleDoRA, "simple_dora")
     return f"w = ||W|| at init, the norms frozen, no renormalisation; in a tiny Llama: {summary}"
 
 
