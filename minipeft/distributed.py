@@ -16,9 +16,10 @@ one process group (NCCL on GPUs, gloo on CPUs) whose collectives fail after MINI
     gradients, on the last micro-batch of a step only (`no_sync` before it).
   * FSDP2 (`--parallel fsdp`): rank 0 builds the model as one process does (on the CPU), the others
     build the same model on the meta device (no memory). With the base frozen and the method's
-    parameters trainable BEFORE sharding, `fully_shard` each block, then the root (embeddings, final
-    norm, head and model-level slots); bf16 parameters with fp32 gradient reduction where the base is
-    bf16 (MixedPrecisionPolicy); then rank 0 scatters each parameter's shards, one parameter at a
+    parameters trainable BEFORE sharding, `fully_shard` each block, then the root (final norm and
+    model-level slots; its frozen weights, the embedding and head, stay whole on every rank: less memory
+    at the step's peak than gathering them); bf16 parameters with fp32 gradient reduction where the base
+    is bf16 (MixedPrecisionPolicy); then rank 0 scatters each parameter's shards, one parameter at a
     time, so no rank holds two whole copies and ranks > 0 hold none. The optimiser sees the shards of
     the trainable parameters only; gradients are clipped on the DTensors (one global norm).
   * saving: the trainable tensors and the optimiser state are gathered with `full_tensor()` on EVERY
@@ -90,9 +91,14 @@ class World:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
         return cls(rank, size, local, torch.device("cuda", local) if cuda else torch.device("cpu"))
 
-    def leave(self) -> None:
+    def leave(self, done: bool = False) -> None:
+        """Close the process group. done (every rank finished alike): wait for all first, since gloo aborts a
+        rank ("terminate called without an active exception") whose peer closes while it still sends;
+        never after an error, where the others may be inside another collective."""
         if self.size > 1 and dist.is_initialized():
             with contextlib.suppress(Exception):  # after a failed collective there may be nothing to close
+                if done:
+                    dist.barrier()
                 dist.destroy_process_group()
 
     def configure(self, cfg) -> None:
@@ -191,26 +197,41 @@ class World:
         if self.parallel != "fsdp":
             return
         extras = {n: dict(p.__dict__) for n, p in model.named_parameters()}  # lr_scale, no_weight_decay tags
+        first = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+        ties = [(n, first[id(p)]) for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n]
+
+        def tie_again():  # .to() and .to_empty() make a new tensor per name: tie them (lm_head = embedding)
+            for name, owner in ties:
+                module, _, leaf = name.rpartition(".")
+                model.get_submodule(module)._parameters[leaf] = model.get_parameter(owner)
         full = None
         if self.main:  # rank 0 keeps its values aside and shards a meta skeleton too: its memory then goes
             full = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-            first = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
-            ties = [(n, first[id(p)]) for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n]
             model.to("meta")  # from the whole copy to the shards one tensor at a time (scatter below)
-            for name, owner in ties:  # .to() makes a new tensor per name: tie them again (lm_head = embedding)
-                module, _, leaf = name.rpartition(".")
-                model.get_submodule(module)._parameters[leaf] = model.get_parameter(owner)
+            tie_again()
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
         mesh = init_device_mesh(self.device.type, (self.size,))
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        # The root's frozen weights (the embedding, at 1B also the head: a fifth of the model) stay whole on
+        # every rank. Sharded, the root group would all-gather them for the whole forward and backward (the
+        # head needs them last), for a moment twice (the gather buffer, then the parameter): more memory at
+        # the step's peak than one whole copy. Frozen, they need no gradient reduction (docs/distributed.md).
+        in_blocks = {id(p) for p in model.layers.parameters()}
+        replicated = {p for p in model.parameters() if id(p) not in in_blocks and not p.requires_grad}
+        fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=replicated or None)
         model.to_empty(device=self.device)  # the skeleton's shards get memory, then rank 0's values
+        tie_again()
         with torch.no_grad():
             for name, p in model.named_parameters():  # scatter: each rank receives its shard
                 p.__dict__.update(extras[name])
+                if not isinstance(p, DTensor):  # replicated: the whole tensor, from rank 0
+                    if self.main:
+                        p.copy_(full.pop(name))
+                    dist.broadcast(p, src=0)
+                    continue
                 src = full.pop(name).to(self.device) if self.main else torch.empty(p.shape, dtype=p.dtype,
                                                                                       device=self.device)
                 p.to_local().copy_(distribute_tensor(src, p.device_mesh, p.placements).to_local())

@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             run = Path(cfg.out).expanduser()
             world.on_main(lambda: prepare_run_folder(run, args.overwrite))
             train(cfg, progress=not args.quiet, world=world)
+        world.leave(done=True)
     except (Diverged, ValueError, KeyError, OSError, NotImplementedError) as e:
         print(f"error: {'' if world.main else f'(rank {world.rank} of {world.size}) '}{e}", file=sys.stderr)
         return 1

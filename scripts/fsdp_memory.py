@@ -85,7 +85,7 @@ def child(role: str, preset: str, seq: int, steps: int, layers: int) -> None:
     for line in world.gather_objects(json.dumps(out)):
         if world.main:
             print("RESULT " + line, flush=True)
-    world.leave()
+    world.leave(done=True)
 
 
 def run(cmd: list[str]) -> list[dict]:

@@ -91,17 +91,27 @@ def two_processes(argv: list[str]) -> list[subprocess.Popen]:
 def worker(argvs: list[list[str]]) -> None:
     """torchrun's script for many trainings in one process group: finetune.train for each command line;
     ["save", ARGV...]: build and shard that run's model, fill each rank's shards with rank + 1, and save
-    the adapter in both formats from the gathered tensors."""
+    the adapter in both formats from the gathered tensors; ["layout", ARGV...]: build and shard, and
+    write each rank's parameters (kind, local shape, the head tied or not) to OUT/layout-RANK.json."""
     world = World.join("cpu")
     try:
         for argv in argvs:
-            cfg = runs.config_from_args(runs.build_parser().parse_args(argv[argv[0] == "save":]))
-            if argv[0] != "save":
+            action = argv[0] if argv[0] in ("save", "layout") else "train"
+            cfg = runs.config_from_args(runs.build_parser().parse_args(argv[action != "train":]))
+            if action == "train":
                 finetune.train(cfg, progress=False, world=world)
                 continue
             world.configure(cfg)
             model, _, _ = world.load_base(cfg, world.device, progress=False)
             finetune.prepare_model(model, cfg, 10, world.device, world)
+            if action == "layout":
+                params = {n: [type(p).__name__, list(p.to_local().shape if hasattr(p, "to_local") else p.shape),
+                              p.to_local().float().sum().item() if hasattr(p, "to_local") else p.float().sum().item()]
+                          for n, p in model.named_parameters()}
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                (Path(cfg.out) / f"layout-{world.rank}.json").write_text(json.dumps(
+                    dict(params=params, tied=model.lm_head.weight is model.embed_tokens.weight)))
+                continue
             with torch.no_grad():
                 for p in model.parameters():
                     if p.requires_grad:
@@ -109,6 +119,7 @@ def worker(argvs: list[list[str]]) -> None:
             with world.gathered(model):
                 world.on_main(lambda: (save_adapter(model, Path(cfg.out) / "minipeft"),
                                        save_adapter(model, Path(cfg.out) / "peft", format="peft")))
+        world.leave(done=True)
     finally:
         world.leave()
 
@@ -191,6 +202,29 @@ def test_an_fsdp_adapter_is_saved_whole_in_both_formats(files, tmp_path):
             rows = len(t)
             assert torch.equal(t[:(rows + 1) // 2], torch.ones_like(t[:(rows + 1) // 2])), (fmt, name)
             assert torch.equal(t[(rows + 1) // 2:], torch.full_like(t[(rows + 1) // 2:], 2.0)), (fmt, name)
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_the_frozen_embedding_whole_and_tied_and_shards_the_rest(files, tmp_path):
+    """Under LoRA the frozen embedding (tied to the head) is one whole tensor on every rank, equal to the
+    checkpoint's, and still the head's; the blocks' weights are halves. Full fine-tuning trains the
+    embedding, so there it is sharded like the rest (docs/distributed.md, Memory)."""
+    argvs = [["layout", *command(files, tmp_path / m, "--method", m, "--parallel", "fsdp")] for m in ("lora", "full")]
+    done = torchrun(__file__, json.dumps(argvs))
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole = Llama.from_pretrained(files[0])
+    emb, wq = whole.embed_tokens.weight, whole.layers[0].self_attn.q_proj.weight
+    for method, emb_kind in (("lora", "Parameter"), ("full", "DTensor")):
+        ranks = [json.loads((tmp_path / method / f"layout-{r}.json").read_text()) for r in (0, 1)]
+        for r in ranks:
+            assert r["tied"], method
+            kind, shape, total = r["params"]["embed_tokens.weight"]
+            assert kind == emb_kind and shape == list(emb.shape if kind == "Parameter" else (len(emb) // 2, emb.shape[1]))
+            if kind == "Parameter":
+                assert total == pytest.approx(emb.float().sum().item(), rel=1e-6)
+            q = next(v for k, v in r["params"].items() if k.startswith("layers.0.self_attn.q_proj") and k.endswith("weight")
+                     and "lora" not in k)
+            assert q[:2] == ["DTensor", [len(wq) // 2, wq.shape[1]]], method
 
 
 # ----------------------------------------------------------------------------- a rank dies
