@@ -108,9 +108,12 @@ def build_models(cfg: LlamaConfig, dtype: torch.dtype, device: str, seed: int = 
 
     quiet_transformers()
     torch.manual_seed(seed)
-    mini = Llama(cfg).to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        mini.save_pretrained(tmp)  # our writer -> their reader
+        Llama(cfg).to(dtype).save_pretrained(tmp)  # our writer -> both readers
+        # Both load the file the same way (memory-mapped views, as each library loads a checkpoint), so
+        # both read weights from the same kind of pages: a model built in anonymous memory read its
+        # 32000 x 512 head 11% slower here than one mapped from a file, where the kernel uses 2 MiB pages.
+        mini = Llama.from_pretrained(tmp, dtype=dtype)
         ref = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
     mini, ref = mini.to(device), ref.to(device)
     apply_method(mini, "lora", targets="all-linear", **LORA)
