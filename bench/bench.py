@@ -7,8 +7,9 @@
 Needs the optional extras: `pip install -e ".[bench]"` (transformers, peft). Results: README.md, Performance.
 
 Parity comes first, so that the timings compare the same work: minipeft's random-weight model is written
-with `save_pretrained` and read back by transformers' `from_pretrained` (which also cross-checks our
-writer against their reader); LoRA r=16, alpha=32 goes on all seven linear layers of every block in
+with `save_pretrained` and both implementations read that file with their own `from_pretrained` (ours must
+give back the model's tensors exactly, and theirs the same function: our writer against their reader);
+LoRA r=16, alpha=32 goes on all seven linear layers of every block in
 both, with the SAME A and B (B made non-zero so the branch matters); then RoPE frequencies, logits, loss,
 LoRA gradients and greedy generations (left-padded batch, KV cache) must agree. A mismatch stops the run.
 
@@ -109,12 +110,15 @@ def build_models(cfg: LlamaConfig, dtype: torch.dtype, device: str, seed: int = 
     quiet_transformers()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        Llama(cfg).to(dtype).save_pretrained(tmp)  # our writer -> both readers
+        built = Llama(cfg).to(dtype)
+        built.save_pretrained(tmp)  # our writer -> both readers
         # Both load the file the same way (memory-mapped views, as each library loads a checkpoint), so
         # both read weights from the same kind of pages: a model built in anonymous memory read its
         # 32000 x 512 head 11% slower here than one mapped from a file, where the kernel uses 2 MiB pages.
         mini = Llama.from_pretrained(tmp, dtype=dtype)
         ref = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
+    assert all(torch.equal(t, mini.state_dict()[k]) for k, t in built.state_dict().items()), "save/load changed a tensor"
+    del built
     mini, ref = mini.to(device), ref.to(device)
     apply_method(mini, "lora", targets="all-linear", **LORA)
     ref = get_peft_model(ref, peft_lora_config())  # adapter weights fp32, as ours (autocast_adapter_dtype)

@@ -16,8 +16,8 @@ one process group (NCCL on GPUs, gloo on CPUs) whose collectives fail after MINI
     gradients, on the last micro-batch of a step only (`no_sync` before it).
   * FSDP2 (`--parallel fsdp`): rank 0 builds the model as one process does (on the CPU), the others
     build the same model on the meta device (no memory). With the base frozen and the method's
-    parameters trainable BEFORE sharding, `fully_shard` each block, then the root (final norm and
-    model-level slots; its frozen weights, the embedding and head, stay whole on every rank: less memory
+    parameters trainable BEFORE sharding, `fully_shard` each block, then the root (model-level
+    slots; its frozen weights, the embedding, head and final norm, stay whole on every rank: less memory
     at the step's peak than gathering them); bf16 parameters with fp32 gradient reduction where the base
     is bf16 (MixedPrecisionPolicy); then rank 0 scatters each parameter's shards, one parameter at a
     time, so no rank holds two whole copies and ranks > 0 hold none. The optimiser sees the shards of

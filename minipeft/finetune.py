@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         world.leave(done=True)
     except (Diverged, ValueError, KeyError, OSError, NotImplementedError) as e:
         print(f"error: {'' if world.main else f'(rank {world.rank} of {world.size}) '}{e}", file=sys.stderr)
+        world.leave(done=isinstance(e, Diverged))  # from the global loss: every rank stops at the same step
         return 1
     except KeyboardInterrupt:
         if world.main:
