@@ -1,5 +1,5 @@
-"""Helpers shared by the test files: the tiny model, the KV-cache equivalence check, a guard against a hung
-open() and a folder's bytes."""
+"""Helpers shared by the test files: the tiny model and a checkpoint and GSM8K folder made from it, the
+KV-cache equivalence check, a guard against a hung open() and a folder's bytes."""
 from __future__ import annotations
 
 import contextlib
@@ -8,13 +8,29 @@ from pathlib import Path
 
 import torch
 
+from minipeft.data import synthetic_gsm8k, write_jsonl
 from minipeft.llama import PRESETS, Llama, LlamaConfig
+from minipeft.tokenizer import Tokenizer
 
 
 def tiny(seed: int = 0, **overrides) -> Llama:
     """The "tiny" preset (fields overridable; derived ones recomputed), seeded, in eval mode."""
     torch.manual_seed(seed)
     return Llama(LlamaConfig(**{**PRESETS["tiny"], **overrides})).eval()
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """path as a Hugging Face checkpoint folder: the tiny model (seeded) and the byte-level tokenizer."""
+    tiny(seed).save_pretrained(path)
+    Tokenizer.byte_level().save(path / "tokenizer.model")
+    return path
+
+
+def gsm8k_folder(path: Path, train: int, test: int) -> Path:
+    """path as a GSM8K-format data folder: `train` and `test` synthetic examples (seed 0)."""
+    write_jsonl(synthetic_gsm8k(train, seed=0), path / "train.jsonl")
+    write_jsonl(synthetic_gsm8k(test, seed=0, split="test"), path / "test.jsonl")
+    return path
 
 
 def assert_cached_decoding_equals_full_forward(m: Llama, idx: torch.Tensor) -> None:

@@ -22,12 +22,12 @@ import torch
 
 from minipeft import finetune, runs
 from minipeft.adapters import adapter_state, apply_method, load_adapter, save_adapter
-from minipeft.data import IGNORE, encode_example, synthetic_gsm8k, write_jsonl
+from minipeft.data import IGNORE, encode_example, synthetic_gsm8k
 from minipeft.distributed import World, failure_message, refusal
-from minipeft.llama import Llama, LlamaConfig
+from minipeft.llama import Llama
 from minipeft.safetensors_io import load_file
 from minipeft.tokenizer import Tokenizer
-from helpers import tiny
+from helpers import gsm8k_folder, tiny, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = Tokenizer.byte_level()
@@ -37,13 +37,7 @@ METHODS = ("lora", "dora", "ia3", "prefix_tuning")  # three Linear wrappers and 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> tuple[Path, Path]:
     """(a tiny checkpoint with the byte-level tokenizer, a GSM8K-format data folder)."""
-    ckpt, data = tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("data")
-    torch.manual_seed(0)
-    Llama(LlamaConfig.from_name("tiny")).save_pretrained(ckpt)
-    TOK.save(ckpt / "tokenizer.model")
-    write_jsonl(synthetic_gsm8k(40, seed=0), data / "train.jsonl")
-    write_jsonl(synthetic_gsm8k(4, seed=0, split="test"), data / "test.jsonl")
-    return ckpt, data
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt")), gsm8k_folder(tmp_path_factory.mktemp("data"), 40, 4)
 
 
 def command(files, out: Path, *extra: str) -> list[str]:

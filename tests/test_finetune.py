@@ -12,8 +12,7 @@ import torch
 
 from minipeft import finetune, plots, runs
 from minipeft.adapters import adapter_state, apply_method, load_adapter
-from minipeft.data import (IGNORE, collate, encode_completion, encode_example, pack, synthetic_gsm8k,
-                           write_jsonl)
+from minipeft.data import IGNORE, collate, encode_completion, encode_example, pack, synthetic_gsm8k
 from minipeft.scoring import bits_per_token, cut_after_answer
 from minipeft.evaluate import main as evaluate_main
 from minipeft.finetune import DataPlan, train_step, warmup_cosine
@@ -21,25 +20,19 @@ from minipeft.runs import TrainConfig, parse_method_args
 from minipeft.llama import Llama, LlamaConfig
 from minipeft.safetensors_io import load_file
 from minipeft.tokenizer import Tokenizer
+from helpers import gsm8k_folder, tiny_checkpoint
 
 TOK = Tokenizer.byte_level()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    Llama(LlamaConfig.from_name("tiny")).save_pretrained(path)
-    TOK.save(path / "tokenizer.model")
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gsm8k")
-    write_jsonl(synthetic_gsm8k(24, seed=0), path / "train.jsonl")
-    write_jsonl(synthetic_gsm8k(6, seed=0, split="test"), path / "test.jsonl")
-    return path
+    return gsm8k_folder(tmp_path_factory.mktemp("gsm8k"), train=24, test=6)
 
 
 def cli_args(checkpoint, data, out, *extra) -> list[str]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny
-from minipeft import finetune, hf_peft, runs
+from helpers import gsm8k_folder, tiny, tiny_checkpoint
+from minipeft import finetune, runs
 from minipeft.adapters import apply_method, load_adapter, save_adapter, sha256_file
 from minipeft.data import synthetic_gsm8k, write_jsonl
 from minipeft.base import load_base
@@ -276,18 +276,12 @@ def test_saving_an_adapter_over_the_other_format_loads_what_was_saved(tmp_path, 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt")
-    tiny().save_pretrained(path)
-    TOK.save(path / "tokenizer.model")
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gsm8k")
-    write_jsonl(synthetic_gsm8k(8, seed=0), path / "train.jsonl")
-    write_jsonl(synthetic_gsm8k(2, seed=0, split="test"), path / "test.jsonl")
-    return path
+    return gsm8k_folder(tmp_path_factory.mktemp("gsm8k"), train=8, test=2)
 
 
 def args(checkpoint, data, out, *extra) -> list[str]:

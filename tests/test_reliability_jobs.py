@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import no_hang, snapshot, tiny
+from helpers import gsm8k_folder, no_hang, snapshot, tiny, tiny_checkpoint
 from minipeft import finetune, runs
 from minipeft.adapters import apply_method, load_adapter, save_adapter, sha256_file
 from minipeft.base import load_run_base
@@ -45,18 +45,12 @@ def one_error_line(capsys, *named: str) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt")
-    tiny().save_pretrained(path)
-    TOK.save(path / "tokenizer.model")
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gsm8k")
-    write_jsonl(synthetic_gsm8k(8, seed=0), path / "train.jsonl")
-    write_jsonl(synthetic_gsm8k(3, seed=0, split="test"), path / "test.jsonl")
-    return path
+    return gsm8k_folder(tmp_path_factory.mktemp("gsm8k"), train=8, test=3)
 
 
 def train_args(data, out, *extra) -> list[str]:
@@ -400,8 +394,7 @@ CHANGES = [  # (what changes, what the error names)
 
 def test_resume_refuses_data_or_base_files_changed_since_the_run_started(data, tmp_path, capsys):
     ckpt, data = tmp_path / "ckpt", copy_run(data, tmp_path, "data")
-    tiny().save_pretrained(ckpt)
-    TOK.save(ckpt / "tokenizer.model")
+    tiny_checkpoint(ckpt)
     run = tmp_path / "run"
     assert finetune.main(["--checkpoint", str(ckpt), *train_args(data, run)]) == 0
     runs.start_run(run, runs.resume_config(run, "cpu"))  # what finetune.train records at the start of a run

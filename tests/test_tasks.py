@@ -29,7 +29,7 @@ from minipeft.tasks import (ALPACA_INPUT, DOLLY_FILE, DOLLY_VALID, MC_SUBJECTS, 
                             synthetic_instructions, synthetic_mc, toy_folder)
 from minipeft.tokenizer import Tokenizer
 
-from helpers import tiny
+from helpers import tiny, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TOK = Tokenizer.byte_level()
@@ -476,10 +476,7 @@ def test_download_cut_off_midway_is_a_clean_error(tmp_path, capsys, monkeypatch)
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory) -> Path:
     """A tiny model saved as HF writes Llama checkpoints (config.json + safetensors), with a tokenizer."""
-    path = tmp_path_factory.mktemp("ckpt")
-    tiny(0).save_pretrained(path)
-    TOK.save(path / "tokenizer.model")
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _mmlu_folder(root: Path) -> Path:
