@@ -8,7 +8,8 @@ place, the base frozen, then fully_shard per block and root, the shards scattere
 
 Prints each process's peak resident memory (VmHWM, GiB) for building the model ("load": the model
 built, LoRA in place, sharded) and for training alone (the peak is reset after loading, through
-/proc/self/clear_refs), and the ratio of each rank's training peak to the one process's. On a GPU the
+/proc/self/clear_refs), and the ratio of each rank's training peak to the one process's. The processes
+run with MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors leave the resident set at once. On a GPU the
 rank-0 copy of the model lives in host memory, so the device holds what "train" measures here.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +43,23 @@ def peak_gib(reset: bool = False) -> float:
     return kib / 2**20
 
 
+def resident_gib() -> float:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
+
+
+def trace_blocks(model: Llama, log: dict) -> None:
+    """log[i] = resident GiB at block i's forward start and end, then its backward start and end (the
+    last step's): where in the step the memory goes."""
+    for i, block in enumerate(model.layers):
+        log[i] = [0.0] * 4
+        def mark(slot, i=i):
+            return lambda *_: log[i].__setitem__(slot, resident_gib())
+        block.register_forward_pre_hook(mark(0))
+        block.register_forward_hook(mark(1))
+        block.register_full_backward_pre_hook(mark(2))
+        block.register_full_backward_hook(mark(3))
+
+
 def random_bf16(cfg: LlamaConfig) -> Llama:
     """The model with random bf16 weights, built without an fp32 copy: meta, then memory, then values."""
     with torch.device("meta"):
@@ -53,7 +72,7 @@ def random_bf16(cfg: LlamaConfig) -> Llama:
     return model.eval()
 
 
-def child(role: str, preset: str, seq: int, steps: int, layers: int) -> None:
+def child(role: str, preset: str, seq: int, steps: int, layers: int, recompute: bool, trace: bool) -> None:
     torch.set_num_threads(1)
     world = World.join("cpu") if role == "fsdp" else World()
     world.configure(TrainConfig(parallel="fsdp"))
@@ -71,7 +90,11 @@ def child(role: str, preset: str, seq: int, steps: int, layers: int) -> None:
         if p.requires_grad:
             p.data = p.data.float()
     world.shard(model)
+    model.grad_checkpoint = recompute  # finetune --grad-checkpoint: each block recomputed in the backward
     opt = torch.optim.AdamW(param_groups(model, 1e-4))
+    log = {}
+    if trace:
+        trace_blocks(model, log)
     load = peak_gib(reset=True)
     t1 = time.time()
     g = torch.Generator().manual_seed(world.rank)
@@ -81,15 +104,20 @@ def child(role: str, preset: str, seq: int, steps: int, layers: int) -> None:
         model.train()
         train_step(model, model, opt, [batch], 1.0, torch.device("cpu"), world=world)
     out = dict(role=role, rank=world.rank, load_gib=load, train_gib=peak_gib(), load_s=t1 - t0,
-               step_s=(time.time() - t1) / steps)
+               step_s=(time.time() - t1) / steps, trace=log)
     for line in world.gather_objects(json.dumps(out)):
         if world.main:
             print("RESULT " + line, flush=True)
     world.leave(done=True)
 
 
+# every large allocation its own mapping, returned at free: the high-water mark then follows the live
+# tensors (by default glibc keeps freed blocks in its heap, and what one step freed inflates the next)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def run(cmd: list[str]) -> list[dict]:
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV))
     found = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not found:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -103,23 +131,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="optimiser steps measured")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--layers", type=int, default=0, help="blocks (0: the preset's)")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in the backward, "
+                    "as finetune --grad-checkpoint (both runs)")
+    ap.add_argument("--trace", action="store_true", help="also print the resident memory at each block's "
+                    "forward and backward (one process and the last rank)")
     ap.add_argument("--role", choices=("one", "fsdp"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    common = ["--preset", args.preset, "--seq", str(args.seq), "--steps", str(args.steps), "--layers", str(args.layers)]
+    common = ["--preset", args.preset, "--seq", str(args.seq), "--steps", str(args.steps), "--layers", str(args.layers),
+              *(["--grad-checkpoint"] if args.grad_checkpoint else []), *(["--trace"] if args.trace else [])]
     if args.role:
-        return child(args.role, args.preset, args.seq, args.steps, args.layers)
+        return child(args.role, args.preset, args.seq, args.steps, args.layers, args.grad_checkpoint, args.trace)
     me = [sys.executable, str(Path(__file__).resolve())]
     results = run(me + common + ["--role", "one"])
     results += run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                     str(args.nproc)] + me[1:] + common + ["--role", "fsdp"])
     one = results[0]["train_gib"]
     print(f"{args.preset}, random bf16 weights, LoRA r=8 on q_proj/v_proj, batch 1 x T={args.seq} per process, "
-          f"{args.steps} steps, torch {torch.__version__}")
+          f"{args.steps} steps{', blocks recomputed in the backward' if args.grad_checkpoint else ''}, "
+          f"torch {torch.__version__}")
     print(f"{'process':<16}{'load peak GiB':>15}{'train peak GiB':>16}{'train / one':>13}{'s/step':>9}")
     for r in results:
         name = "one process" if r["role"] == "one" else f"FSDP rank {r['rank']}/{args.nproc}"
         print(f"{name:<16}{r['load_gib']:>15.2f}{r['train_gib']:>16.2f}{r['train_gib'] / one:>13.2f}"
               f"{r['step_s']:>9.1f}")
+    for r in (results[0], results[-1]) if args.trace else ():
+        name = "one process" if r["role"] == "one" else f"FSDP rank {r['rank']}/{args.nproc}"
+        print(f"\n{name}, resident GiB at each block of the last step (train peak {r['train_gib']:.3f})")
+        print(f"{'block':>5}{'forward start':>15}{'end':>7}{'backward start':>16}{'end':>7}")
+        for i, marks in r["trace"].items():
+            print(f"{i:>5}{marks[0]:>15.3f}{marks[1]:>7.3f}{marks[2]:>16.3f}{marks[3]:>7.3f}")
 
 
 if __name__ == "__main__":

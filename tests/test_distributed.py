@@ -199,6 +199,24 @@ def test_an_fsdp_adapter_is_saved_whole_in_both_formats(files, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_fsdp_memory_script_measures_one_process_and_each_rank():
+    """scripts/fsdp_memory.py (docs/distributed.md's memory table) on one block of the 1B shape: a row for
+    the one process and each rank, a trace of the block for two of them; rank 0 loads the whole model
+    before sharding it, so the other rank's load peak is the lower (about 20 s)."""
+    cmd = [sys.executable, "scripts/fsdp_memory.py", "--nproc", "2", "--layers", "1", "--seq", "16",
+           "--steps", "1", "--grad-checkpoint", "--trace"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line[:16].strip(): line[16:].split() for line in done.stdout.splitlines()
+            if line.startswith(("one process  ", "FSDP rank")) and "," not in line}  # not the trace's titles
+    assert set(rows) == {"one process", "FSDP rank 0/2", "FSDP rank 1/2"}
+    assert float(rows["FSDP rank 1/2"][0]) < float(rows["FSDP rank 0/2"][0])
+    assert float(rows["one process"][2]) == 1.0
+    traced = [line.split() for line in done.stdout.splitlines() if line.startswith("    0 ")]
+    assert len(traced) == 2 and all(len(t) == 5 and min(map(float, t[1:])) > 0 for t in traced)
+
+
+@pytest.mark.slow
 def test_fsdp_keeps_the_frozen_embedding_whole_and_tied_and_shards_the_rest(files, tmp_path):
     """Under LoRA the frozen embedding (tied to the head) is one whole tensor on every rank, equal to the
     checkpoint's, and still the head's; the blocks' weights are halves. Full fine-tuning trains the
