@@ -102,9 +102,10 @@ def child(role: str, preset: str, seq: int, steps: int, layers: int, recompute: 
         idx = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
         batch = (idx, torch.roll(idx, -1, 1), torch.ones_like(idx))
         model.train()
+        start = resident_gib()  # the last step's start, for --trace
         train_step(model, model, opt, [batch], 1.0, torch.device("cpu"), world=world)
     out = dict(role=role, rank=world.rank, load_gib=load, train_gib=peak_gib(), load_s=t1 - t0,
-               step_s=(time.time() - t1) / steps, trace=log)
+               step_s=(time.time() - t1) / steps, recompute=model.grad_checkpoint, start_gib=start, trace=log)
     for line in world.gather_objects(json.dumps(out)):
         if world.main:
             print("RESULT " + line, flush=True)
@@ -133,10 +134,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="blocks (0: the preset's)")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in the backward, "
                     "as finetune --grad-checkpoint (both runs)")
-    ap.add_argument("--trace", action="store_true", help="also print the resident memory at each block's "
-                    "forward and backward (one process and the last rank)")
+    ap.add_argument("--trace", action="store_true", help="also print the resident memory at the last step's "
+                    "start and at each block's forward and backward (one process and the last rank)")
     ap.add_argument("--role", choices=("one", "fsdp"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.trace and args.grad_checkpoint:  # the recomputed forward would fire the forward hooks again
+        ap.error("--trace with --grad-checkpoint: the blocks' recomputation in the backward would overwrite "
+                 "their forward figures; trace without --grad-checkpoint")
     common = ["--preset", args.preset, "--seq", str(args.seq), "--steps", str(args.steps), "--layers", str(args.layers),
               *(["--grad-checkpoint"] if args.grad_checkpoint else []), *(["--trace"] if args.trace else [])]
     if args.role:
@@ -146,8 +150,9 @@ def main() -> None:
     results += run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                     str(args.nproc)] + me[1:] + common + ["--role", "fsdp"])
     one = results[0]["train_gib"]
+    recomputed = ", blocks recomputed in the backward" if all(r["recompute"] for r in results) else ""
     print(f"{args.preset}, random bf16 weights, LoRA r=8 on q_proj/v_proj, batch 1 x T={args.seq} per process, "
-          f"{args.steps} steps{', blocks recomputed in the backward' if args.grad_checkpoint else ''}, "
+          f"{args.steps} steps{recomputed}, "
           f"torch {torch.__version__}")
     print(f"{'process':<16}{'load peak GiB':>15}{'train peak GiB':>16}{'train / one':>13}{'s/step':>9}")
     for r in results:
@@ -156,7 +161,8 @@ def main() -> None:
               f"{r['step_s']:>9.1f}")
     for r in (results[0], results[-1]) if args.trace else ():
         name = "one process" if r["role"] == "one" else f"FSDP rank {r['rank']}/{args.nproc}"
-        print(f"\n{name}, resident GiB at each block of the last step (train peak {r['train_gib']:.3f})")
+        print(f"\n{name}, resident GiB in the last step: {r['start_gib']:.3f} at its start, then at each block "
+              f"(train peak {r['train_gib']:.3f})")
         print(f"{'block':>5}{'forward start':>15}{'end':>7}{'backward start':>16}{'end':>7}")
         for i, marks in r["trace"].items():
             print(f"{i:>5}{marks[0]:>15.3f}{marks[1]:>7.3f}{marks[2]:>16.3f}{marks[3]:>7.3f}")
