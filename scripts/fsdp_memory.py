@@ -35,16 +35,17 @@ from minipeft.peft import param_groups  # noqa: E402
 from minipeft.runs import TrainConfig  # noqa: E402
 
 
+def status_gib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: the peak), in GiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
+
+
 def peak_gib(reset: bool = False) -> float:
     """This process's peak resident memory so far (VmHWM), in GiB; reset: start a new peak after reading."""
-    kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    peak = status_gib("VmHWM")
     if reset:
         Path("/proc/self/clear_refs").write_text("5")
-    return kib / 2**20
-
-
-def resident_gib() -> float:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
+    return peak
 
 
 def trace_blocks(model: Llama, log: dict) -> None:
@@ -53,7 +54,7 @@ def trace_blocks(model: Llama, log: dict) -> None:
     for i, block in enumerate(model.layers):
         log[i] = [0.0] * 4
         def mark(slot, i=i):
-            return lambda *_: log[i].__setitem__(slot, resident_gib())
+            return lambda *_: log[i].__setitem__(slot, status_gib("VmRSS"))
         block.register_forward_pre_hook(mark(0))
         block.register_forward_hook(mark(1))
         block.register_full_backward_pre_hook(mark(2))
@@ -102,7 +103,7 @@ def child(role: str, preset: str, seq: int, steps: int, layers: int, recompute: 
         idx = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
         batch = (idx, torch.roll(idx, -1, 1), torch.ones_like(idx))
         model.train()
-        start = resident_gib()  # the last step's start, for --trace
+        start = status_gib("VmRSS")  # the last step's start, for --trace
         train_step(model, model, opt, [batch], 1.0, torch.device("cpu"), world=world)
     out = dict(role=role, rank=world.rank, load_gib=load, train_gib=peak_gib(), load_s=t1 - t0,
                step_s=(time.time() - t1) / steps, recompute=model.grad_checkpoint, start_gib=start, trace=log)
@@ -152,8 +153,7 @@ def main() -> None:
     one = results[0]["train_gib"]
     recomputed = ", blocks recomputed in the backward" if all(r["recompute"] for r in results) else ""
     print(f"{args.preset}, random bf16 weights, LoRA r=8 on q_proj/v_proj, batch 1 x T={args.seq} per process, "
-          f"{args.steps} steps{recomputed}, "
-          f"torch {torch.__version__}")
+          f"{args.steps} steps{recomputed}, torch {torch.__version__}")
     print(f"{'process':<16}{'load peak GiB':>15}{'train peak GiB':>16}{'train / one':>13}{'s/step':>9}")
     for r in results:
         name = "one process" if r["role"] == "one" else f"FSDP rank {r['rank']}/{args.nproc}"

@@ -205,7 +205,7 @@ def test_the_fsdp_memory_script_measures_one_process_and_each_rank():
     sharding it, the other rank never, so its load peak is the lower; --trace follows one process and the
     last rank; --grad-checkpoint reaches the processes (they report it) and is refused with --trace
     (about 40 s)."""
-    def measure(*flags: str) -> tuple[dict, str]:
+    def measure(*flags: str) -> str:
         cmd = [sys.executable, "scripts/fsdp_memory.py", "--nproc", "2", "--layers", "1", "--seq", "16",
                "--steps", "1", *flags]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -213,18 +213,18 @@ def test_the_fsdp_memory_script_measures_one_process_and_each_rank():
         rows = {line[:16].strip(): [float(v) for v in line[16:].split()] for line in done.stdout.splitlines()
                 if line.startswith(("one process  ", "FSDP rank")) and "," not in line}  # not the trace's titles
         assert set(rows) == {"one process", "FSDP rank 0/2", "FSDP rank 1/2"}
-        for load, train, ratio, _ in rows.values():
+        for _, train, ratio, _ in rows.values():
             assert abs(ratio - train / rows["one process"][1]) < 0.011  # printed from unrounded figures
         assert rows["FSDP rank 1/2"][0] < rows["FSDP rank 0/2"][0]
-        return rows, done.stdout
+        return done.stdout
 
-    _, out = measure("--trace")
+    out = measure("--trace")
     assert "recomputed" not in out
     titles = [line.split(",")[0] for line in out.splitlines() if "resident GiB in the last step" in line]
     assert titles == ["one process", "FSDP rank 1/2"]
     traced = [line.split() for line in out.splitlines() if line.startswith("    0 ")]
     assert len(traced) == 2 and all(len(t) == 5 and min(map(float, t[1:])) > 0 for t in traced)
-    _, out = measure("--grad-checkpoint")
+    out = measure("--grad-checkpoint")
     assert "blocks recomputed in the backward" in out.splitlines()[0]
     refused = subprocess.run([sys.executable, "scripts/fsdp_memory.py", "--trace", "--grad-checkpoint"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
